@@ -1,0 +1,85 @@
+"""The two contracts every plugin implements: :class:`Encoder` and :class:`Fusion`.
+
+They are deliberately small (scikit-learn style ``fit``/``preprocess``, TorchMultimodal style
+``forward``) so that a third-party package can provide one in a single short file and the training
+loop, the feature cache and the service can treat built-ins and add-ons identically.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+MODALITIES = ("text", "image", "audio", "tabular")
+
+
+class Encoder(nn.Module, abc.ABC):
+    """Turns raw values of one modality into fixed-size vectors.
+
+    ``preprocess`` is the single place raw values become tensors: training (through the
+    ``featurize`` stage and the training loop) and the BentoML service both call it, so the two can
+    never drift apart. A ``frozen`` encoder's output depends only on its input, which is what allows
+    mmops to compute it once per distinct input and cache it.
+    """
+
+    modality: ClassVar[str]
+    frozen: bool = False
+    output_dim: int
+
+    def fit(self, values: Sequence[Any]) -> Encoder:
+        """Learn what the encoder needs from training values (vocabulary, scaler); most need nothing."""
+        return self
+
+    @abc.abstractmethod
+    def preprocess(self, values: Sequence[Any]) -> Any:
+        """Raw values (strings, decoded ``uint8`` HxWx3 images, ...) to the batch ``forward`` takes."""
+
+    @abc.abstractmethod
+    def forward(self, batch: Any) -> torch.Tensor:
+        """A preprocessed batch to a ``(batch, output_dim)`` tensor."""
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments that rebuild this encoder (JSON-serialisable)."""
+
+    def export_assets(self, directory: Path) -> dict[str, Any]:
+        """Write files the weights alone cannot restore (a tokenizer, a frozen checkpoint).
+
+        Returns the config to rebuild the encoder from ``directory``. The default has no assets:
+        trainable weights travel in the model's safetensors file.
+        """
+        return self.config()
+
+
+class Fusion(nn.Module, abc.ABC):
+    """Combines per-input feature vectors into one vector for the classification head.
+
+    Built from ``{input_name: dim}`` and its own keyword parameters; ``forward`` takes
+    ``{input_name: Tensor}`` of shape ``(batch, dim)`` and returns ``(batch, output_dim)``.
+    """
+
+    output_dim: int
+
+    def __init__(self, dims: Mapping[str, int]) -> None:
+        super().__init__()
+        if len(dims) < 2:
+            raise ValueError(f"{type(self).__name__} fuses two or more inputs, got {list(dims)}")
+        self.dims = dict(dims)
+
+    def check_inputs(self, features: Mapping[str, torch.Tensor]) -> None:
+        """Fail with the names involved rather than with a shape error deep inside a matmul."""
+        if set(features) != set(self.dims):
+            raise ValueError(
+                f"{type(self).__name__} was built for inputs {sorted(self.dims)}, got {sorted(features)}"
+            )
+        for name, tensor in features.items():
+            if tensor.dim() != 2 or tensor.shape[1] != self.dims[name]:
+                raise ValueError(
+                    f"{type(self).__name__}: input '{name}' must be (batch, {self.dims[name]}), "
+                    f"got {tuple(tensor.shape)}"
+                )

@@ -1,0 +1,1 @@
+"""Built-in encoders and fusions, installed as ``mmops_plugins`` and registered through entry points."""
