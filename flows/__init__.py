@@ -1,0 +1,1 @@
+"""Prefect flows, installed as ``mmops_flows``. Orchestration only: the work is in :mod:`mmops`."""

@@ -20,11 +20,11 @@ from mmops.interfaces import Encoder
 class CNNImageEncoder(Encoder):
     modality = "image"
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64), image_size: int = 64) -> None:
+    def __init__(self, channels: Sequence[int] = (16, 32, 64)) -> None:
         super().__init__()
         if not channels:
             raise ValueError("cnn_image: 'channels' needs at least one block, e.g. [16, 32, 64]")
-        self.channels, self.image_size = [int(c) for c in channels], int(image_size)
+        self.channels = [int(c) for c in channels]
         layers: list[nn.Module] = []
         c_in = 3
         for c_out in self.channels:
@@ -47,4 +47,4 @@ class CNNImageEncoder(Encoder):
         return self.net(batch)
 
     def config(self) -> dict[str, Any]:
-        return {"channels": self.channels, "image_size": self.image_size}
+        return {"channels": self.channels}

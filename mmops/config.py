@@ -1,0 +1,117 @@
+"""``params.yaml``: the one typed configuration of a project, shared by DVC, the flow, the CLI.
+
+Validation happens here, once, with messages that name the offending key and how to fix it, so a
+typo fails before any data is touched rather than halfway through a training run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmops.interfaces import MODALITIES
+
+
+class ConfigError(ValueError):
+    """A malformed params file; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    source: str = "easy-vqa"
+    limit: int = Field(0, ge=0, description="keep this many questions per source split; 0 keeps all")
+    image_size: int = Field(64, ge=8, le=1024)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+
+
+class InputConfig(_Strict):
+    modality: str
+    encoder: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("modality")
+    @classmethod
+    def _known_modality(cls, v: str) -> str:
+        if v not in MODALITIES:
+            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{v}'")
+        return v
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1, description="rows per batch (approximate when grouped by image)")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(3, ge=1)
+    head_hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    threads: int = Field(0, ge=0, description="torch threads per candidate; 0 = cores / parallel candidates")
+
+
+class CandidateConfig(_Strict):
+    name: str
+    fusion: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the train section")
+
+
+class RunnerConfig(_Strict):
+    max_workers: int = Field(1, ge=1)
+
+
+class RegistryConfig(_Strict):
+    model_name: str = "easy-vqa"
+
+
+class Params(_Strict):
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    inputs: dict[str, InputConfig]
+    target: str = "answer"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    candidates: list[CandidateConfig]
+    select_metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        if len(self.inputs) < 2:
+            raise ValueError("inputs: a multimodal model needs two or more inputs")
+        if not self.candidates:
+            raise ValueError("candidates: list at least one candidate (name + fusion)")
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidates: names must be unique, got {names}")
+        for c in self.candidates:
+            unknown = set(c.train) - set(TrainConfig.model_fields)
+            if unknown:
+                raise ValueError(f"candidates[{c.name}].train: unknown keys {sorted(unknown)}")
+        return self
+
+    def train_for(self, candidate: CandidateConfig) -> TrainConfig:
+        return self.train.model_copy(update=candidate.train)
+
+
+def load_params(path: Path) -> Params:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no params file. Run from a project directory or pass --project.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None

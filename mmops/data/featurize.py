@@ -1,0 +1,53 @@
+"""The ``featurize`` stage: run every frozen encoder once per distinct input and store the features.
+
+A frozen encoder's output depends on its input alone, so recomputing it every epoch (or for every one
+of the ~360 questions that share each easy-VQA question string) is pure waste. Features are written
+as ``.npy`` files that training memory-maps. Trainable encoders are skipped: they must see gradients.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from mmops.config import Params
+from mmops.model import build_encoder
+
+
+def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarray:
+    if modality == "text":
+        return json.loads((prepared_dir / f"{name}.json").read_text())
+    return np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
+
+
+@torch.inference_mode()
+def encode_all(encoder, values, batch_size: int = 256) -> np.ndarray:
+    encoder.eval()
+    out = np.zeros((len(values), encoder.output_dim), dtype=np.float32)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"encoding {len(values)} distinct values", total=len(values))
+        for start in range(0, len(values), batch_size):
+            chunk = values[start : start + batch_size]
+            out[start : start + len(chunk)] = encoder(encoder.preprocess(chunk)).float().numpy()
+            progress.advance(task, len(chunk))
+    return out
+
+
+def featurize(prepared_dir: Path, out_dir: Path, params: Params) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(params.seed)
+    written = {}
+    for name, spec in params.inputs.items():
+        encoder = build_encoder(spec.encoder, spec.params)
+        if not encoder.frozen:
+            continue
+        values = load_values(prepared_dir, name, spec.modality)
+        np.save(out_dir / f"{name}.npy", encode_all(encoder, values))
+        written[name] = {"encoder": spec.encoder, "config": encoder.config(), "distinct": len(values),
+                         "dim": encoder.output_dim}
+    (out_dir / "features.json").write_text(json.dumps(written, indent=2))
+    return written

@@ -1,0 +1,39 @@
+"""Decoding images: one function for the prepare stage and the service, so both see the same pixels."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Refuse decompression bombs before Pillow allocates them (64 Mpx is far above any real input here).
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class BadImageError(ValueError):
+    """The bytes are not a decodable image; the message says why in user terms."""
+
+
+def load_image(source: bytes | Path | str, size: int) -> np.ndarray:
+    """Decode to RGB, resize to ``size`` x ``size`` with bilinear filtering, return ``uint8`` HxWx3."""
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise BadImageError(f"cannot open image: {exc.strerror or exc}") from exc
+    with fp:
+        try:
+            with Image.open(fp) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadImageError(f"image has {img.width}x{img.height} pixels, over {MAX_PIXELS}")
+                img.load()  # force a full decode: a truncated file fails here, not later
+                rgb = img.convert("RGB")
+        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            raise BadImageError(f"not a decodable image ({exc})") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BadImageError(f"corrupt or truncated image ({exc})") from exc
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)

@@ -1,0 +1,111 @@
+"""The model: one encoder per input, a fusion, a classification head; and its on-disk artifact.
+
+Only model code lives here (the loop, devices and checkpoints policy are in :mod:`mmops.train`).
+The artifact is a folder: ``spec.json`` (everything needed to rebuild the modules), ``model.safetensors``
+(trainable weights) and ``assets/<input>/`` for what encoders export (e.g. a frozen transformers
+checkpoint). Training, evaluation, ``mmops predict`` and the service all load it through
+:meth:`MultimodalModel.load`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmops.interfaces import Encoder, Fusion
+from mmops.plugin_registry import get_encoder, get_fusion
+
+SPEC_FILE, WEIGHTS_FILE = "spec.json", "model.safetensors"
+
+
+def build_encoder(name: str, params: Mapping[str, Any]) -> Encoder:
+    cls = get_encoder(name)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ValueError(f"encoder '{name}': bad parameters {dict(params)}: {exc}") from exc
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, spec: dict[str, Any], encoders: Mapping[str, Encoder] | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.encoders = nn.ModuleDict(
+            encoders or {n: build_encoder(i["encoder"], i["params"]) for n, i in spec["inputs"].items()}
+        )
+        dims = {n: e.output_dim for n, e in self.encoders.items()}
+        fusion_cls = get_fusion(spec["fusion"]["name"])
+        try:
+            self.fusion: Fusion = fusion_cls(dims, **spec["fusion"]["params"])
+        except TypeError as exc:
+            raise ValueError(f"fusion '{spec['fusion']['name']}': bad parameters: {exc}") from exc
+        hidden, n_classes = spec["head"]["hidden"], len(spec["labels"])
+        self.head = nn.Sequential(
+            nn.Linear(self.fusion.output_dim, hidden), nn.ReLU(), nn.Dropout(spec["head"]["dropout"]),
+            nn.Linear(hidden, n_classes),
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec["labels"]
+
+    def forward(
+        self,
+        inputs: Mapping[str, Any],
+        index: Mapping[str, torch.Tensor] | None = None,
+        precomputed: frozenset[str] = frozenset(),
+    ) -> torch.Tensor:
+        """Logits for a batch of rows.
+
+        ``inputs[name]`` holds preprocessed distinct values, or their features when ``name`` is in
+        ``precomputed`` (a frozen encoder's cached output). ``index[name]`` maps each row to its
+        distinct value; without it, inputs are already one per row.
+        """
+        features = {}
+        for name, encoder in self.encoders.items():
+            feats = inputs[name] if name in precomputed else encoder(inputs[name])
+            features[name] = feats[index[name]] if index is not None else feats
+        return self.head(self.fusion(features))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        frozen = tuple(f"encoders.{n}." for n, e in self.encoders.items() if e.frozen)
+        return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(frozen)}
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        spec = json.loads(json.dumps(self.spec))
+        for name, encoder in self.encoders.items():
+            spec["inputs"][name]["params"] = encoder.export_assets(directory / "assets" / name)
+        # Exported configs may point into the artifact: store them relative to it.
+        for name in spec["inputs"]:
+            params = spec["inputs"][name]["params"]
+            for key, value in params.items():
+                if isinstance(value, str) and value.startswith(str(directory)):
+                    params[key] = "@artifact/" + Path(value).relative_to(directory).as_posix()
+        (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        save_file(self.trainable_state(), str(directory / WEIGHTS_FILE))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path, map_location: str = "cpu") -> MultimodalModel:
+        spec_path = directory / SPEC_FILE
+        if not spec_path.is_file():
+            raise FileNotFoundError(f"{directory}: not a model artifact (no {SPEC_FILE})")
+        spec = json.loads(spec_path.read_text())
+        for item in spec["inputs"].values():
+            for key, value in item["params"].items():
+                if isinstance(value, str) and value.startswith("@artifact/"):
+                    item["params"][key] = str(directory / value.removeprefix("@artifact/"))
+        model = cls(spec)
+        state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        expected_missing = set(model.state_dict()) - set(model.trainable_state())
+        if unexpected or set(missing) - expected_missing:
+            raise ValueError(f"{directory}: weights do not match spec (missing {missing}, unexpected {unexpected})")
+        return model.eval()

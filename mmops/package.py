@@ -1,0 +1,36 @@
+"""Ship a trained artifact: save it into the BentoML model store and build a bento around it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mmops
+
+SOURCE_ROOT = Path(mmops.__file__).resolve().parent.parent
+
+
+def save_to_store(artifact: Path, name: str, labels: dict[str, str], metadata: dict) -> str:
+    import bentoml
+
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        shutil.copytree(artifact, model.path, dirs_exist_ok=True)
+    return str(model.tag)
+
+
+def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
+    """``bentoml build`` of ``bentofile.yaml`` with the model tag as a build argument.
+
+    The build context is the mmops source tree, so the bento carries the exact code that trained the
+    model (``mmops/`` and ``plugins/``).
+    """
+    import bentoml
+
+    bentofile = (bentofile or SOURCE_ROOT / "bentofile.yaml").resolve()
+    if not bentofile.is_file():
+        raise FileNotFoundError(f"{bentofile}: no bentofile; mmops package needs the mmops source tree")
+    bento = bentoml.bentos.build_bentofile(
+        str(bentofile), build_ctx=str(bentofile.parent), args={"model_tag": model_tag},
+        labels={"model": model_tag},
+    )
+    return str(bento.tag)

@@ -1,0 +1,150 @@
+"""The steps of a run as plain functions: the Prefect flow and the CLI are thin layers over these.
+
+Nothing here imports Prefect, so every step can be called, tested and debugged on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmops.config import CandidateConfig
+from mmops.project import Project
+from mmops.registry import Registry
+
+DATA_STAGES = ("import", "prepare", "featurize")
+
+
+def _dvc_env() -> None:
+    # DVC runs stage commands through a shell: make this interpreter's `mmops` the one it finds.
+    bindir = str(Path(sys.executable).parent)
+    if not os.environ.get("PATH", "").startswith(bindir):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[str, str]:
+    """``dvc repro`` of the data stages; reports each as ``ran`` or ``skipped`` (unchanged)."""
+    from dvc.repo import Repo
+
+    _dvc_env()
+    outcome = {}
+    with Repo(str(project.root)) as repo:
+        for stage in stages:
+            changed = bool(repo.status(targets=[stage]))
+            # run_cache=False: an unchanged stage is skipped, a changed one really runs (never restored
+            # silently from a cache that may hold another machine's outputs).
+            repo.reproduce(targets=stage, single_item=True, run_cache=False)
+            outcome[stage] = "ran" if changed else "skipped"
+    return outcome
+
+
+def data_version(project: Project) -> dict[str, str]:
+    """The DVC hashes of every stage output, from ``dvc.lock``: what exactly the model was trained on."""
+    lock = project.root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {
+        f"{stage}:{out['path']}": out.get("md5", "")
+        for stage, body in stages.items()
+        for out in body.get("outs", [])
+    }
+
+
+def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | None = None) -> dict:
+    """Train, evaluate and record one candidate; a failure is recorded, returned, never raised."""
+    from mmops.train import Dataset, train_candidate
+
+    params = project.params
+    registry = Registry(project.db_url)
+    run_id = registry.start_run(
+        name=candidate.name,
+        config={"candidate": candidate.model_dump(), "train": params.train_for(candidate).model_dump(),
+                "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "data": params.data.model_dump()},
+        seed=params.seed, data_version=data_version(project), git_commit=project.git_commit(),
+        flow_run_id=flow_run_id,
+    )
+    started = time.perf_counter()
+    try:
+        data = Dataset.load(project.prepared_dir, project.features_dir, params)
+        result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
+                                 on_epoch=lambda _, r: registry.log_metrics(
+                                     run_id, {"train_loss": r["train_loss"], "val_accuracy": r["val_accuracy"]},
+                                     step=r["epoch"]))
+    except Exception as exc:  # one bad candidate must not sink the sweep
+        registry.finish_run(run_id, "failed", time.perf_counter() - started,
+                            error="".join(traceback.format_exception_only(exc)).strip())
+        return {"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}", "run_id": run_id}
+    final = {f"{split}_{key}": value for split, m in result["metrics"].items()
+             for key, value in m.items() if isinstance(value, float)}
+    registry.log_metrics(run_id, final)
+    registry.finish_run(run_id, "completed", time.perf_counter() - started, artifact=result["model_dir"])
+    return {**result, "status": "completed", "run_id": run_id, "final": final}
+
+
+def select_best(results: list[dict], metric: str) -> dict:
+    """The best completed candidate by a validation metric. Test metrics are never consulted."""
+    if not metric.startswith("val_"):
+        raise ValueError(f"selection must use a validation metric, got '{metric}'")
+    done = [r for r in results if r.get("status") == "completed"]
+    if not done:
+        errors = "; ".join(f"{r['candidate']}: {r.get('error')}" for r in results)
+        raise RuntimeError(f"every candidate failed: {errors}")
+    return max(done, key=lambda r: (r["final"][metric], -r["train_seconds"]))
+
+
+def write_metrics(project: Project, results: list[dict], best: dict) -> None:
+    """DVC metrics (``metrics/*.json``) and plots (confusion matrix, learning curves)."""
+    out = project.metrics_dir
+    (out / "history").mkdir(parents=True, exist_ok=True)
+    done = [r for r in results if r.get("status") == "completed"]
+    leaderboard = [
+        {"candidate": r["candidate"], "fusion": r.get("fusion"), "status": r["status"],
+         **({k: r["final"][k] for k in ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")}
+            if r["status"] == "completed" else {"error": r.get("error")}),
+         "train_seconds": r.get("train_seconds"), "run_id": r.get("run_id")}
+        for r in results
+    ]
+    (out / "leaderboard.json").write_text(json.dumps(leaderboard, indent=2))
+    summary = {"best": best["candidate"], "selected_by": project.params.select_metric,
+               "val": _scalars(best["metrics"]["val"]), "test": _scalars(best["metrics"]["test"])}
+    (out / "best.json").write_text(json.dumps(summary, indent=2))
+    labels = json.loads((project.prepared_dir / "labels.json").read_text())
+    cm = best["metrics"]["test"]["confusion"]
+    pairs = [{"actual": labels[i], "predicted": labels[j]}
+             for i, row in enumerate(cm) for j, n in enumerate(row) for _ in range(n)]
+    (out / "confusion.json").write_text(json.dumps(pairs))
+    for r in done:
+        lines = ["epoch,train_loss,val_accuracy"] + [
+            f"{h['epoch']},{h['train_loss']:.6f},{h['val_accuracy']:.6f}" for h in r["history"]
+        ]
+        (out / "history" / f"{r['candidate']}.csv").write_text("\n".join(lines) + "\n")
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "confusion"}
+
+
+def register_and_package(project: Project, best: dict, build: bool = True) -> dict[str, Any]:
+    """Record a model version for the best run, save it to the BentoML store, build the bento."""
+    from mmops.package import build_bento, save_to_store
+
+    name = project.params.registry.model_name
+    registry = Registry(project.db_url)
+    version = registry.add_model_version(name, best["run_id"], metrics=best["final"])
+    model_tag = save_to_store(
+        Path(best["model_dir"]), name,
+        labels={"registry_version": version.ref, "candidate": best["candidate"]},
+        metadata={"run_id": best["run_id"], **best["final"]},
+    )
+    bento_tag = build_bento(model_tag) if build else None
+    registry.set_tags(name, version.version, model_tag=model_tag, bento_tag=bento_tag or "")
+    return {"model_version": version.ref, "model_tag": model_tag, "bento_tag": bento_tag}

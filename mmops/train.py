@@ -1,0 +1,225 @@
+"""Training engineering: data loading, batching, the loop, early stopping, checkpoints.
+
+Model code is in :mod:`mmops.model`; this module decides how it sees data. Two choices make CPU
+training fast without changing what is learned:
+
+* frozen encoders are not run at all: their features come memory-mapped from the ``featurize`` stage;
+* batches are grouped by image, so each distinct image goes through the CNN once per batch however
+  many questions ask about it (easy-VQA has about ten per image), and its gradient sums over them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mmops.config import CandidateConfig, Params
+from mmops.data.featurize import load_values
+from mmops.evaluate import classification_metrics
+from mmops.model import MultimodalModel
+
+log = logging.getLogger("mmops.train")
+
+
+@dataclass
+class Dataset:
+    """Rows of the prepared data plus, per input, its distinct values or cached features."""
+
+    rows: pd.DataFrame
+    values: dict[str, Any]
+    precomputed: frozenset[str]
+    labels: list[str]
+
+    @classmethod
+    def load(cls, prepared_dir: Path, features_dir: Path, params: Params) -> Dataset:
+        rows = pd.read_parquet(prepared_dir / "rows.parquet")
+        cached = json.loads((features_dir / "features.json").read_text())
+        values: dict[str, Any] = {}
+        for name, spec in params.inputs.items():
+            if name in cached:
+                entry = cached[name]
+                if entry["encoder"] != spec.encoder or any(
+                    entry["config"].get(k) != v for k, v in spec.params.items()
+                ):
+                    raise RuntimeError(f"features of '{name}' are stale; run `dvc repro featurize`")
+                values[name] = np.load(features_dir / f"{name}.npy", mmap_mode="r")
+            else:
+                values[name] = load_values(prepared_dir, name, spec.modality)
+        labels = json.loads((prepared_dir / "labels.json").read_text())
+        return cls(rows, values, frozenset(cached), labels)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.rows[self.rows["split"] == name].reset_index(drop=True)
+
+
+@dataclass
+class Batcher:
+    """Yields ``(inputs, index, labels, row_positions)`` batches over one split."""
+
+    data: Dataset
+    rows: pd.DataFrame
+    encoders: nn.ModuleDict
+    batch_size: int
+    group_by: str | None = None
+    _groups: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.group_by:
+            keys = self.rows[f"{self.group_by}_idx"].to_numpy()
+            order = np.argsort(keys, kind="stable")
+            bounds = np.flatnonzero(np.diff(keys[order])) + 1
+            self._groups = np.split(order, bounds)
+        else:
+            self._groups = [np.array([i]) for i in range(len(self.rows))]
+        mean = len(self.rows) / max(1, len(self._groups))
+        self.groups_per_batch = max(1, round(self.batch_size / mean))
+
+    def __len__(self) -> int:
+        return -(-len(self._groups) // self.groups_per_batch)
+
+    def __iter__(self):
+        return self.batches(None)
+
+    def batches(self, rng: np.random.Generator | None):
+        order = rng.permutation(len(self._groups)) if rng is not None else np.arange(len(self._groups))
+        for start in range(0, len(order), self.groups_per_batch):
+            pos = np.concatenate([self._groups[g] for g in order[start : start + self.groups_per_batch]])
+            inputs, index = {}, {}
+            for name, encoder in self.encoders.items():
+                uniq, inv = np.unique(self.rows[f"{name}_idx"].to_numpy()[pos], return_inverse=True)
+                values = self.data.values[name]
+                if name in self.data.precomputed:
+                    inputs[name] = torch.from_numpy(np.asarray(values[uniq]))
+                elif isinstance(values, list):
+                    inputs[name] = encoder.preprocess([values[i] for i in uniq])
+                else:
+                    inputs[name] = encoder.preprocess(np.asarray(values[uniq]))
+                index[name] = torch.from_numpy(inv.reshape(-1))
+            labels = torch.from_numpy(self.rows["label"].to_numpy()[pos])
+            yield inputs, index, labels, pos
+
+
+def set_determinism(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@torch.inference_mode()
+def predict_split(model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str]) -> np.ndarray:
+    model.eval()
+    out = np.zeros((len(batcher.rows), len(model.labels)), dtype=np.float32)
+    for inputs, index, _, pos in batcher:
+        out[pos] = torch.softmax(model(inputs, index, precomputed), dim=1).numpy()
+    return out
+
+
+def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size: int) -> dict:
+    rows = data.split(split)
+    batcher = Batcher(data, rows, model.encoders, batch_size, _group_key(model))
+    probs = predict_split(model, batcher, data.precomputed)
+    groups = rows["group"].to_numpy() if "group" in rows else None
+    return classification_metrics(rows["label"].to_numpy(), probs.argmax(1), len(data.labels), groups)
+
+
+def _group_key(model: MultimodalModel) -> str | None:
+    trainable = [n for n, e in model.encoders.items() if not e.frozen and e.modality == "image"]
+    return trainable[0] if trainable else None
+
+
+def build_spec(params: Params, candidate: CandidateConfig, labels: list[str]) -> dict:
+    train = params.train_for(candidate)
+    return {
+        "candidate": candidate.name,
+        "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params)}
+                   for n, i in params.inputs.items()},
+        "fusion": {"name": candidate.fusion, "params": dict(candidate.params)},
+        "head": {"hidden": train.head_hidden, "dropout": train.dropout},
+        "labels": labels,
+        "image_size": params.data.image_size,
+        "target": params.target,
+        "seed": params.seed,
+    }
+
+
+def train_candidate(
+    params: Params, candidate: CandidateConfig, data: Dataset, out_dir: Path,
+    on_epoch: Any = None,
+) -> dict:
+    """Train one candidate with early stopping on val accuracy; save the best epoch's artifact."""
+    cfg = params.train_for(candidate)
+    set_determinism(params.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = MultimodalModel(build_spec(params, candidate, data.labels))
+    train_rows, val_rows = data.split("train"), data.split("val")
+    if train_rows.empty or val_rows.empty:
+        raise ValueError("the prepared data has no train or no val rows; check data.limit and val_fraction")
+    group = _group_key(model)
+    train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group)
+    val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_b), pct_start=0.25
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(params.seed)
+    best_acc, best_state, best_epoch, history = -1.0, None, 0, []
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        total, count, t0 = 0.0, 0, time.perf_counter()
+        for inputs, index, labels, _ in train_b.batches(rng):
+            loss = loss_fn(model(inputs, index, data.precomputed), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"candidate '{candidate.name}': loss diverged at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total, count = total + loss.item() * len(labels), count + len(labels)
+        probs = predict_split(model, val_b, data.precomputed)
+        val_acc = float((probs.argmax(1) == val_rows["label"].to_numpy()).mean())
+        record = {"epoch": epoch, "train_loss": total / count, "val_accuracy": val_acc,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if on_epoch:
+            on_epoch(candidate.name, record)
+        log.info("%s epoch %d: loss %.4f val_acc %.4f", candidate.name, epoch, record["train_loss"], val_acc)
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy(model.trainable_state())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    train_seconds = time.perf_counter() - started
+    model.load_state_dict(best_state, strict=False)
+    model.eval()
+    model.save(out_dir)
+    metrics = {split: evaluate_split(model, data, split, cfg.batch_size) for split in ("val", "test")}
+    result = {
+        "candidate": candidate.name,
+        "fusion": candidate.fusion,
+        "model_dir": str(out_dir),
+        "seed": params.seed,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "train_seconds": train_seconds,
+        "history": history,
+        "metrics": metrics,
+        "config": {"candidate": candidate.model_dump(), "train": cfg.model_dump()},
+        "pid": os.getpid(),
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
