@@ -1,0 +1,77 @@
+"""Shared fixtures: small mmops projects built from the repository's own dvc.yaml and params.yaml."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# A subset small enough for CI on 2 cores, large enough to learn (about 85% test accuracy).
+SMALL = {
+    "data": {"limit": 4000, "image_size": 32},
+    "train": {"epochs": 12, "patience": 12, "batch_size": 64},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def make_project(root: Path, overrides: dict | None = None) -> Path:
+    """A fresh DVC project (no git) with the repo's stages and params, plus ``overrides``."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dvc.yaml", root)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=project_env(root))
+    return root
+
+
+def project_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BENTOML_", "MMOPS_"))}
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "MMOPS_PROJECT": str(root),
+        "PREFECT_HOME": str(root / ".mmops" / "prefect"),
+        "BENTOML_HOME": str(root / ".mmops" / "bentoml"),
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(root / ".mmops" / "dvc-site"),
+        "HF_HUB_OFFLINE": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+        "DO_NOT_TRACK": "1",
+        "COLUMNS": "160",
+    })
+    return env
+
+
+def mmops(root: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([BIN / "mmops", *args], cwd=root, env=project_env(root), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mmops {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One full `mmops run` (flow, DVC stages, training, registry, bento) shared by the e2e tests."""
+    root = make_project(tmp_path_factory.mktemp("e2e") / "proj", SMALL)
+    return root, mmops(root, "run")
