@@ -49,13 +49,13 @@ def server(trained_project):
 
 def _test_rows(root: Path, n: int) -> pd.DataFrame:
     manifest = pd.read_csv(root / "data" / "raw" / "manifest.csv")
-    return manifest[manifest["split"] == "test"].drop_duplicates("image").head(n)
+    return manifest[manifest["split"] == "test"].sample(n, random_state=0)
 
 
 def test_http_answers_match_the_model_and_the_truth(server):
     url, root, version = server
     predictor = Predictor(_model_dir(root))
-    rows = _test_rows(root, 12)
+    rows = _test_rows(root, 40)
     correct = 0
     for row in rows.itertuples():
         image = (root / "data" / "raw" / row.image).read_bytes()
@@ -67,7 +67,8 @@ def test_http_answers_match_the_model_and_the_truth(server):
         local = predictor.predict([{"image": image, "question": row.question}])[0]
         assert body["answer"] == local["answer"]  # the service runs the training code path exactly
         correct += body["answer"] == row.answer
-    assert correct >= 9, f"only {correct}/12 right"
+    # The small CI model is about 85% accurate on test (the question-only prior is about 67%).
+    assert correct >= 30, f"only {correct}/40 right"
 
 
 def _model_dir(root: Path) -> Path:
