@@ -13,7 +13,7 @@ def classification_metrics(
     metrics: dict = {
         "accuracy": float((labels == predictions).mean()) if len(labels) else 0.0,
         "macro_f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
-        "n": int(len(labels)),
+        "n": len(labels),
     }
     if groups is not None:
         metrics["by_type"] = {

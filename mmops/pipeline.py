@@ -6,6 +6,7 @@ Nothing here imports Prefect, so every step can be called, tested and debugged o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -34,6 +35,8 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
     from dvc.repo import Repo
 
     _dvc_env()
+    # DVC prints its own progress; don't let it reach the root handler a second time (Prefect's).
+    logging.getLogger("dvc").propagate = False
     outcome = {}
     with Repo(str(project.root)) as repo:
         for stage in stages:

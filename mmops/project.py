@@ -65,6 +65,7 @@ def configure_environment(project: Project) -> None:
         "DVC_NO_ANALYTICS": "1",
         "DVC_SITE_CACHE_DIR": str(project.state_dir / "dvc-site"),
         "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import torch
+from mmops_plugins.encoders.hf_text import HFTextEncoder, resolve_checkpoint
 
 from mmops.model import MultimodalModel
 from mmops.serving.predictor import Predictor
-from mmops_plugins.encoders.hf_text import HFTextEncoder, resolve_checkpoint
 
 SPEC = {
     "candidate": "t", "labels": ["no", "yes", "red"], "image_size": 16, "target": "answer", "seed": 0,

@@ -132,8 +132,13 @@ class Predictor:
         top = probs.topk(k, dim=1)
         labels = self.model.labels
         return [
-            {"answer": labels[int(idx[0])],
-             "top_k": [{"answer": labels[int(i)], "probability": round(float(p), 6)} for p, i in zip(pr, idx)]}
+            {
+                "answer": labels[int(idx[0])],
+                "top_k": [
+                    {"answer": labels[int(i)], "probability": round(float(p), 6)}
+                    for p, i in zip(pr, idx, strict=True)
+                ],
+            }
             for pr, idx in zip(top.values, top.indices, strict=True)
         ]
 

@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 import bentoml
 from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
