@@ -21,7 +21,9 @@ from rich.table import Table
 from mmops.config import ConfigError
 from mmops.project import Project, configure_environment
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help=__doc__.splitlines()[0]
+)
 data_app = typer.Typer(no_args_is_help=True, help="Import, validate and featurize data (the DVC stages).")
 plugins_app = typer.Typer(no_args_is_help=True, help="Encoders and fusions installed through entry points.")
 runs_app = typer.Typer(no_args_is_help=True, help="Training runs in the registry.")

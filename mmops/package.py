@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mmops
@@ -29,8 +31,22 @@ def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
     bentofile = (bentofile or SOURCE_ROOT / "bentofile.yaml").resolve()
     if not bentofile.is_file():
         raise FileNotFoundError(f"{bentofile}: no bentofile; mmops package needs the mmops source tree")
+    build_wheel(bentofile.parent)
     bento = bentoml.bentos.build_bentofile(
         str(bentofile), build_ctx=str(bentofile.parent), args={"model_tag": model_tag},
         labels={"model": model_tag},
     )
     return str(bento.tag)
+
+
+def build_wheel(source: Path) -> Path:
+    """The mmops wheel the bento installs, so a container gets the plugins' entry points too.
+
+    Built offline from the source tree (no build isolation: setuptools is already here).
+    """
+    out = source / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
+        check=True, capture_output=True, text=True,
+    )
+    return out / f"mmops-{mmops.__version__}-py3-none-any.whl"
