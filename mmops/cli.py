@@ -276,6 +276,33 @@ def plugins_list() -> None:
     console.print(table)
 
 
+@plugins_app.command("check")
+def plugins_check(
+    name: Annotated[str, typer.Argument(help="encoder or fusion name, as in `mmops plugins list`")],
+    kind: Annotated[str | None, typer.Option(help="encoder or fusion, when a name is both")] = None,
+    params: Annotated[str, typer.Option(help='constructor parameters as JSON, e.g. \'{"checkpoint": "dir"}\'')] = "{}",
+) -> None:
+    """Conformance run on random inputs: shapes, gradients, determinism, save/load, bad inputs."""
+    from mmops.conformance import check_plugin
+
+    if kind not in (None, "encoder", "fusion"):
+        raise _fail(f"--kind must be 'encoder' or 'fusion', got '{kind}'", 2)
+    try:
+        parsed = json.loads(params)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--params is not valid JSON: {exc}", 2) from None
+    if not isinstance(parsed, dict):
+        raise _fail("--params must be a JSON object", 2)
+    checks = check_plugin(name, kind, parsed)
+    for c in checks:
+        mark = "[green]PASS[/]" if c.passed else "[red]FAIL[/]"
+        console.print(f"{mark} {c.name}" + (f"  [dim]{c.detail}[/]" if c.detail else ""), highlight=False)
+    failed = sum(not c.passed for c in checks)
+    console.print(f"{name}: {len(checks) - failed} passed, {failed} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
 @runs_app.command("list")
 def runs_list(project_dir: ProjectOpt = Path("."), limit: int = 20) -> None:
     """The latest runs with their status and final metrics."""

@@ -32,7 +32,13 @@ class Encoder(nn.Module, abc.ABC):
     output_dim: int
 
     def fit(self, values: Sequence[Any]) -> Encoder:
-        """Learn what the encoder needs from training values (vocabulary, scaler); most need nothing."""
+        """Learn what the encoder needs from training values (vocabulary, scaler); most need nothing.
+
+        Training calls it on the distinct training values before the model (and so the fusion, sized
+        by ``output_dim``) is built. What was learned must survive a save: learned strings (a
+        vocabulary) go into :meth:`config`, learned tensors into buffers or parameters, which travel
+        in the model's safetensors file; the constructor rebuilds modules sized by it.
+        """
         return self
 
     @abc.abstractmethod
@@ -42,6 +48,16 @@ class Encoder(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: Any) -> torch.Tensor:
         """A preprocessed batch to a ``(batch, output_dim)`` tensor."""
+
+    def forward_sequence(self, batch: Any) -> torch.Tensor:
+        """A preprocessed batch to ``(batch, tokens, output_dim)`` for fusions that attend.
+
+        Encoders with spatial or temporal structure (CNN feature maps, ViT patches, spectrogram
+        frames) override this; the default is the pooled vector as a single token, so every encoder
+        works with every fusion. Tokens have the same width as the vector, so a fusion is sized by
+        ``output_dim`` alone.
+        """
+        return self.forward(batch).unsqueeze(1)
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -61,9 +77,18 @@ class Fusion(nn.Module, abc.ABC):
 
     Built from ``{input_name: dim}`` and its own keyword parameters; ``forward`` takes
     ``{input_name: Tensor}`` of shape ``(batch, dim)`` and returns ``(batch, output_dim)``.
+
+    Two class attributes change what the model hands over and expects back:
+
+    * ``needs_sequences``: inputs are ``(batch, tokens, dim)`` from :meth:`Encoder.forward_sequence`
+      (a frozen encoder's cached vector arrives as one token);
+    * ``produces_logits``: the constructor also gets ``num_classes`` and the output is used as the
+      logits directly, with no classification head (late fusion).
     """
 
     output_dim: int
+    needs_sequences: ClassVar[bool] = False
+    produces_logits: ClassVar[bool] = False
 
     def __init__(self, dims: Mapping[str, int]) -> None:
         super().__init__()
@@ -77,9 +102,10 @@ class Fusion(nn.Module, abc.ABC):
             raise ValueError(
                 f"{type(self).__name__} was built for inputs {sorted(self.dims)}, got {sorted(features)}"
             )
+        rank, shape = (3, "(batch, tokens, {})") if self.needs_sequences else (2, "(batch, {})")
         for name, tensor in features.items():
-            if tensor.dim() != 2 or tensor.shape[1] != self.dims[name]:
+            if tensor.dim() != rank or tensor.shape[-1] != self.dims[name]:
                 raise ValueError(
-                    f"{type(self).__name__}: input '{name}' must be (batch, {self.dims[name]}), "
+                    f"{type(self).__name__}: input '{name}' must be {shape.format(self.dims[name])}, "
                     f"got {tuple(tensor.shape)}"
                 )

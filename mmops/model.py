@@ -41,12 +41,14 @@ class MultimodalModel(nn.Module):
         )
         dims = {n: e.output_dim for n, e in self.encoders.items()}
         fusion_cls = get_fusion(spec["fusion"]["name"])
+        hidden, n_classes = spec["head"]["hidden"], len(spec["labels"])
+        extra = {"num_classes": n_classes} if fusion_cls.produces_logits else {}
         try:
-            self.fusion: Fusion = fusion_cls(dims, **spec["fusion"]["params"])
+            self.fusion: Fusion = fusion_cls(dims, **spec["fusion"]["params"], **extra)
         except TypeError as exc:
             raise ValueError(f"fusion '{spec['fusion']['name']}': bad parameters: {exc}") from exc
-        hidden, n_classes = spec["head"]["hidden"], len(spec["labels"])
-        self.head = nn.Sequential(
+        # A late fusion already ends in per-modality classifiers: its output is the logits.
+        self.head = nn.Identity() if fusion_cls.produces_logits else nn.Sequential(
             nn.Linear(self.fusion.output_dim, hidden), nn.ReLU(), nn.Dropout(spec["head"]["dropout"]),
             nn.Linear(hidden, n_classes),
         )
@@ -66,10 +68,22 @@ class MultimodalModel(nn.Module):
         ``inputs[name]`` holds preprocessed distinct values, or their features when ``name`` is in
         ``precomputed`` (a frozen encoder's cached output). ``index[name]`` maps each row to its
         distinct value; without it, inputs are already one per row.
+
+        For a fusion that ``needs_sequences``, trainable encoders give ``forward_sequence``; frozen
+        ones always give their vector as one token, because that vector is all the feature cache
+        holds, and a model must compute the same thing whether or not its features were cached.
         """
+        sequences = self.fusion.needs_sequences
         features = {}
         for name, encoder in self.encoders.items():
-            feats = inputs[name] if name in precomputed else encoder(inputs[name])
+            if name in precomputed:
+                feats = inputs[name]
+            elif sequences and not encoder.frozen:
+                feats = encoder.forward_sequence(inputs[name])
+            else:
+                feats = encoder(inputs[name])
+            if sequences and feats.dim() == 2:
+                feats = feats.unsqueeze(1)
             features[name] = feats[index[name]] if index is not None else feats
         return self.head(self.fusion(features))
 

@@ -27,7 +27,8 @@ from torch import nn
 from mmops.config import CandidateConfig, Params
 from mmops.data.featurize import load_values
 from mmops.evaluate import classification_metrics
-from mmops.model import MultimodalModel
+from mmops.interfaces import Encoder
+from mmops.model import MultimodalModel, build_encoder
 
 log = logging.getLogger("mmops.train")
 
@@ -153,6 +154,22 @@ def build_spec(params: Params, candidate: CandidateConfig, labels: list[str]) ->
     }
 
 
+def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame) -> dict[str, Encoder]:
+    """Each input's encoder, fitted on the distinct values of the train split only (never val/test).
+
+    Fitting comes before the model is built because what is learned (a vocabulary) can size the
+    encoder's output and so the fusion. Cached (frozen) inputs hold features, not values: not fitted.
+    """
+    encoders = {}
+    for name, item in spec["inputs"].items():
+        encoder = build_encoder(item["encoder"], item["params"])
+        if name not in data.precomputed and type(encoder).fit is not Encoder.fit:
+            values, idx = data.values[name], np.unique(train_rows[f"{name}_idx"].to_numpy())
+            encoder.fit([values[i] for i in idx] if isinstance(values, list) else np.asarray(values[idx]))
+        encoders[name] = encoder
+    return encoders
+
+
 def train_candidate(
     params: Params, candidate: CandidateConfig, data: Dataset, out_dir: Path,
     on_epoch: Any = None,
@@ -162,10 +179,11 @@ def train_candidate(
     set_determinism(params.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = MultimodalModel(build_spec(params, candidate, data.labels))
     train_rows, val_rows = data.split("train"), data.split("val")
     if train_rows.empty or val_rows.empty:
         raise ValueError("the prepared data has no train or no val rows; check data.limit and val_fraction")
+    spec = build_spec(params, candidate, data.labels)
+    model = MultimodalModel(spec, fit_encoders(spec, data, train_rows))
     group = _group_key(model)
     train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group)
     val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group)

@@ -2,7 +2,9 @@
 
 Blocks of conv-batchnorm-ReLU-maxpool (the VGG pattern, Simonyan and Zisserman, 2015) followed by
 global average pooling. Batch norm on zero-centred inputs is what lets it learn shapes and colours of
-easy-VQA within a few epochs on a CPU.
+easy-VQA within a few epochs on a CPU. Depth and width are one parameter, ``channels``: one block per
+entry (each halves the resolution), e.g. ``[16, 32, 64]`` or ``[32, 64, 128, 256]`` for larger images.
+For fusions that attend, the last feature map is a sequence of positions.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class CNNImageEncoder(Encoder):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.net(batch)
+
+    def forward_sequence(self, batch: torch.Tensor) -> torch.Tensor:
+        """The last feature map before pooling, one token per position: ``(B, H*W, channels)``."""
+        return self.net[:-2](batch).flatten(2).transpose(1, 2)
 
     def config(self) -> dict[str, Any]:
         return {"channels": self.channels}

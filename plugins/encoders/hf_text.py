@@ -65,7 +65,10 @@ class HFTextEncoder(Encoder):
         return self
 
     def preprocess(self, values: Sequence[Any]) -> dict[str, torch.Tensor]:
-        texts = [str(v) for v in values]
+        bad = [v for v in values if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"hf_text expects strings, got {type(bad[0]).__name__} ({bad[0]!r})")
+        texts = list(values)
         return dict(
             self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                            return_tensors="pt")

@@ -1,0 +1,320 @@
+"""``mmops plugins check``: does a plugin honour its contract? A run on small random inputs.
+
+For every plugin, built-in or third-party, it checks what the rest of mmops relies on: output shapes
+for batch sizes 1 and N, gradients reaching every trainable parameter (and, for a fusion, every
+input), deterministic eval mode, an identical output after a save/load round trip through the real
+model artifact, models with 2 and 3 inputs, and a clear ``ValueError`` on a wrong input. The random
+inputs come from the plugin's modality, so no data set is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmops.interfaces import MODALITIES, Encoder, Fusion
+from mmops.model import MultimodalModel
+from mmops.plugin_registry import PluginError, discover, get_encoder, get_fusion
+
+BATCH = 4
+LABELS = ["no", "yes", "red"]
+WORDS = ("what", "color", "is", "the", "shape", "there", "a", "red", "blue", "green", "circle", "triangle",
+         "rectangle", "in", "image", "not", "does", "contain")
+FUSION_DIMS = {"a": 6, "b": 5, "c": 4}
+SEQUENCE_LENGTHS = {"a": 1, "b": 4, "c": 3}  # a sequence-consuming fusion must take unequal lengths
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+def example_values(modality: str, n: int, rng: np.random.Generator) -> Any:
+    """Random raw values of a modality, in the form the prepare stage and the service hand over."""
+    if modality == "text":
+        return [" ".join(rng.choice(WORDS, rng.integers(1, 8))) + "?" for _ in range(n)]
+    if modality == "image":
+        return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    if modality == "audio":
+        from scipy.io import wavfile
+
+        out = []
+        for _ in range(n):  # 8 kHz int16 WAV files: decoding and resampling are exercised too
+            buf = io.BytesIO()
+            wavfile.write(buf, 8000, (rng.standard_normal(2000) * 3000).astype(np.int16))
+            out.append(buf.getvalue())
+        return out
+    if modality == "tabular":
+        return rng.integers(0, 5, (n, 3)).astype(float).tolist()
+    raise ValueError(f"no example values for modality '{modality}'")
+
+
+def wrong_values(modality: str) -> Any:
+    """Values an encoder of the modality must refuse with a clear error."""
+    return {"text": [12, None], "image": np.zeros((2, 8, 8), np.uint8), "audio": [b"not a wav file"],
+            "tabular": [[1.0, 2.0]]}[modality]
+
+
+def _run(checks: list[Check], name: str, fn: Callable[[], str | None]) -> bool:
+    try:
+        detail = fn() or ""
+    except Exception as exc:  # the point is to report any failure of plugin code, whatever it is
+        checks.append(Check(name, False, f"{type(exc).__name__}: {exc}"))
+        return False
+    checks.append(Check(name, True, detail))
+    return True
+
+
+def _round_trip(spec: dict, encoders: Mapping[str, Encoder], inputs: Mapping[str, Any]) -> None:
+    """Save a model through the real artifact format, load it back, compare outputs bit for bit."""
+    torch.manual_seed(0)
+    model = MultimodalModel(spec, encoders).eval()
+    with torch.no_grad():
+        before = model(inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(Path(tmp) / "m")
+        torch.manual_seed(1)  # a different initialisation: only the loaded weights can make them equal
+        loaded = MultimodalModel.load(Path(tmp) / "m")
+        with torch.no_grad():
+            after = loaded(inputs)
+    if not torch.equal(before, after):
+        raise AssertionError(f"outputs differ after loading (max diff {(before - after).abs().max():.3g})")
+
+
+def _spec(inputs: dict[str, tuple[str, str, dict]], fusion: str, fusion_params: dict) -> dict:
+    return {"candidate": "check", "labels": LABELS, "image_size": 32, "target": "answer", "seed": 0,
+            "inputs": {n: {"modality": m, "encoder": e, "params": p} for n, (m, e, p) in inputs.items()},
+            "fusion": {"name": fusion, "params": fusion_params}, "head": {"hidden": 8, "dropout": 0.0}}
+
+
+def check_encoder(name: str, params: Mapping[str, Any] | None = None, batch: int = BATCH) -> list[Check]:
+    params, checks, rng = dict(params or {}), [], np.random.default_rng(0)
+    cls = get_encoder(name)
+    modality = getattr(cls, "modality", None)
+    if modality not in MODALITIES:
+        return [Check("declares a modality", False, f"modality {modality!r} is not one of {MODALITIES}")]
+    values = example_values(modality, 16, rng)
+
+    def build() -> Encoder:
+        torch.manual_seed(0)
+        return cls(**params).fit(values)
+
+    enc: Encoder | None = None
+
+    def builds() -> str:
+        nonlocal enc
+        enc = build()
+        json.dumps(enc.config())
+        if not isinstance(enc.output_dim, int) or enc.output_dim < 1:
+            raise AssertionError(f"output_dim must be a positive int after fit, got {enc.output_dim!r}")
+        return f"{modality}, output_dim {enc.output_dim}, {'frozen' if enc.frozen else 'trainable'}"
+
+    if not _run(checks, "builds, fits on training values, config() is JSON", builds):
+        return checks
+    assert enc is not None
+
+    def shapes() -> str:
+        enc.eval()
+        seq = type(enc).forward_sequence is not Encoder.forward_sequence
+        with torch.no_grad():
+            for b in (1, batch):
+                x = enc.preprocess(values[:b])
+                out = enc(x)
+                if tuple(out.shape) != (b, enc.output_dim) or not torch.isfinite(out).all():
+                    raise AssertionError(f"batch {b}: expected finite ({b}, {enc.output_dim}), got {tuple(out.shape)}")
+                if seq:
+                    s = enc.forward_sequence(x)
+                    if s.dim() != 3 or s.shape[0] != b or s.shape[2] != enc.output_dim:
+                        raise AssertionError(
+                            f"forward_sequence: expected ({b}, T, {enc.output_dim}), got {tuple(s.shape)}"
+                        )
+        return "and forward_sequence" if seq else ""
+
+    _run(checks, f"output shape for batch 1 and {batch}", shapes)
+
+    def gradients() -> str:
+        trainable = [(n, p) for n, p in enc.named_parameters() if p.requires_grad]
+        if enc.frozen:
+            if trainable:
+                raise AssertionError(f"frozen, yet {len(trainable)} parameters require grad (its cache would go stale)")
+            return "frozen: no trainable parameters, features cacheable"
+        if not trainable:
+            return "no trainable parameters"
+        enc.train()
+        out = enc(enc.preprocess(values[:batch]))
+        (out * torch.randn_like(out)).sum().backward()
+        missing = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+        if missing:
+            raise AssertionError(f"no (finite) gradient for {missing[:5]}")
+        return f"{len(trainable)} tensors"
+
+    _run(checks, "gradients reach every trainable parameter", gradients)
+
+    def deterministic() -> None:
+        enc.eval()
+        with torch.no_grad():
+            x = enc.preprocess(values[:batch])
+            if not torch.equal(enc(x), enc(x)):
+                raise AssertionError("two eval-mode forwards of the same batch differ")
+
+    _run(checks, "eval mode is deterministic", deterministic)
+
+    def round_trip() -> None:
+        for k in (2, 3):
+            names = [f"x{i}" for i in range(k)]
+            encoders = {n: build() for n in names}
+            inputs = {n: e.preprocess(values[:batch]) for n, e in encoders.items()}
+            _round_trip(_spec({n: (modality, name, params) for n in names}, "concat", {"hidden": 8}),
+                        encoders, inputs)
+
+    _run(checks, "save/load round trip gives identical outputs (models with 2 and 3 inputs)", round_trip)
+
+    def wrong_input() -> str:
+        try:
+            enc(enc.preprocess(wrong_values(modality)))
+        except (ValueError, TypeError) as exc:
+            if not str(exc):
+                raise AssertionError("raised an error with an empty message") from exc
+            return str(exc).splitlines()[0][:100]
+        raise AssertionError(f"accepted wrong {modality} input without an error")
+
+    _run(checks, "a wrong input gets a clear error", wrong_input)
+    return checks
+
+
+def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int = BATCH) -> list[Check]:
+    params, checks = dict(params or {}), []
+    cls = get_fusion(name)
+    extra = {"num_classes": len(LABELS)} if cls.produces_logits else {}
+    dim_sets = [dict(list(FUSION_DIMS.items())[:k]) for k in (2, 3)]
+
+    def features(dims: Mapping[str, int], b: int, grad: bool = False) -> dict[str, torch.Tensor]:
+        shape = (lambda n: (b, SEQUENCE_LENGTHS[n], dims[n])) if cls.needs_sequences else (lambda n: (b, dims[n]))
+        return {n: torch.randn(*shape(n), requires_grad=grad) for n in dims}
+
+    def build(dims: Mapping[str, int], seed: int = 0) -> Fusion:
+        torch.manual_seed(seed)
+        return cls(dims, **params, **extra)
+
+    fusions: list[Fusion] = []
+
+    def builds() -> str:
+        fusions.extend(build(d) for d in dim_sets)
+        kinds = [k for k, v in (("sequences", cls.needs_sequences), ("logits", cls.produces_logits)) if v]
+        return f"output_dim {fusions[0].output_dim} / {fusions[1].output_dim}" + "".join(f"; {k}" for k in kinds)
+
+    if not _run(checks, "builds with 2 and 3 inputs", builds):
+        return checks
+
+    def shapes() -> None:
+        for f, dims in zip(fusions, dim_sets, strict=True):
+            f.eval()
+            with torch.no_grad():
+                for b in (1, batch):
+                    out = f(features(dims, b))
+                    if tuple(out.shape) != (b, f.output_dim) or not torch.isfinite(out).all():
+                        raise AssertionError(f"{len(dims)} inputs, batch {b}: expected finite ({b}, {f.output_dim}), "
+                                             f"got {tuple(out.shape)}")
+
+    _run(checks, f"output shape for batch 1 and {batch} (2 and 3 inputs)", shapes)
+
+    def gradients() -> None:
+        for f, dims in zip(fusions, dim_sets, strict=True):
+            f.train()
+            f.zero_grad()
+            feats = features(dims, batch, grad=True)
+            out = f(feats)
+            (out * torch.randn_like(out)).sum().backward()
+            missing = [n for n, p in f.named_parameters()
+                       if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+            if missing:
+                raise AssertionError(f"{len(dims)} inputs: no (finite) gradient for {missing[:5]}")
+            unused = [n for n, t in feats.items() if t.grad is None or not t.grad.abs().sum()]
+            if unused:
+                raise AssertionError(f"{len(dims)} inputs: the output does not depend on input(s) {unused}")
+
+    _run(checks, "gradients reach every trainable parameter and every input", gradients)
+
+    def deterministic() -> None:
+        for f, dims in zip(fusions, dim_sets, strict=True):
+            f.eval()
+            feats = features(dims, batch)
+            with torch.no_grad():
+                if not torch.equal(f(feats), f(feats)):
+                    raise AssertionError(f"{len(dims)} inputs: two eval-mode forwards differ")
+
+    _run(checks, "eval mode is deterministic", deterministic)
+
+    def round_trip() -> None:
+        for f, dims in zip(fusions, dim_sets, strict=True):
+            feats = features(dims, batch)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "fusion.safetensors"
+                save_file({k: v.contiguous() for k, v in f.state_dict().items()}, str(path))
+                fresh = build(dims, seed=1).eval()
+                fresh.load_state_dict(load_file(str(path)))
+            with torch.no_grad():
+                if not torch.equal(f.eval()(feats), fresh(feats)):
+                    raise AssertionError(f"{len(dims)} inputs: outputs differ after loading the state dict")
+        # Inside a real model: a trainable CNN (a sequence of positions) and numeric inputs (one token).
+        rng = np.random.default_rng(0)
+        images, table = example_values("image", batch, rng), example_values("tabular", 16, rng)
+        for k in (2, 3):
+            inputs = {"a": ("image", "cnn_image", {"channels": [4, 8]}),
+                      "b": ("tabular", "numeric", {"hidden": 8}), "c": ("tabular", "numeric", {"hidden": 6})}
+            inputs = dict(list(inputs.items())[:k])
+            encoders = {n: get_encoder(e)(**p) for n, (_, e, p) in inputs.items()}
+            for n in ("b", "c")[: k - 1]:
+                encoders[n].fit(table)
+            raw = {"a": images, "b": table[:batch], "c": table[:batch]}
+            _round_trip(_spec(inputs, name, params), encoders,
+                        {n: e.preprocess(raw[n]) for n, e in encoders.items()})
+
+    _run(checks, "save/load round trip gives identical outputs (state dict, and a model with 2 and 3 inputs)",
+         round_trip)
+
+    def wrong_input() -> str:
+        f, dims = fusions[0], dim_sets[0]
+        feats = features(dims, batch)
+        messages = []
+        for bad in ({"a": feats["a"]}, {**feats, "a": torch.randn(batch, *feats["a"].shape[1:-1], 99)}):
+            try:
+                f(bad)
+            except (ValueError, TypeError) as exc:
+                messages.append(str(exc))
+                continue
+            raise AssertionError(f"accepted inputs {({k: tuple(v.shape) for k, v in bad.items()})} without an error")
+        return messages[-1][:100]
+
+    _run(checks, "a wrong input (missing, wrong width) gets a clear error", wrong_input)
+    return checks
+
+
+def plugin_kind(name: str) -> str:
+    kinds = [k for k in ("encoder", "fusion") if name in discover(k)]
+    if not kinds:
+        known = sorted({*discover("encoder"), *discover("fusion")})
+        raise PluginError(f"no plugin named '{name}'. Installed: {', '.join(known)}")
+    if len(kinds) > 1:
+        raise PluginError(f"'{name}' is both an encoder and a fusion: choose one with --kind")
+    return kinds[0]
+
+
+def check_plugin(name: str, kind: str | None = None, params: Mapping[str, Any] | None = None) -> list[Check]:
+    """Run every check; a plugin that cannot even be loaded is one failed check, not an exception."""
+    try:
+        kind = kind or plugin_kind(name)
+        return (check_encoder if kind == "encoder" else check_fusion)(name, params)
+    except PluginError as exc:
+        return [Check("loads through its entry point", False, str(exc))]

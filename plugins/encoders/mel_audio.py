@@ -1,0 +1,107 @@
+"""Audio encoder: WAV → log-mel spectrogram → a small CNN, as in CNN audio tagging (Hershey et al.,
+"CNN Architectures for Large-Scale Audio Classification", 2017).
+
+WAV files are decoded with scipy, mixed to mono, resampled to ``sample_rate`` and padded or cut to
+``seconds``; the spectrogram is ``torch.stft`` with a Hann window and an HTK mel filterbank built here
+(torchaudio is not a dependency). For fusions that attend, the CNN's time frames are the tokens.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from math import gcd
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmops.interfaces import Encoder
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """``(n_fft // 2 + 1, n_mels)`` triangular filters equally spaced on the HTK mel scale."""
+    def to_mel(hz: np.ndarray) -> np.ndarray:
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
+
+    def to_hz(mel: np.ndarray) -> np.ndarray:
+        return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = to_hz(np.linspace(to_mel(np.array(0.0)), to_mel(np.array(sample_rate / 2)), n_mels + 2))
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising, falling = (freqs - lower) / (centre - lower), (upper - freqs) / (upper - centre)
+    return torch.from_numpy(np.maximum(0.0, np.minimum(rising, falling)).T.astype(np.float32))
+
+
+def decode_wav(value: Any, sample_rate: int) -> np.ndarray:
+    """WAV bytes, a WAV path, or a 1-D float array already at ``sample_rate``, to mono float32."""
+    from scipy.io import wavfile
+    from scipy.signal import resample_poly
+
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value.astype(np.float32)
+    if not isinstance(value, bytes | str | Path):
+        raise ValueError(f"mel_audio expects WAV bytes, a WAV path or a 1-D waveform, got {type(value).__name__}")
+    try:
+        rate, data = wavfile.read(io.BytesIO(value) if isinstance(value, bytes) else value)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"mel_audio: not a readable WAV file ({exc})") from exc
+    if data.dtype.kind in "iu":  # integer PCM to [-1, 1]
+        info = np.iinfo(data.dtype)
+        data = (data.astype(np.float32) - (info.max + info.min + 1) / 2) / ((info.max - info.min + 1) / 2)
+    data = data.astype(np.float32)
+    if data.ndim == 2:
+        data = data.mean(axis=1)
+    if rate != sample_rate:
+        g = gcd(rate, sample_rate)
+        data = resample_poly(data, sample_rate // g, rate // g).astype(np.float32)
+    return data
+
+
+class MelAudioEncoder(Encoder):
+    modality = "audio"
+
+    def __init__(
+        self, sample_rate: int = 16000, seconds: float = 1.0, n_fft: int = 400, hop: int = 160,
+        n_mels: int = 40, channels: Sequence[int] = (16, 32, 64),
+    ) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("mel_audio: 'channels' needs at least one block, e.g. [16, 32, 64]")
+        self.sample_rate, self.seconds, self.n_fft, self.hop, self.n_mels = sample_rate, seconds, n_fft, hop, n_mels
+        self.channels = [int(c) for c in channels]
+        self.samples = round(sample_rate * seconds)
+        self.register_buffer("filters", mel_filterbank(sample_rate, n_fft, n_mels), persistent=False)
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        layers: list[nn.Module] = [nn.BatchNorm2d(1)]  # learns the log-mel scale instead of a fixed one
+        c_in = 1
+        for c_out in self.channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.output_dim = c_in
+
+    def preprocess(self, values: Sequence[Any]) -> torch.Tensor:
+        """Audio to ``(batch, 1, n_mels, frames)`` log-mel spectrograms."""
+        waves = np.zeros((len(values), self.samples), dtype=np.float32)
+        for i, value in enumerate(values):
+            wave = decode_wav(value, self.sample_rate)[: self.samples]
+            waves[i, : len(wave)] = wave
+        spec = torch.stft(torch.from_numpy(waves), self.n_fft, self.hop, window=self.window, return_complex=True)
+        mel = (spec.abs() ** 2).transpose(1, 2) @ self.filters  # (batch, frames, n_mels)
+        return torch.log(mel + 1e-6).transpose(1, 2).unsqueeze(1)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.features(batch).mean(dim=(2, 3))
+
+    def forward_sequence(self, batch: torch.Tensor) -> torch.Tensor:
+        """One token per (pooled) time frame: ``(batch, frames, channels)``."""
+        return self.features(batch).mean(dim=2).transpose(1, 2)
+
+    def config(self) -> dict[str, Any]:
+        return {"sample_rate": self.sample_rate, "seconds": self.seconds, "n_fft": self.n_fft, "hop": self.hop,
+                "n_mels": self.n_mels, "channels": self.channels}

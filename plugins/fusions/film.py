@@ -1,0 +1,45 @@
+"""FiLM (Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer", 2018).
+
+The conditioning modalities (e.g. the question) predict a per-channel scale ``gamma`` and shift
+``beta`` that modulate every position of the target's feature map (e.g. the CNN's last feature map):
+``relu(gamma * W x + beta)``, then global average pooling. It is one FiLM-ed block on top of the
+encoder rather than FiLM inside every residual block of the paper, so any image encoder can be used.
+
+``target`` names the modulated input (default: ``image`` when there is one, else the first name);
+all other inputs, pooled and concatenated, condition it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from mmops.interfaces import Fusion
+
+
+class FiLMFusion(Fusion):
+    needs_sequences = True
+
+    def __init__(
+        self, dims: Mapping[str, int], hidden: int = 128, target: str | None = None, dropout: float = 0.1
+    ) -> None:
+        super().__init__(dims)
+        names = sorted(dims)
+        target = target or ("image" if "image" in dims else names[0])
+        if target not in dims:
+            raise ValueError(f"film: target '{target}' is not an input; inputs are {names}")
+        self.target, self.conditions = target, [n for n in names if n != target]
+        self.features = nn.Linear(dims[target], hidden)
+        self.film = nn.Linear(sum(dims[n] for n in self.conditions), 2 * hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.output_dim = hidden
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.check_inputs(features)
+        condition = torch.cat([features[n].mean(1) for n in self.conditions], dim=1)
+        gamma, beta = self.film(condition).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, H) each
+        # 1 + gamma: starts as the identity, so early training does not zero the image out.
+        maps = torch.relu((1 + gamma) * self.features(features[self.target]) + beta)  # (B, T, H)
+        return self.dropout(maps.mean(1))

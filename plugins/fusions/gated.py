@@ -1,0 +1,34 @@
+"""Gated Multimodal Unit (Arevalo et al., "Gated Multimodal Units for Information Fusion", 2017).
+
+Each modality gets a tanh representation ``h_i``; gates ``z_i = sigmoid(W_i [x_1; ...; x_M])`` computed
+from all inputs decide, per unit and per example, how much each modality contributes:
+``h = sum_i z_i * h_i``. With two inputs this is the paper's bimodal GMU with independent gates
+(its multimodal form), so it extends to any number of modalities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from mmops.interfaces import Fusion
+
+
+class GatedFusion(Fusion):
+    def __init__(self, dims: Mapping[str, int], hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(dims)
+        self.names = sorted(dims)
+        self.proj = nn.ModuleDict({n: nn.Linear(dims[n], hidden) for n in self.names})
+        self.gates = nn.Linear(sum(dims.values()), hidden * len(self.names))
+        self.dropout = nn.Dropout(dropout)
+        self.hidden = hidden
+        self.output_dim = hidden
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.check_inputs(features)
+        h = torch.stack([torch.tanh(self.proj[n](features[n])) for n in self.names], dim=1)  # (B, M, H)
+        z = torch.sigmoid(self.gates(torch.cat([features[n] for n in self.names], dim=1)))
+        z = z.view(-1, len(self.names), self.hidden)
+        return self.dropout((z * h).sum(1))
