@@ -1,0 +1,1 @@
+"""An example mmops plugin package: one fusion, registered through the ``mmops.fusions`` entry point."""
