@@ -35,6 +35,8 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
     from dvc.repo import Repo
 
     _dvc_env()
+    # prepare depends on data/appended; DVC refuses a missing dependency, so an empty one must exist.
+    project.appended_dir.mkdir(parents=True, exist_ok=True)
     # DVC prints its own progress; don't let it reach the root handler a second time (Prefect's).
     logging.getLogger("dvc").propagate = False
     outcome = {}

@@ -32,6 +32,7 @@ class Project:
         return load_params(self.params_file)
 
     raw_dir = property(lambda self: self.root / "data" / "raw")
+    appended_dir = property(lambda self: self.root / "data" / "appended")  # `mmops data append` batches
     prepared_dir = property(lambda self: self.root / "data" / "prepared")
     features_dir = property(lambda self: self.root / "data" / "features")
     models_dir = property(lambda self: self.root / "models")
