@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mmops.cli_registry import db_app, lineage, models_app, runs_app, schedule_app, worker
 from mmops.config import ConfigError
 from mmops.project import Project, configure_environment
 
@@ -26,12 +27,14 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Import, validate and featurize data (the DVC stages).")
 plugins_app = typer.Typer(no_args_is_help=True, help="Encoders and fusions installed through entry points.")
-runs_app = typer.Typer(no_args_is_help=True, help="Training runs in the registry.")
-models_app = typer.Typer(no_args_is_help=True, help="Model versions in the registry.")
 app.add_typer(data_app, name="data")
 app.add_typer(plugins_app, name="plugins")
-app.add_typer(runs_app, name="runs")
-app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs", rich_help_panel="Registry and lifecycle")
+app.add_typer(models_app, name="models", rich_help_panel="Registry and lifecycle")
+app.command(rich_help_panel="Registry and lifecycle")(lineage)
+app.add_typer(db_app, name="db", rich_help_panel="Registry and lifecycle")
+app.add_typer(schedule_app, name="schedule", rich_help_panel="Registry and lifecycle")
+app.command(rich_help_panel="Registry and lifecycle")(worker)
 
 console = Console()
 err = Console(stderr=True)
@@ -101,6 +104,26 @@ def data_featurize(project_dir: ProjectOpt = Path(".")) -> None:
         console.print(f"{name}: {info['distinct']} distinct values -> {info['dim']}-d features ({info['encoder']})")
 
 
+@data_app.command("append")
+def data_append(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="manifest CSV of new labelled rows")],
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Add labelled rows (a manifest; file paths relative to it) as a new batch under data/appended/."""
+    project = _project(project_dir)
+    from mmops.data.append import append_manifest
+
+    try:
+        out = append_manifest(file, project.appended_dir, project.params)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(f"appended {out['rows']} rows {out['splits']} and {out['files']} files as "
+                  f"{out['path'].relative_to(project.root)}; the next run re-prepares and re-featurizes")
+    if out["rows_with_missing_files"]:
+        err.print(f"[yellow]{out['rows_with_missing_files']} rows refer to files missing under {file.parent}[/]: "
+                  "prepare will quarantine them")
+
+
 # ---------------------------------------------------------------- pipeline
 
 
@@ -138,6 +161,7 @@ def run(
     print_leaderboard(out["results"], out["best"])
     console.print(f"best candidate: [bold]{out['best']}[/]   model version: [bold]{out['model_version']}[/]")
     console.print(f"model: {out['model_tag']}   bento: {out['bento_tag']}")
+    console.print(f"champion/challenger: {out['promotion']['summary']}", soft_wrap=True)
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
     if out["bento_tag"]:
         console.print(f"serve it:  [bold]mmops serve -p {project_dir}[/]  (or BENTOML_HOME={os.environ['BENTOML_HOME']}"
@@ -301,39 +325,6 @@ def plugins_check(
     console.print(f"{name}: {len(checks) - failed} passed, {failed} failed")
     if failed:
         raise typer.Exit(1)
-
-
-@runs_app.command("list")
-def runs_list(project_dir: ProjectOpt = Path("."), limit: int = 20) -> None:
-    """The latest runs with their status and final metrics."""
-    project = _project(project_dir)
-    from mmops.registry import Registry
-
-    table = Table()
-    for col in ("run", "name", "status", "started", "seconds", "val acc", "test acc"):
-        table.add_column(col)
-    registry = Registry(project.db_url)
-    for run_ in registry.runs(limit):
-        final = {m.key: m.value for m in registry.get_run(run_.id).metrics if m.step is None}
-        table.add_row(run_.id[:8], run_.name, run_.status, f"{run_.started_at:%Y-%m-%d %H:%M}",
-                      f"{run_.duration_s or 0:.0f}", f"{final.get('val_accuracy', float('nan')):.4f}",
-                      f"{final.get('test_accuracy', float('nan')):.4f}")
-    console.print(table)
-
-
-@models_app.command("list")
-def models_list(project_dir: ProjectOpt = Path(".")) -> None:
-    """Registered model versions."""
-    project = _project(project_dir)
-    from mmops.registry import Registry
-
-    table = Table()
-    for col in ("model", "stage", "run", "val acc", "test acc", "bento"):
-        table.add_column(col)
-    for v in Registry(project.db_url).model_versions():
-        table.add_row(v.ref, v.stage, v.run_id[:8], f"{v.metrics.get('val_accuracy', 0):.4f}",
-                      f"{v.metrics.get('test_accuracy', 0):.4f}", v.bento_tag or "")
-    console.print(table)
 
 
 def main() -> None:

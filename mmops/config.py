@@ -69,6 +69,15 @@ class RegistryConfig(_Strict):
     model_name: str = "easy-vqa"
 
 
+class PromotionConfig(_Strict):
+    """Champion/challenger: measured on the test split, where both models are evaluated alike."""
+
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    margin: float = Field(0.002, ge=0, description="the challenger must beat the champion by more than this")
+    min_accuracy: float = Field(0.5, ge=0, le=1, description="below this a model never reaches production")
+    min_macro_f1: float = Field(0.0, ge=0, le=1)
+
+
 class Params(_Strict):
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
@@ -79,6 +88,7 @@ class Params(_Strict):
     select_metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Params:

@@ -34,10 +34,14 @@ def test_run_versions_trains_registers_and_packages(trained_project):
     runs = registry.runs()
     assert {r.name for r in runs} == {"concat", "product"} and all(r.status == "completed" for r in runs)
     run = registry.get_run(board[0]["run_id"])
-    assert run.seed == 42 and "prepare:data/prepared" in run.data_version and run.duration_s > 0
+    assert run.seed == 42 and "prepare:data/prepared" in run.data_version.hashes and run.duration_s > 0
     assert any(m.key == "val_accuracy" and m.step == 1 for m in run.metrics)
     [version] = registry.model_versions("easy-vqa")
     assert version.bento_tag.startswith("mmops:") and version.metrics["val_accuracy"] == best["val"]["accuracy"]
+    # The first model that meets the minimums becomes production, with the decision on record.
+    assert version.stage == "production" and "promoted to production" in out
+    [decision] = registry.events("easy-vqa")
+    assert decision.action == "champion-challenger" and decision.details["stages"]["prepare"] == "ran"
 
     status = subprocess.run([BIN / "dvc", "status"], cwd=root, env=project_env(root), capture_output=True,
                             text=True, check=True)
@@ -51,6 +55,8 @@ def test_rerun_skips_unchanged_stages_and_is_deterministic(trained_project):
     for stage in ("import", "prepare", "featurize"):
         assert f"stage {stage}" in proc.stdout
         assert "skipped (unchanged)" in proc.stdout.split(f"stage {stage}")[1].splitlines()[0]
+    # Same data, same seed: the challenger ties the champion, so it is staged and the champion stays.
+    assert "easy-vqa:2 staged to staging" in proc.stdout and "does not beat the champion" in proc.stdout
     after = json.loads((root / "metrics" / "leaderboard.json").read_text())
     for a, b in zip(before, after, strict=True):
         assert (a["candidate"], a["val_accuracy"], a["test_accuracy"]) == (
