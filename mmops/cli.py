@@ -101,7 +101,8 @@ def data_featurize(project_dir: ProjectOpt = Path(".")) -> None:
     from mmops.data.featurize import featurize
 
     for name, info in featurize(project.prepared_dir, project.features_dir, project.params).items():
-        console.print(f"{name}: {info['distinct']} distinct values -> {info['dim']}-d features ({info['encoder']})")
+        console.print(f"{name}: {info['distinct']} distinct values -> {info['dim']}-d features ({info['encoder']}); "
+                      f"cache {info['key']}: {info['computed']} computed, {info['reused']} reused")
 
 
 @data_app.command("append")
@@ -144,20 +145,52 @@ def print_leaderboard(results: list[dict], best: str | None = None) -> None:
     console.print(table)
 
 
+RunnerOpt = Annotated[str | None, typer.Option("--runner", help="threads | dask | ray (default: params runner.kind)")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="candidates trained at once")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="existing cluster, e.g. tcp://host:8786")]
+
+
+def _runner(project: Project, kind: str | None, workers: int | None, address: str | None):
+    from mmops.config import RunnerConfig
+
+    update = {k: v for k, v in {"kind": kind, "max_workers": workers, "address": address}.items() if v is not None}
+    try:
+        return RunnerConfig.model_validate({**project.params.runner.model_dump(), **update})
+    except ValueError as exc:
+        raise _fail(f"bad runner options: {exc}", 2) from None
+
+
+def _print_stages(stages: dict[str, str]) -> None:
+    for stage, status in stages.items():
+        console.print(f"  stage {stage:<10} {'[dim]skipped (unchanged)[/]' if status == 'skipped' else 'ran'}")
+
+
 @app.command()
 def run(
     project_dir: ProjectOpt = Path("."),
     bento: Annotated[bool, typer.Option(help="build a bento for the best model")] = True,
+    force: Annotated[bool, typer.Option(help="retrain candidates even if nothing they depend on changed")] = False,
+    runner: RunnerOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Run the retrain flow: DVC data stages, train candidates, evaluate, register, package."""
     project = _project(project_dir)
-    from mmops_flows.retrain import with_workers
+    from mmops import pipeline
 
     started = time.perf_counter()
-    console.print(f"[bold]retrain[/] flow on {project.root} (registry: {project.db_url})")
-    out = with_workers(project.params.runner.max_workers)(str(project.root), build_bento=bento)
-    for stage, status in out["stages"].items():
-        console.print(f"  stage {stage:<10} {'[dim]skipped (unchanged)[/]' if status == 'skipped' else 'ran'}")
+    if not force and (same := pipeline.up_to_date(project, bento)):
+        _print_stages(same["stages"])
+        print_leaderboard(same["results"], same["best"])
+        console.print(f"nothing changed: {same['model_version']} ({same['bento_tag'] or same['model_tag']}) stands; "
+                      f"--force retrains.  [{time.perf_counter() - started:.1f} s]")
+        return
+    from mmops_flows.retrain import retrain
+
+    config = _runner(project, runner, workers, address)
+    console.print(f"[bold]retrain[/] flow on {project.root} (registry: {project.db_url}, runner: {config.kind})")
+    out = retrain(str(project.root), build_bento=bento, force=force, runner=config.model_dump())
+    _print_stages(out["stages"])
     print_leaderboard(out["results"], out["best"])
     console.print(f"best candidate: [bold]{out['best']}[/]   model version: [bold]{out['model_version']}[/]")
     console.print(f"model: {out['model_tag']}   bento: {out['bento_tag']}")
@@ -166,6 +199,28 @@ def run(
     if out["bento_tag"]:
         console.print(f"serve it:  [bold]mmops serve -p {project_dir}[/]  (or BENTOML_HOME={os.environ['BENTOML_HOME']}"
                       f" bentoml serve {out['bento_tag']})")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    project_dir: ProjectOpt = Path("."),
+    force: Annotated[bool, typer.Option(help="retrain candidates even if unchanged")] = False,
+    runner: RunnerOpt = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Train every candidate (listed and swept in params.yaml) as Prefect tasks and rank them on val."""
+    project = _project(project_dir)
+    from mmops_flows import sweep
+
+    started = time.perf_counter()
+    config = _runner(project, runner, workers, address)
+    console.print(f"[bold]sweep[/] of {len(project.params.all_candidates())} candidates on {config.kind} "
+                  f"({config.address or f'{config.max_workers} local workers'})")
+    out = sweep.sweep.with_options(task_runner=sweep.task_runner(config))(str(project.root), force=force)
+    _print_stages(out["stages"])
+    print_leaderboard(out["results"], out["best"]["candidate"])
+    console.print(f"wall time: {time.perf_counter() - started:.0f} s")
 
 
 @app.command()
@@ -246,13 +301,22 @@ def serve(
     port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     bento: Annotated[str | None, typer.Option(help="bento tag (default: the latest packaged)")] = None,
+    gpu: Annotated[bool, typer.Option(help="declare one GPU for the model (needs CUDA; see docs/serving.md)")] = False,
+    autocast: Annotated[str, typer.Option(help="mixed precision on the GPU: off, fp16 or bf16")] = "off",
 ) -> None:
     """Serve the packaged bento over HTTP (`bentoml serve`)."""
     project = _project(project_dir)
     tag = bento or _latest(project, "bento_tag")
-    console.print(f"serving {tag} on http://{host}:{port}")
+    env = dict(os.environ)
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _fail("--gpu: this torch build sees no CUDA device (install a CUDA build of torch on a GPU host)")
+        env.update({"MMOPS_GPU": "1", "MMOPS_DEVICE": "cuda", "MMOPS_AUTOCAST": autocast})
+    console.print(f"serving {tag} on http://{host}:{port}" + (f" (GPU, autocast {autocast})" if gpu else ""))
     cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd))
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 @app.command()

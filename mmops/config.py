@@ -6,6 +6,8 @@ typo fails before any data is touched rather than halfway through a training run
 
 from __future__ import annotations
 
+import itertools
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,8 +63,48 @@ class CandidateConfig(_Strict):
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the train section")
 
 
+class SweepConfig(_Strict):
+    """Candidates generated from a grid (or a random sample of it), added to the listed ones."""
+
+    method: Literal["grid", "random"] = "grid"
+    samples: int = Field(0, ge=0, description="random: how many grid points to draw")
+    seed: int = 0
+    fusion: list[str] = Field(min_length=1)
+    params: dict[str, list[Any]] = Field(default_factory=dict, description="fusion parameters to vary")
+    train: dict[str, list[Any]] = Field(default_factory=dict, description="train settings to vary")
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        unknown = set(self.train) - set(TrainConfig.model_fields)
+        if unknown:
+            raise ValueError(f"train: unknown keys {sorted(unknown)}")
+        if self.method == "random" and not self.samples:
+            raise ValueError("samples: a random sweep needs samples > 0")
+        return self
+
+    def expand(self) -> list[CandidateConfig]:
+        axes = [("fusion", "", self.fusion)]
+        axes += [("params", k, v) for k, v in sorted(self.params.items())]
+        axes += [("train", k, v) for k, v in sorted(self.train.items())]
+        points = list(itertools.product(*(values for _, _, values in axes)))
+        if self.method == "random":
+            points = random.Random(self.seed).sample(points, min(self.samples, len(points)))
+        candidates = []
+        for point in points:
+            fields: dict[str, dict[str, Any]] = {"params": {}, "train": {}}
+            for (section, key, _), value in zip(axes[1:], point[1:], strict=True):
+                fields[section][key] = value
+            name = "-".join([str(point[0]), *(f"{k}{v}" for (_, k, _), v in zip(axes[1:], point[1:], strict=True))])
+            candidates.append(CandidateConfig(name=name, fusion=str(point[0]), **fields))
+        return candidates
+
+
 class RunnerConfig(_Strict):
-    max_workers: int = Field(1, ge=1)
+    """Where candidates train: threads here, or a Dask / Ray cluster (features travel by path)."""
+
+    kind: Literal["threads", "dask", "ray"] = "threads"
+    max_workers: int = Field(1, ge=1, description="candidates trained at once (threads, or local cluster workers)")
+    address: str | None = Field(None, description="an existing cluster, e.g. tcp://host:8786; none starts a local one")
 
 
 class RegistryConfig(_Strict):
@@ -84,7 +126,8 @@ class Params(_Strict):
     inputs: dict[str, InputConfig]
     target: str = "answer"
     train: TrainConfig = Field(default_factory=TrainConfig)
-    candidates: list[CandidateConfig]
+    candidates: list[CandidateConfig] = Field(default_factory=list)
+    sweep: SweepConfig | None = None
     select_metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
@@ -94,9 +137,9 @@ class Params(_Strict):
     def _check(self) -> Params:
         if len(self.inputs) < 2:
             raise ValueError("inputs: a multimodal model needs two or more inputs")
-        if not self.candidates:
-            raise ValueError("candidates: list at least one candidate (name + fusion)")
-        names = [c.name for c in self.candidates]
+        if not self.candidates and not self.sweep:
+            raise ValueError("candidates: list at least one candidate (name + fusion), or declare a sweep")
+        names = [c.name for c in self.all_candidates()]
         if len(set(names)) != len(names):
             raise ValueError(f"candidates: names must be unique, got {names}")
         for c in self.candidates:
@@ -104,6 +147,15 @@ class Params(_Strict):
             if unknown:
                 raise ValueError(f"candidates[{c.name}].train: unknown keys {sorted(unknown)}")
         return self
+
+    def all_candidates(self) -> list[CandidateConfig]:
+        return [*self.candidates, *(self.sweep.expand() if self.sweep else [])]
+
+    def candidate(self, name: str) -> CandidateConfig:
+        for c in self.all_candidates():
+            if c.name == name:
+                return c
+        raise KeyError(f"no candidate '{name}'; params.yaml has {[c.name for c in self.all_candidates()]}")
 
     def train_for(self, candidate: CandidateConfig) -> TrainConfig:
         return self.train.model_copy(update=candidate.train)

@@ -5,6 +5,7 @@ Nothing here imports Prefect, so every step can be called, tested and debugged o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -63,10 +64,49 @@ def data_version(project: Project) -> dict[str, str]:
     }
 
 
-def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | None = None) -> dict:
-    """Train, evaluate and record one candidate; a failure is recorded, returned, never raised."""
+TRANSIENT = (ConnectionError, TimeoutError, BrokenPipeError)
+
+
+def fingerprint(project: Project, candidate: CandidateConfig) -> str:
+    """What a candidate's result depends on: its config, the inputs, the seed, the data, the code."""
+    import mmops
+
+    params = project.params
+    data = {k: v for k, v in data_version(project).items() if k.startswith(("prepare:", "featurize:"))}
+    payload = {"candidate": candidate.model_dump(),
+               "train": params.train_for(candidate).model_dump(exclude={"threads"}),
+               "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "seed": params.seed,
+               "data": data, "mmops": mmops.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reusable_result(project: Project, candidate: CandidateConfig) -> dict | None:
+    """The last completed result of this candidate, if nothing it depends on changed since."""
+    path = project.models_dir / candidate.name / "result.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("fingerprint") != fingerprint(project, candidate) or "run_id" not in result:
+        return None
+    return result
+
+
+def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | None = None,
+              threads: int = 0, force: bool = False) -> dict:
+    """Train, evaluate and record one candidate; a failure is recorded, returned, never raised.
+
+    A candidate whose fingerprint is unchanged since its last completed run is not retrained: its
+    run is reused (``force`` retrains anyway). Transient errors (a lost connection) are re-raised
+    after recording, so the orchestrator can retry them.
+    """
     from mmops.train import Dataset, train_candidate
 
+    if not force and (previous := reusable_result(project, candidate)):
+        return {**previous, "status": "completed", "reused": True}
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     params = project.params
     registry = Registry(project.db_url)
     run_id = registry.start_run(
@@ -86,13 +126,17 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     except Exception as exc:  # one bad candidate must not sink the sweep
         registry.finish_run(run_id, "failed", time.perf_counter() - started,
                             error="".join(traceback.format_exception_only(exc)).strip())
+        if isinstance(exc, TRANSIENT):
+            raise
         return {"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
                 "error": f"{type(exc).__name__}: {exc}", "run_id": run_id}
     final = {f"{split}_{key}": value for split, m in result["metrics"].items()
              for key, value in m.items() if isinstance(value, float)}
     registry.log_metrics(run_id, final)
     registry.finish_run(run_id, "completed", time.perf_counter() - started, artifact=result["model_dir"])
-    return {**result, "status": "completed", "run_id": run_id, "final": final}
+    done = {**result, "run_id": run_id, "final": final, "fingerprint": fingerprint(project, candidate)}
+    (Path(result["model_dir"]) / "result.json").write_text(json.dumps(done, indent=2))
+    return {**done, "status": "completed", "reused": False}
 
 
 def select_best(results: list[dict], metric: str) -> dict:
@@ -144,6 +188,8 @@ def register_and_package(project: Project, best: dict, build: bool = True) -> di
 
     name = project.params.registry.model_name
     registry = Registry(project.db_url)
+    if existing := registered_version(registry, name, best["run_id"], build):
+        return existing  # an unchanged best candidate is not registered (or built) twice
     version = registry.add_model_version(name, best["run_id"], metrics=best["final"])
     model_tag = save_to_store(
         Path(best["model_dir"]), name,
@@ -153,3 +199,36 @@ def register_and_package(project: Project, best: dict, build: bool = True) -> di
     bento_tag = build_bento(model_tag) if build else None
     registry.set_tags(name, version.version, model_tag=model_tag, bento_tag=bento_tag or "")
     return {"model_version": version.ref, "model_tag": model_tag, "bento_tag": bento_tag}
+
+
+def registered_version(registry: Registry, name: str, run_id: str, need_bento: bool) -> dict[str, Any] | None:
+    for v in registry.model_versions(name):
+        if v.run_id == run_id and v.model_tag and (v.bento_tag or not need_bento):
+            return {"model_version": v.ref, "model_tag": v.model_tag, "bento_tag": v.bento_tag or None}
+    return None
+
+
+def up_to_date(project: Project, bento: bool) -> dict[str, Any] | None:
+    """The last outcome, if a run now would change nothing: data stages clean, every candidate's
+    fingerprint unchanged, and its best already registered. None when there is work to do.
+
+    This is checked before Prefect or torch start, so a no-op run costs seconds, not minutes.
+    """
+    from dvc.repo import Repo
+
+    params = project.params
+    results = []
+    for candidate in params.all_candidates():
+        previous = reusable_result(project, candidate)
+        if previous is None:
+            return None
+        results.append({**previous, "status": "completed", "reused": True})
+    project.appended_dir.mkdir(parents=True, exist_ok=True)
+    with Repo(str(project.root)) as repo:
+        if repo.status(targets=list(DATA_STAGES)):
+            return None
+    best = select_best(results, params.select_metric)
+    shipped = registered_version(Registry(project.db_url), params.registry.model_name, best["run_id"], bento)
+    if shipped is None:
+        return None
+    return {"stages": dict.fromkeys(DATA_STAGES, "skipped"), "results": results, "best": best["candidate"], **shipped}

@@ -8,12 +8,14 @@ as ``.npy`` files that training memory-maps. Trainable encoders are skipped: the
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
+from mmops.cache import cached_features
 from mmops.config import Params
 from mmops.model import build_encoder
 
@@ -22,6 +24,9 @@ def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarr
     if modality == "text":
         return json.loads((prepared_dir / f"{name}.json").read_text())
     return np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
+
+
+log = logging.getLogger("mmops.featurize")
 
 
 @torch.inference_mode()
@@ -37,17 +42,25 @@ def encode_all(encoder, values, batch_size: int = 256) -> np.ndarray:
     return out
 
 
-def featurize(prepared_dir: Path, out_dir: Path, params: Params) -> dict:
+def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None) -> dict:
+    """Write ``out_dir/<input>.npy`` (one row per distinct value of this data) for every frozen input.
+
+    Features come from the content-addressed store in ``cache_dir`` (default ``data/feature-cache``,
+    a persistent output of the stage): only values no earlier run has encoded are computed.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_dir or out_dir.parent / "feature-cache"
     torch.manual_seed(params.seed)
     written = {}
     for name, spec in params.inputs.items():
         encoder = build_encoder(spec.encoder, spec.params)
         if not encoder.frozen:
+            log.info("%s: encoder %s is trainable, so its features are computed in training, not cached",
+                     name, spec.encoder)
             continue
         values = load_values(prepared_dir, name, spec.modality)
-        np.save(out_dir / f"{name}.npy", encode_all(encoder, values))
-        written[name] = {"encoder": spec.encoder, "config": encoder.config(), "distinct": len(values),
-                         "dim": encoder.output_dim}
+        features, stats = cached_features(cache_dir, spec.encoder, encoder, values, encode_all)
+        np.save(out_dir / f"{name}.npy", features)
+        written[name] = {"encoder": spec.encoder, "config": encoder.config(), "dim": encoder.output_dim, **stats}
     (out_dir / "features.json").write_text(json.dumps(written, indent=2))
     return written
