@@ -17,8 +17,13 @@ class BadImageError(ValueError):
     """The bytes are not a decodable image; the message says why in user terms."""
 
 
-def load_image(source: bytes | Path | str, size: int) -> np.ndarray:
-    """Decode to RGB, resize to ``size`` x ``size`` with bilinear filtering, return ``uint8`` HxWx3."""
+def load_image(source: bytes | Path | str, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode to RGB, resize to ``size`` x ``size`` with bilinear filtering, return ``uint8`` HxWx3.
+
+    ``max_pixels`` is checked against the header before any pixel is decoded, so a small file that
+    declares a huge canvas (a decompression bomb) costs nothing; the service passes a lower limit.
+    """
+    max_pixels = min(max_pixels, MAX_PIXELS)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as exc:
@@ -26,12 +31,18 @@ def load_image(source: bytes | Path | str, size: int) -> np.ndarray:
     with fp:
         try:
             with Image.open(fp) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise BadImageError(f"image has {img.width}x{img.height} pixels, over {MAX_PIXELS}")
+                if img.width * img.height > max_pixels:
+                    raise BadImageError(
+                        f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels} pixels"
+                    )
                 img.load()  # force a full decode: a truncated file fails here, not later
                 rgb = img.convert("RGB")
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise BadImageError(f"not a decodable image ({exc})") from exc
+        except BadImageError:
+            raise
+        except Image.DecompressionBombError as exc:  # Pillow's own guard, at twice MAX_PIXELS
+            raise BadImageError(f"image is over the limit of {max_pixels} pixels ({exc})") from exc
+        except UnidentifiedImageError as exc:
+            raise BadImageError("not a decodable image (unknown or unsupported format)") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImageError(f"corrupt or truncated image ({exc})") from exc
     if rgb.size != (size, size):

@@ -3,22 +3,27 @@
 It reuses the training code path: images are decoded by :func:`mmops.data.images.load_image` (as in
 the ``prepare`` stage) and every encoder's own ``preprocess`` and ``forward`` run as in training. Frozen
 encoder outputs are memoised per distinct value in a bounded LRU, since real traffic repeats questions.
+
+Validation (:meth:`Predictor.validate`) and the forward pass (:meth:`Predictor.forward`) are separate so
+that the service can check each request on its own and still run many requests in one batch: a bad
+item must fail its own request, never the others batched with it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmops.data.images import BadImageError, load_image
+from mmops.data.images import MAX_PIXELS, BadImageError, load_image
 from mmops.model import MultimodalModel
 
 
@@ -30,20 +35,46 @@ class InputError(ValueError):
         self.field = field
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: must be an integer") from None
+    if parsed < 1:
+        raise ValueError(f"{name}={value!r}: must be at least 1")
+    return parsed
+
+
 class Limits:
-    """Request limits; each can be overridden by an ``MMOPS_MAX_*`` environment variable."""
+    """Request limits; each is overridden by its ``MMOPS_MAX_*`` environment variable.
+
+    The defaults are far above any easy-VQA input (64x64 PNGs of about 400 bytes) yet keep one request
+    small enough that a few concurrent ones cannot exhaust a serving container's memory.
+    """
 
     def __init__(self) -> None:
-        self.text_chars = int(os.environ.get("MMOPS_MAX_TEXT_CHARS", 1000))
-        self.image_bytes = int(os.environ.get("MMOPS_MAX_IMAGE_BYTES", 10 * 1024 * 1024))
-        self.batch_size = int(os.environ.get("MMOPS_MAX_BATCH", 64))
+        self.text_chars = _env_int("MMOPS_MAX_TEXT_CHARS", 1000)
+        self.image_bytes = _env_int("MMOPS_MAX_IMAGE_BYTES", 10 * 1024 * 1024)
+        # Pillow refuses more than MAX_PIXELS in every code path (see mmops.data.images).
+        self.image_pixels = min(_env_int("MMOPS_MAX_IMAGE_PIXELS", 16_000_000), MAX_PIXELS)
+        self.batch_size = _env_int("MMOPS_MAX_BATCH", 64)
+        # Whole request body (checked on Content-Length before it is read): a full batch of images.
+        self.request_bytes = _env_int("MMOPS_MAX_REQUEST_BYTES", 64 * 1024 * 1024)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
 
 
 class _LRU:
+    """Frozen-encoder features by input value; bounded so a stream of distinct inputs cannot grow it."""
+
     def __init__(self, size: int) -> None:
         self.size, self.data = size, OrderedDict[str, torch.Tensor]()
 
-    def get_many(self, keys: Sequence[str], compute) -> torch.Tensor:
+    def get_many(self, keys: Sequence[str], compute: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
         missing = list(dict.fromkeys(k for k in keys if k not in self.data))
         if missing:
             for key, row in zip(missing, compute(missing), strict=True):
@@ -57,19 +88,40 @@ class _LRU:
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred``, else ``MMOPS_DEVICE``, else CUDA when there is one."""
     name = preferred or os.environ.get("MMOPS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-class Predictor:
-    def __init__(self, model_dir: Path, device: str | None = None, cache_size: int = 4096) -> None:
-        self.model = MultimodalModel.load(Path(model_dir))
-        self.device = pick_device(device)
-        self.model.to(self.device).eval()
-        self.spec = self.model.spec
-        self.inputs: dict[str, str] = {n: i["modality"] for n, i in self.spec["inputs"].items()}
-        self.limits = Limits()
-        self._caches = {n: _LRU(cache_size) for n, e in self.model.encoders.items() if e.frozen}
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_autocast(device: torch.device, preferred: str | None = None) -> torch.dtype | None:
+    """Mixed precision on CUDA only, off by default (``MMOPS_AUTOCAST=fp16|bf16``).
+
+    Off by default because answers then match training and ``mmops predict`` bit for bit; on a GPU
+    fp16 roughly halves the forward time of larger encoders. CPU autocast is refused: it is slower
+    than float32 for these convolutions on most CPUs.
+    """
+    name = (preferred or os.environ.get("MMOPS_AUTOCAST") or "off").lower()
+    if name in ("off", "none", "fp32", ""):
+        return None
+    if name not in _AUTOCAST:
+        raise ValueError(f"MMOPS_AUTOCAST={name!r}: use off, fp16 or bf16")
+    return _AUTOCAST[name] if device.type == "cuda" else None
+
+
+class RowDecoder:
+    """Checks one request row against a model's inputs and the limits, and decodes it.
+
+    It needs only the model's spec, not its weights, so the service's HTTP front validates and decodes
+    requests while the model process runs batches.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], limits: Limits | None = None) -> None:
+        self.spec = spec
+        self.inputs: dict[str, str] = {n: i["modality"] for n, i in spec["inputs"].items()}
+        self.limits = limits or Limits()
 
     def _decode(self, name: str, value: Any) -> Any:
         modality = self.inputs[name]
@@ -80,54 +132,90 @@ class Predictor:
                 raise InputError(name, f"is {len(value)} characters, over the limit of {self.limits.text_chars}")
             return value.strip()
         if modality == "image":
-            if isinstance(value, str):  # base64 in JSON requests
-                try:
-                    value = base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise InputError(name, "is not valid base64") from exc
-            if isinstance(value, Path):
-                if value.stat().st_size > self.limits.image_bytes:
-                    raise InputError(name, f"file is over the limit of {self.limits.image_bytes} bytes")
-                value = value.read_bytes()
-            if not isinstance(value, bytes | np.ndarray):
-                raise InputError(name, "must be image bytes, a file or base64")
-            if isinstance(value, np.ndarray):
-                return value
-            if len(value) > self.limits.image_bytes:
-                raise InputError(name, f"is {len(value)} bytes, over the limit of {self.limits.image_bytes}")
-            try:
-                return load_image(value, self.spec["image_size"])
-            except BadImageError as exc:
-                raise InputError(name, str(exc)) from exc
+            return self._decode_image(name, value)
         raise InputError(name, f"modality '{modality}' is not supported by this service")
 
-    def _check_fields(self, record: Mapping[str, Any]) -> None:
-        missing = [n for n in self.inputs if record.get(n) is None]
-        if missing:
-            raise InputError(missing[0], f"is required; this model takes {sorted(self.inputs)}")
+    def _decode_image(self, name: str, value: Any) -> np.ndarray:
+        limit = self.limits.image_bytes
+        if isinstance(value, np.ndarray):
+            return value
+        if isinstance(value, str):  # base64 in JSON requests
+            if len(value) > limit * 4 // 3 + 4:  # refuse before decoding what cannot fit
+                raise InputError(name, f"is over the limit of {limit} bytes")
+            try:
+                value = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InputError(name, "is not valid base64") from exc
+        if isinstance(value, Path):
+            if value.stat().st_size > limit:
+                raise InputError(name, f"is {value.stat().st_size} bytes, over the limit of {limit}")
+            value = value.read_bytes()
+        if not isinstance(value, bytes):
+            raise InputError(name, "must be image bytes, a file or base64")
+        if not value:
+            raise InputError(name, "is empty")
+        if len(value) > limit:
+            raise InputError(name, f"is {len(value)} bytes, over the limit of {limit}")
+        try:
+            return load_image(value, self.spec["image_size"], max_pixels=self.limits.image_pixels)
+        except BadImageError as exc:
+            raise InputError(name, str(exc)) from exc
+        except Exception as exc:  # untrusted bytes: any decoder failure is the input's fault, not ours
+            raise InputError(name, f"cannot be decoded as an image ({type(exc).__name__}: {exc})") from exc
+
+    def validate(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """One request's inputs, checked against the model's inputs and the limits, then decoded."""
+        if not isinstance(record, Mapping):
+            raise InputError("item", f"must be an object with the fields {sorted(self.inputs)}")
         extra = sorted(set(record) - set(self.inputs))
         if extra:
             raise InputError(extra[0], f"is not an input of this model; it takes {sorted(self.inputs)}")
+        missing = [n for n in self.inputs if record.get(n) is None]
+        if missing:
+            raise InputError(missing[0], f"is required; this model takes {sorted(self.inputs)}")
+        return {n: self._decode(n, record[n]) for n in self.inputs}
+
+
+class Predictor:
+    """A model artifact loaded for inference: :class:`RowDecoder` checks, :meth:`forward` answers."""
+
+    def __init__(
+        self, model_dir: Path, device: str | None = None, cache_size: int | None = None,
+        autocast: str | None = None,
+    ) -> None:
+        self.model = MultimodalModel.load(Path(model_dir))
+        self.device = pick_device(device)
+        self.model.to(self.device).eval()
+        self.autocast = pick_autocast(self.device, autocast)
+        self.spec = self.model.spec
+        self.decoder = RowDecoder(self.spec)
+        self.inputs, self.limits = self.decoder.inputs, self.decoder.limits
+        size = cache_size or _env_int("MMOPS_ENCODER_CACHE_SIZE", 4096)
+        self._caches = {n: _LRU(size) for n, e in self.model.encoders.items() if e.frozen}
+
+    def validate(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return self.decoder.validate(record)
 
     @torch.inference_mode()
-    def predict(self, records: Sequence[Mapping[str, Any]], top_k: int = 3) -> list[dict[str, Any]]:
-        if not records:
+    def forward(self, decoded: Sequence[Mapping[str, Any]], top_k: int = 3) -> list[dict[str, Any]]:
+        """Answers for already validated rows (see :meth:`validate`), in one batch."""
+        if not decoded:
             return []
-        if len(records) > self.limits.batch_size:
-            raise InputError("batch", f"has {len(records)} items, over the limit of {self.limits.batch_size}")
-        for record in records:
-            self._check_fields(record)
-        decoded = {n: [self._decode(n, r[n]) for r in records] for n in self.inputs}
         inputs: dict[str, Any] = {}
-        for name, values in decoded.items():
-            encoder = self.model.encoders[name]
-            if name in self._caches:
-                inputs[name] = self._caches[name].get_many(
-                    values, lambda vs, e=encoder: e(self._to_device(e.preprocess(vs))).float()
-                )
-            else:
-                inputs[name] = self._to_device(encoder.preprocess(values))
-        probs = torch.softmax(self.model(inputs, None, frozenset(self._caches)).float(), dim=1).cpu()
+        amp = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
+               else contextlib.nullcontext())
+        with amp:
+            for name in self.inputs:
+                values = [d[name] for d in decoded]
+                encoder = self.model.encoders[name]
+                if name in self._caches:
+                    inputs[name] = self._caches[name].get_many(
+                        values, lambda vs, e=encoder: e(self._to_device(e.preprocess(vs))).float()
+                    )
+                else:
+                    inputs[name] = self._to_device(encoder.preprocess(values))
+            logits = self.model(inputs, None, frozenset(self._caches))
+        probs = torch.softmax(logits.float(), dim=1).cpu()
         k = max(1, min(top_k, probs.shape[1]))
         top = probs.topk(k, dim=1)
         labels = self.model.labels
@@ -141,6 +229,12 @@ class Predictor:
             }
             for pr, idx in zip(top.values, top.indices, strict=True)
         ]
+
+    def predict(self, records: Sequence[Mapping[str, Any]], top_k: int = 3) -> list[dict[str, Any]]:
+        """Validate every record (the first bad one raises :class:`InputError`), then answer them all."""
+        if len(records) > self.limits.batch_size:
+            raise InputError("batch", f"has {len(records)} items, over the limit of {self.limits.batch_size}")
+        return self.forward([self.validate(r) for r in records], top_k=top_k)
 
     def _to_device(self, batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):
