@@ -39,7 +39,8 @@ def task_runner(runner: RunnerConfig):
         if runner.address:
             return DaskTaskRunner(address=runner.address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": runner.max_workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+                                              "processes": True, "dashboard_address": None,
+                                              "host": "127.0.0.1"})
     if runner.kind == "ray":
         try:
             from prefect_ray import RayTaskRunner

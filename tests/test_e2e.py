@@ -48,16 +48,26 @@ def test_run_versions_trains_registers_and_packages(trained_project):
     assert "up to date" in status.stdout
 
 
-def test_rerun_skips_unchanged_stages_and_is_deterministic(trained_project):
+def test_rerun_with_nothing_changed_is_a_no_op(trained_project):
+    root, _ = trained_project
+    proc = mmops(root, "run")
+    for stage in ("import", "prepare", "featurize"):
+        assert "skipped (unchanged)" in proc.stdout.split(f"stage {stage}")[1].splitlines()[0]
+    assert "nothing changed: easy-vqa:1" in proc.stdout and "Leaderboard" in proc.stdout
+    assert len(Registry(f"sqlite:///{root / '.mmops' / 'registry.db'}").runs()) == 2  # nothing retrained
+
+
+def test_forced_rerun_skips_unchanged_stages_and_is_deterministic(trained_project):
     root, _ = trained_project
     before = json.loads((root / "metrics" / "leaderboard.json").read_text())
-    proc = mmops(root, "run", "--no-bento")
+    proc = mmops(root, "run", "--no-bento", "--force")
     for stage in ("import", "prepare", "featurize"):
         assert f"stage {stage}" in proc.stdout
         assert "skipped (unchanged)" in proc.stdout.split(f"stage {stage}")[1].splitlines()[0]
     # Same data, same seed: the challenger ties the champion, so it is staged and the champion stays.
     assert "easy-vqa:2 staged to staging" in proc.stdout and "does not beat the champion" in proc.stdout
     after = json.loads((root / "metrics" / "leaderboard.json").read_text())
+    assert {a["run_id"] for a in after}.isdisjoint({b["run_id"] for b in before})  # really retrained
     for a, b in zip(before, after, strict=True):
         assert (a["candidate"], a["val_accuracy"], a["test_accuracy"]) == (
             b["candidate"], b["val_accuracy"], b["test_accuracy"])
