@@ -36,6 +36,10 @@ class InputConfig(_Strict):
     modality: str
     encoder: str
     params: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = Field(
+        None, description="reuse this input's encoder weights from a model version NAME:VERSION or an artifact folder"
+    )
+    freeze: bool = Field(False, description="freeze the encoder: no training, features cached by featurize")
 
     @field_validator("modality")
     @classmethod
@@ -54,6 +58,10 @@ class TrainConfig(_Strict):
     head_hidden: int = Field(256, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     threads: int = Field(0, ge=0, description="torch threads per candidate; 0 = cores / parallel candidates")
+    feature_cache: bool = Field(
+        True, description="use cached frozen features and encode each distinct value once per batch; "
+        "false recomputes every encoder for every row (the naive baseline the benchmarks compare with)"
+    )
 
 
 class CandidateConfig(_Strict):

@@ -31,6 +31,11 @@ class Encoder(nn.Module, abc.ABC):
     frozen: bool = False
     output_dim: int
 
+    def train(self, mode: bool = True) -> Encoder:
+        # A frozen encoder never enters training mode (no dropout, fixed batch-norm statistics):
+        # its output must not depend on whether a surrounding model is training, or caching it lies.
+        return super().train(mode and not self.frozen)
+
     def fit(self, values: Sequence[Any]) -> Encoder:
         """Learn what the encoder needs from training values (vocabulary, scaler); most need nothing.
 

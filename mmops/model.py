@@ -10,6 +10,7 @@ checkpoint). Training, evaluation, ``mmops predict`` and the service all load it
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,57 @@ def build_encoder(name: str, params: Mapping[str, Any]) -> Encoder:
         raise ValueError(f"encoder '{name}': bad parameters {dict(params)}: {exc}") from exc
 
 
+def resolve_artifact(ref: str) -> Path:
+    """A model artifact folder from a path, or from a registered model version ``NAME:VERSION``."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    from mmops.project import Project
+    from mmops.registry import Registry
+
+    name, _, version = ref.partition(":")
+    if not version.isdigit():
+        raise ValueError(f"init_from '{ref}': give an artifact folder or a registered model version NAME:VERSION")
+    project = Project.at(os.environ.get("MMOPS_PROJECT", "."))
+    tag = Registry(project.db_url).get_version(name, int(version)).model_tag
+    if not tag:
+        raise ValueError(f"init_from '{ref}': that model version was never saved to the model store")
+    import bentoml
+
+    return Path(bentoml.models.get(tag).path)
+
+
+def build_input_encoder(item: Mapping[str, Any]) -> Encoder:
+    """The encoder of one input spec, with reused weights (``init_from``) and ``freeze`` applied.
+
+    Reuse lets a team train an image encoder once and share it, frozen and cached, across sweeps.
+    """
+    encoder = build_encoder(item["encoder"], item["params"])
+    if item.get("init_from"):
+        source = resolve_artifact(item["init_from"])
+        source_spec = json.loads((source / SPEC_FILE).read_text())
+        names = [n for n, i in source_spec["inputs"].items() if i["encoder"] == item["encoder"]]
+        if len(names) != 1:
+            raise ValueError(f"init_from '{item['init_from']}': it has {len(names)} '{item['encoder']}' encoders")
+        prefix = f"encoders.{names[0]}."
+        state = {k.removeprefix(prefix): v for k, v in load_file(str(source / WEIGHTS_FILE)).items()
+                 if k.startswith(prefix)}
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"init_from '{item['init_from']}': weights do not fit this encoder: {exc}") from exc
+    if item.get("freeze"):
+        encoder.frozen = True
+        encoder.requires_grad_(False)
+        encoder.eval()
+    return encoder
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, spec: dict[str, Any], encoders: Mapping[str, Encoder] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.encoders = nn.ModuleDict(
-            encoders or {n: build_encoder(i["encoder"], i["params"]) for n, i in spec["inputs"].items()}
+            encoders or {n: build_input_encoder(i) for n, i in spec["inputs"].items()}
         )
         dims = {n: e.output_dim for n, e in self.encoders.items()}
         fusion_cls = get_fusion(spec["fusion"]["name"])
@@ -88,7 +134,10 @@ class MultimodalModel(nn.Module):
         return self.head(self.fusion(features))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        frozen = tuple(f"encoders.{n}." for n, e in self.encoders.items() if e.frozen)
+        """Weights that travel in safetensors: all but those of encoders frozen by their own config,
+        which export their checkpoint as assets. Encoders frozen by mmops (``freeze``) travel inline."""
+        frozen = tuple(f"encoders.{n}." for n, e in self.encoders.items()
+                       if e.frozen and not self.spec["inputs"][n].get("freeze"))
         return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
     def save(self, directory: Path) -> Path:
@@ -96,6 +145,9 @@ class MultimodalModel(nn.Module):
         spec = json.loads(json.dumps(self.spec))
         for name, encoder in self.encoders.items():
             spec["inputs"][name]["params"] = encoder.export_assets(directory / "assets" / name)
+            # The reused weights are in this artifact now: keep where they came from as lineage only.
+            if source := spec["inputs"][name].pop("init_from", None):
+                spec["inputs"][name]["initialized_from"] = source
         # Exported configs may point into the artifact: store them relative to it.
         for name in spec["inputs"]:
             params = spec["inputs"][name]["params"]

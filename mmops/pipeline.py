@@ -118,7 +118,8 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     )
     started = time.perf_counter()
     try:
-        data = Dataset.load(project.prepared_dir, project.features_dir, params)
+        data = Dataset.load(project.prepared_dir, project.features_dir, params,
+                            use_cache=params.train_for(candidate).feature_cache)
         result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
                                  on_epoch=lambda _, r: registry.log_metrics(
                                      run_id, {"train_loss": r["train_loss"], "val_accuracy": r["val_accuracy"]},

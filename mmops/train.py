@@ -28,7 +28,7 @@ from mmops.config import CandidateConfig, Params
 from mmops.data.featurize import load_values
 from mmops.evaluate import classification_metrics
 from mmops.interfaces import Encoder
-from mmops.model import MultimodalModel, build_encoder
+from mmops.model import MultimodalModel, build_input_encoder
 
 log = logging.getLogger("mmops.train")
 
@@ -43,9 +43,9 @@ class Dataset:
     labels: list[str]
 
     @classmethod
-    def load(cls, prepared_dir: Path, features_dir: Path, params: Params) -> Dataset:
+    def load(cls, prepared_dir: Path, features_dir: Path, params: Params, use_cache: bool = True) -> Dataset:
         rows = pd.read_parquet(prepared_dir / "rows.parquet")
-        cached = json.loads((features_dir / "features.json").read_text())
+        cached = json.loads((features_dir / "features.json").read_text()) if use_cache else {}
         values: dict[str, Any] = {}
         for name, spec in params.inputs.items():
             if name in cached:
@@ -73,6 +73,7 @@ class Batcher:
     encoders: nn.ModuleDict
     batch_size: int
     group_by: str | None = None
+    dedup: bool = True  # encode each distinct value once per batch; False encodes every row (baseline)
     _groups: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -98,7 +99,8 @@ class Batcher:
             pos = np.concatenate([self._groups[g] for g in order[start : start + self.groups_per_batch]])
             inputs, index = {}, {}
             for name, encoder in self.encoders.items():
-                uniq, inv = np.unique(self.rows[f"{name}_idx"].to_numpy()[pos], return_inverse=True)
+                idx = self.rows[f"{name}_idx"].to_numpy()[pos]
+                uniq, inv = np.unique(idx, return_inverse=True) if self.dedup else (idx, np.arange(len(idx)))
                 values = self.data.values[name]
                 if name in self.data.precomputed:
                     inputs[name] = torch.from_numpy(np.asarray(values[uniq]))
@@ -143,7 +145,8 @@ def build_spec(params: Params, candidate: CandidateConfig, labels: list[str]) ->
     train = params.train_for(candidate)
     return {
         "candidate": candidate.name,
-        "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params)}
+        "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params),
+                       **({"init_from": i.init_from} if i.init_from else {}), **({"freeze": True} if i.freeze else {})}
                    for n, i in params.inputs.items()},
         "fusion": {"name": candidate.fusion, "params": dict(candidate.params)},
         "head": {"hidden": train.head_hidden, "dropout": train.dropout},
@@ -162,7 +165,7 @@ def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame) -> dict[st
     """
     encoders = {}
     for name, item in spec["inputs"].items():
-        encoder = build_encoder(item["encoder"], item["params"])
+        encoder = build_input_encoder(item)
         if name not in data.precomputed and type(encoder).fit is not Encoder.fit:
             values, idx = data.values[name], np.unique(train_rows[f"{name}_idx"].to_numpy())
             encoder.fit([values[i] for i in idx] if isinstance(values, list) else np.asarray(values[idx]))
@@ -184,9 +187,9 @@ def train_candidate(
         raise ValueError("the prepared data has no train or no val rows; check data.limit and val_fraction")
     spec = build_spec(params, candidate, data.labels)
     model = MultimodalModel(spec, fit_encoders(spec, data, train_rows))
-    group = _group_key(model)
-    train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group)
-    val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group)
+    group = _group_key(model) if cfg.feature_cache else None
+    train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
+    val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

@@ -91,3 +91,38 @@ def test_dask_sweep_ranks_like_the_local_runner(tmp_path):
     assert ranking(board_local) == ranking(board_dask)
     assert {r["run_id"] for r in board_local}.isdisjoint({r["run_id"] for r in board_dask})
     assert yaml.safe_load((root / "params.yaml").read_text())["sweep"]["fusion"] == ["concat", "product", "gated"]
+
+
+def test_encoder_reused_from_an_artifact_is_frozen_cached_and_travels_inline(tmp_path):
+    import numpy as np
+    import torch
+
+    from mmops.model import MultimodalModel, build_input_encoder
+
+    spec = {
+        "candidate": "t", "labels": ["no", "yes"], "image_size": 16, "target": "answer", "seed": 0,
+        "inputs": {"question": {"modality": "text", "encoder": "hf_text", "params": {}},
+                   "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}}},
+        "fusion": {"name": "concat", "params": {"hidden": 8}}, "head": {"hidden": 8, "dropout": 0.0},
+    }
+    torch.manual_seed(0)
+    source = MultimodalModel(spec)
+    source.save(tmp_path / "source")
+    item = {**spec["inputs"]["image"], "init_from": str(tmp_path / "source"), "freeze": True}
+    encoder = build_input_encoder(item)
+    assert encoder.frozen and not any(p.requires_grad for p in encoder.parameters())
+    for key, value in source.encoders["image"].state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], value)
+    encoder.train()
+    assert not encoder.training  # batch norm statistics stay fixed: cached features stay valid
+
+    reused = MultimodalModel({**spec, "inputs": {**spec["inputs"], "image": item}})
+    reused.save(tmp_path / "reused")
+    loaded = MultimodalModel.load(tmp_path / "reused")
+    assert loaded.encoders["image"].frozen
+    assert loaded.spec["inputs"]["image"]["initialized_from"] == str(tmp_path / "source")
+    images = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        a = reused.eval().encoders["image"](reused.encoders["image"].preprocess(images))
+        b = loaded.encoders["image"](loaded.encoders["image"].preprocess(images))
+    assert torch.equal(a, b)

@@ -17,7 +17,7 @@ from rich.progress import Progress
 
 from mmops.cache import cached_features
 from mmops.config import Params
-from mmops.model import build_encoder
+from mmops.model import build_input_encoder
 
 
 def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarray:
@@ -53,7 +53,7 @@ def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path
     torch.manual_seed(params.seed)
     written = {}
     for name, spec in params.inputs.items():
-        encoder = build_encoder(spec.encoder, spec.params)
+        encoder = build_input_encoder(spec.model_dump())
         if not encoder.frozen:
             log.info("%s: encoder %s is trainable, so its features are computed in training, not cached",
                      name, spec.encoder)
