@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,42 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, sub
     """One full `mmops run` (flow, DVC stages, training, registry, bento) shared by the e2e tests."""
     root = make_project(tmp_path_factory.mktemp("e2e") / "proj", SMALL)
     return root, mmops(root, "run")
+
+
+@contextlib.contextmanager
+def serve_bento(root: Path, bento_tag: str, env: dict[str, str] | None = None,
+                timeout: float = 90) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`bentoml serve` of a project's bento on a free local port, stopped on exit; yields (url, process).
+
+    The server's output goes to a file, not a pipe: its access log would fill a pipe nobody reads
+    and block the server mid-test.
+    """
+    import httpx
+
+    port = free_port()
+    log = root / f"serve-{port}.log"
+    proc = subprocess.Popen(
+        [BIN / "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root, env={**project_env(root), **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(log.read_text()[-5000:])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bento did not become ready in {timeout} s:\n{log.read_text()[-5000:]}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
-from conftest import BIN, free_port, project_env
+from conftest import serve_bento
 
 from mmops.serving.predictor import Predictor
 
@@ -23,28 +21,8 @@ def server(trained_project):
     from mmops.registry import Registry
 
     [version] = [v for v in Registry(f"sqlite:///{root / '.mmops' / 'registry.db'}").model_versions() if v.bento_tag]
-    port = free_port()
-    proc = subprocess.Popen(
-        [BIN / "bentoml", "serve", version.bento_tag, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("bento did not become ready in 90 s")
-    yield url, root, version
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve_bento(root, version.bento_tag) as (url, _):
+        yield url, root, version
 
 
 def _test_rows(root: Path, n: int) -> pd.DataFrame:

@@ -83,8 +83,8 @@ class ServingMiddleware:
 
     * Reads the body itself, refusing one over ``MMOPS_MAX_REQUEST_BYTES`` (from Content-Length up
       front, or by counting a chunked upload) before BentoML spools it to disk.
-    * Parses a multipart body once before BentoML does: BentoML answers 500 to a malformed one, and
-      would fetch a URL given as text in place of a file field.
+    * Parses a form body (multipart or urlencoded) once before BentoML does: BentoML answers 500 to
+      a malformed one, and would fetch a URL given as text in place of a file field.
     * Adds the ``x-mmops-model`` header to every response, errors included, and answers ``/readyz``
       with JSON ``{"ready": ..., "model": ...}`` around BentoML's own verdict.
     """
@@ -111,7 +111,7 @@ class ServingMiddleware:
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             body = await self._read_body(scope, receive)
             error = self._too_large(len(body)) if body is not None else self._too_large(None)
-            if error is None and _is_multipart(scope):
+            if error is None and _is_form(scope):
                 error = await self._check_form(scope, body)
             if error is not None:
                 log.info("rejected %s: %s", scope.get("path"), error[1])
@@ -188,8 +188,9 @@ def _steady_client(proxy: Any) -> Any:
     return client
 
 
-def _is_multipart(scope: dict) -> bool:
-    return dict(scope.get("headers") or ()).get(b"content-type", b"").startswith(b"multipart/")
+def _is_form(scope: dict) -> bool:
+    content_type = dict(scope.get("headers") or ()).get(b"content-type", b"")
+    return content_type.startswith((b"multipart/", b"application/x-www-form-urlencoded"))
 
 
 def _replay(body: bytes, receive: Any) -> Any:
