@@ -41,7 +41,7 @@ def encoder_key(name: str, encoder: Encoder) -> str:
     h.update(json.dumps({"name": name, "config": encoder.config()}, sort_keys=True, default=str).encode())
     for key, tensor in sorted(encoder.state_dict().items()):
         h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"{name}-{h.hexdigest()}"
 
 
