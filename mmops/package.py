@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -32,10 +33,12 @@ def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
     if not bentofile.is_file():
         raise FileNotFoundError(f"{bentofile}: no bentofile; mmops package needs the mmops source tree")
     build_wheel(bentofile.parent)
-    bento = bentoml.bentos.build_bentofile(
-        str(bentofile), build_ctx=str(bentofile.parent), args={"model_tag": model_tag},
-        labels={"model": model_tag},
-    )
+    # BentoML resolves the bentofile's wheel paths against the working directory, not build_ctx.
+    with contextlib.chdir(bentofile.parent):
+        bento = bentoml.bentos.build_bentofile(
+            str(bentofile), build_ctx=str(bentofile.parent), args={"model_tag": model_tag},
+            labels={"model": model_tag},
+        )
     return str(bento.tag)
 
 

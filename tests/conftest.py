@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 # A subset small enough for CI on 2 cores, large enough to learn (about 85% test accuracy).
 SMALL = {
     "data": {"limit": 4000, "image_size": 32},
-    "train": {"epochs": 12, "patience": 12, "batch_size": 64},
+    "train": {"epochs": 20, "patience": 20, "batch_size": 64, "lr": 0.005},
 }
 
 

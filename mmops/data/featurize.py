@@ -50,6 +50,7 @@ def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir or out_dir.parent / "feature-cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when no input is frozen
     torch.manual_seed(params.seed)
     written = {}
     for name, spec in params.inputs.items():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmops.cache import content_hash
 from mmops.data.images import MAX_PIXELS, BadImageError, load_image
 from mmops.model import MultimodalModel
 
@@ -69,15 +70,21 @@ class Limits:
 
 
 class _LRU:
-    """Frozen-encoder features by input value; bounded so a stream of distinct inputs cannot grow it."""
+    """Frozen-encoder features by input content; bounded so a stream of distinct inputs cannot grow it.
+
+    Keyed by the same content hash as the training-time feature cache, so decoded images (arrays,
+    unhashable) are memoised exactly like strings.
+    """
 
     def __init__(self, size: int) -> None:
         self.size, self.data = size, OrderedDict[str, torch.Tensor]()
 
-    def get_many(self, keys: Sequence[str], compute: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-        missing = list(dict.fromkeys(k for k in keys if k not in self.data))
+    def get_many(self, values: Sequence[Any], compute: Callable[[list[Any]], torch.Tensor]) -> torch.Tensor:
+        keys = [content_hash(v) for v in values]
+        first = {k: v for k, v in reversed(list(zip(keys, values, strict=True)))}
+        missing = [k for k in dict.fromkeys(keys) if k not in self.data]
         if missing:
-            for key, row in zip(missing, compute(missing), strict=True):
+            for key, row in zip(missing, compute([first[k] for k in missing]), strict=True):
                 self.data[key] = row
         for key in keys:
             self.data.move_to_end(key)
