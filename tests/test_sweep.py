@@ -38,7 +38,8 @@ def test_cache_is_reused_across_runs_and_fusions_and_invalidated_by_encoder_conf
     assert first["computed"] == first["distinct"] > 0 and first["reused"] == 0
     assert "image" not in json.loads((tmp_path / "a" / "features.json").read_text())  # trainable: not cached
 
-    other_fusion = params.model_copy(update={"candidates": [params.candidates[0].model_copy(update={"fusion": "gated"})]})
+    gated = params.candidates[0].model_copy(update={"fusion": "gated"})
+    other_fusion = params.model_copy(update={"candidates": [gated]})
     again = featurize(root / "prepared", tmp_path / "b", other_fusion, cache)["question"]
     assert again["computed"] == 0 and again["reused"] == first["distinct"] and again["key"] == first["key"]
     assert (tmp_path / "a" / "question.npy").read_bytes() == (tmp_path / "b" / "question.npy").read_bytes()
