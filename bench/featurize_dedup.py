@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -28,6 +26,7 @@ def main() -> None:
     import easy_vqa
     import numpy as np
     from mmops_plugins.encoders.hf_text import HFTextEncoder
+    from sweep import report
 
     from mmops.cache import content_hash
     from mmops.data.featurize import encode_all
@@ -57,9 +56,7 @@ def main() -> None:
         f"encode each distinct once:   {dedup_s:8.2f} s   (hashing and gather included)",
         f"speed-up: {ratio:.0f}x   (largest difference between the two feature sets: {max_diff:.1e})",
     ]
-    print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "featurize_dedup.md").write_text("```\n" + "\n".join(lines) + "\n```\n")
+    report("featurize_dedup.md", lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from sweep import BIN, REPO, RESULTS, mmops
+from sweep import BIN, REPO, mmops, report
 
 
 def main() -> None:
@@ -43,9 +43,7 @@ def main() -> None:
         f"unchanged `mmops run`:       {noop:7.1f} s",
         f"no-op / full: {100 * noop / full:.1f}%",
     ]
-    print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "noop_run.md").write_text("```\n" + "\n".join(lines) + "\n```\n")
+    report("noop_run.md", lines)
     shutil.rmtree(root.parent, ignore_errors=True)
 
 

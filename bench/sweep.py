@@ -34,6 +34,13 @@ BIN = Path(sys.executable).parent
 FUSIONS = ["concat", "product", "gated", "weighted_sum", "late"]
 
 
+def report(name: str, lines: list[str]) -> None:
+    """Print the figures and keep them in bench/results/<name>, which README quotes."""
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text("```\n" + "\n".join(lines) + "\n```\n")
+
+
 def mmops(root: Path, *args: str) -> float:
     env = {**os.environ, "MMOPS_PROJECT": str(root), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     for key in [k for k in env if k.startswith(("PREFECT_", "BENTOML_"))]:
@@ -124,10 +131,7 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     out.append(f"peak resident memory of a sweep process: {peak:.0f} MiB")
 
-    print("\n".join(out))
-    RESULTS.mkdir(exist_ok=True)
-    name = "sweep_full.md" if not args.limit else "sweep.md"
-    (RESULTS / name).write_text("```\n" + "\n".join(out) + "\n```\n")
+    report("sweep_full.md" if not args.limit else "sweep.md", out)
     if not args.keep:
         shutil.rmtree(root.parent, ignore_errors=True)
 
