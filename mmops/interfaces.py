@@ -8,6 +8,8 @@ loop, the feature cache and the service can treat built-ins and add-ons identica
 from __future__ import annotations
 
 import abc
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -114,3 +116,21 @@ class Fusion(nn.Module, abc.ABC):
                     f"{type(self).__name__}: input '{name}' must be {shape.format(self.dims[name])}, "
                     f"got {tuple(tensor.shape)}"
                 )
+
+
+def link_or_copy_tree(source: Path, destination: Path) -> None:
+    """Put a read-only checkpoint folder into an artifact: hard links where the filesystem allows.
+
+    A sweep exports the same frozen checkpoint (MiniLM: 90 MB) into every candidate's artifact;
+    links cost nothing, and the files are never modified in place.
+    """
+
+    def link(src: str, dst: str) -> None:
+        if os.path.lexists(dst):  # a retrained artifact: replace, never write through an old link
+            os.unlink(dst)
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, destination, dirs_exist_ok=True, copy_function=link)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,12 +54,31 @@ def resolve_artifact(ref: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
+# Frozen encoders built in this process, by spec: a sweep's candidates share one MiniLM instead of
+# loading it once each. Safe because a frozen encoder never changes; bounded for long-lived workers.
+_FROZEN: OrderedDict[str, Encoder] = OrderedDict()
+_FROZEN_LOCK = threading.Lock()
+_FROZEN_MAX = 4
+
+
 def build_input_encoder(item: Mapping[str, Any]) -> Encoder:
     """The encoder of one input spec, with reused weights (``init_from``) and ``freeze`` applied.
 
     Reuse lets a team train an image encoder once and share it, frozen and cached, across sweeps.
     """
+    key = json.dumps([item["encoder"], item["params"]], sort_keys=True, default=str)
+    shareable = not item.get("init_from") and not item.get("freeze")
+    if shareable:
+        with _FROZEN_LOCK:
+            if key in _FROZEN:
+                _FROZEN.move_to_end(key)
+                return _FROZEN[key]
     encoder = build_encoder(item["encoder"], item["params"])
+    if shareable and encoder.frozen:
+        with _FROZEN_LOCK:
+            _FROZEN[key] = encoder
+            while len(_FROZEN) > _FROZEN_MAX:
+                _FROZEN.popitem(last=False)
     if item.get("init_from"):
         source = resolve_artifact(item["init_from"])
         source_spec = json.loads((source / SPEC_FILE).read_text())

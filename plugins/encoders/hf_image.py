@@ -11,7 +11,6 @@ Frozen by default, which makes its features cacheable. Nothing is downloaded: pa
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmops.interfaces import Encoder
+from mmops.interfaces import Encoder, link_or_copy_tree
 
 
 class HFImageEncoder(Encoder):
@@ -111,7 +110,7 @@ class HFImageEncoder(Encoder):
         directory.mkdir(parents=True, exist_ok=True)
         source = Path(self.checkpoint)
         if source.is_dir() and self.frozen:
-            shutil.copytree(source, directory, dirs_exist_ok=True)
+            link_or_copy_tree(source, directory)
         else:  # fine-tuned weights: write what we hold now
             self.model.save_pretrained(directory)
         return {**self.config(), "checkpoint": str(directory)}

@@ -9,14 +9,13 @@ nothing is downloaded at run time.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmops.interfaces import Encoder
+from mmops.interfaces import Encoder, link_or_copy_tree
 
 DEFAULT_CHECKPOINT = "default"
 
@@ -90,7 +89,7 @@ class HFTextEncoder(Encoder):
         directory.mkdir(parents=True, exist_ok=True)
         source = Path(resolve_checkpoint(self.checkpoint))
         if source.is_dir() and self.frozen:
-            shutil.copytree(source, directory, dirs_exist_ok=True)
+            link_or_copy_tree(source, directory)
         else:  # a hub id, or fine-tuned weights: write what we hold now
             self.model.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
