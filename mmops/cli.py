@@ -246,10 +246,8 @@ def _best_result(project: Project) -> dict:
     if not board.is_file():
         raise _fail("no trained candidates yet: run `mmops train` or `mmops run` first")
     name = json.loads(board.read_text())["best"]
-    result = json.loads((project.models_dir / name / "result.json").read_text())
-    leader = {r["candidate"]: r for r in json.loads((project.metrics_dir / "leaderboard.json").read_text())}
-    final = {f"{s}_{k}": v for s, m in result["metrics"].items() for k, v in m.items() if isinstance(v, float)}
-    return {**result, "run_id": leader[name]["run_id"], "final": final, "status": "completed"}
+    # pipeline.train_one records the run id and final metrics in result.json itself.
+    return {**json.loads((project.models_dir / name / "result.json").read_text()), "status": "completed"}
 
 
 @app.command()
