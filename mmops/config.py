@@ -25,28 +25,92 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SOURCES = ("easy-vqa", "manifest", "vqa-v2", "coco-captions", "imagefolder")
+
+
 class DataConfig(_Strict):
     source: str = "easy-vqa"
+    path: str | None = Field(None, description="the source's files (a folder, or a manifest file), relative to "
+                             "the project root; easy-vqa needs none")
     limit: int = Field(0, ge=0, description="keep this many questions per source split; 0 keeps all")
     image_size: int = Field(64, ge=8, le=1024)
+    sample_rate: int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
+    audio_seconds: float = Field(1.0, gt=0, le=60, description="audio is padded or cut to this length")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="carved when the manifest has no split column")
+    chunk_rows: int = Field(50_000, ge=100, description="manifest rows read at a time: bounds prepare's memory")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got '{v}'")
+        return v
+
+
+# Manifest column types that map onto the tabular modality, with the encoder each defaults to.
+COLUMN_KINDS = {"number": "numeric", "category": "categorical"}
+DEFAULT_ENCODERS = {"text": "bow_text", "image": "cnn_image", "audio": "mel_audio", **COLUMN_KINDS}
 
 
 class InputConfig(_Strict):
+    """One model input. ``modality: number`` / ``category`` are tabular inputs over one or more
+    manifest ``columns`` (default: the input's own name); ``kind`` keeps which, since prepare parses
+    numbers and categories differently."""
+
     modality: str
-    encoder: str
+    encoder: str = ""
+    columns: list[str] | None = Field(None, min_length=1, description="tabular: the manifest columns it reads")
+    missing: Literal["drop", "learn"] = Field(
+        "drop", description="a row without this input: drop it, or learn a 'missing' embedding for it"
+    )
+    kind: Literal["text", "image", "audio", "number", "category"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     init_from: str | None = Field(
         None, description="reuse this input's encoder weights from a model version NAME:VERSION or an artifact folder"
     )
     freeze: bool = Field(False, description="freeze the encoder: no training, features cached by featurize")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _column_kinds(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        modality = data.get("modality")
+        if modality in COLUMN_KINDS:
+            data["kind"], data["modality"] = modality, "tabular"
+        elif modality == "tabular" and not data.get("kind"):
+            data["kind"] = "category" if data.get("encoder") == "categorical" else "number"
+        elif modality in MODALITIES:
+            data.setdefault("kind", modality)
+        if not data.get("encoder") and data.get("kind") in DEFAULT_ENCODERS:
+            data["encoder"] = DEFAULT_ENCODERS[data["kind"]]
+        return data
+
     @field_validator("modality")
     @classmethod
     def _known_modality(cls, v: str) -> str:
         if v not in MODALITIES:
-            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got '{v}'")
+            raise ValueError(f"modality must be one of {', '.join([*MODALITIES[:3], *COLUMN_KINDS])}, got '{v}'")
         return v
+
+
+TASKS = ("classification", "multilabel", "regression")
+# Validation metrics a task can be selected on; lower is better for those in LOWER_IS_BETTER.
+TASK_METRICS = {
+    "classification": ("accuracy", "macro_f1"),
+    "multilabel": ("micro_f1", "macro_f1", "map"),
+    "regression": ("mae", "mse", "r2"),
+}
+LOWER_IS_BETTER = frozenset({"mae", "mse"})
+
+
+class TargetConfig(_Strict):
+    column: str = "answer"
+    type: Literal["classification", "multilabel", "regression"] = "classification"
+    separator: str = Field("|", min_length=1, description="multilabel: separates a row's labels in one cell")
+    threshold: float = Field(0.5, gt=0, lt=1, description="multilabel: a label is predicted above this score")
 
 
 class TrainConfig(_Strict):
@@ -122,7 +186,7 @@ class RegistryConfig(_Strict):
 class PromotionConfig(_Strict):
     """Champion/challenger: measured on the test split, where both models are evaluated alike."""
 
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    metric: str = Field("accuracy", description="a test metric of the task: accuracy, macro_f1, micro_f1, map, mae...")
     margin: float = Field(0.002, ge=0, description="the challenger must beat the champion by more than this")
     min_accuracy: float = Field(0.5, ge=0, le=1, description="below this a model never reaches production")
     min_macro_f1: float = Field(0.0, ge=0, le=1)
@@ -132,17 +196,35 @@ class Params(_Strict):
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
     inputs: dict[str, InputConfig]
-    target: str = "answer"
+    target: TargetConfig = Field(default_factory=TargetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     candidates: list[CandidateConfig] = Field(default_factory=list)
     sweep: SweepConfig | None = None
-    select_metric: Literal["val_accuracy", "val_macro_f1"] = "val_accuracy"
+    select_metric: str = "val_accuracy"
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target_shorthand(cls, v: Any) -> Any:
+        return {"column": v} if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _check(self) -> Params:
+        task = self.target.type
+        allowed = [f"val_{m}" for m in TASK_METRICS[task]]
+        if self.select_metric not in allowed:
+            raise ValueError(
+                f"select_metric: a {task} target is selected on one of {allowed}, got '{self.select_metric}'"
+            )
+        if self.promotion.metric not in TASK_METRICS[task]:
+            raise ValueError(f"promotion.metric: a {task} target is compared on one of {list(TASK_METRICS[task])}, "
+                             f"got '{self.promotion.metric}'")
+        for name, spec in self.inputs.items():
+            if spec.kind == "audio" and spec.params.get("sample_rate", self.data.sample_rate) != self.data.sample_rate:
+                raise ValueError(f"inputs.{name}.params.sample_rate must equal data.sample_rate "
+                                 f"({self.data.sample_rate}): prepare resamples audio to that rate")
         if len(self.inputs) < 2:
             raise ValueError("inputs: a multimodal model needs two or more inputs")
         if not self.candidates and not self.sweep:
@@ -164,6 +246,10 @@ class Params(_Strict):
             if c.name == name:
                 return c
         raise KeyError(f"no candidate '{name}'; params.yaml has {[c.name for c in self.all_candidates()]}")
+
+    def columns(self, name: str) -> list[str]:
+        """The manifest columns an input reads."""
+        return self.inputs[name].columns or [name]
 
     def train_for(self, candidate: CandidateConfig) -> TrainConfig:
         return self.train.model_copy(update=candidate.train)

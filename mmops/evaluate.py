@@ -1,13 +1,56 @@
-"""Metrics for a set of predictions: accuracy, macro-F1, per answer type, confusion matrix."""
+"""Metrics for a set of predictions, by task: classification, multi-label, regression.
+
+Classification also reports calibration (expected calibration error and the reliability bins),
+because a model that is right 90% of the time but says 99% misleads whoever acts on its scores.
+"""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    mean_absolute_error,
+    mean_squared_error,
+    precision_recall_fscore_support,
+    r2_score,
+)
+
+CALIBRATION_BINS = 10
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error (Guo et al., "On Calibration of Modern Neural Networks", 2017) over
+    equal-width confidence bins, and the bins for a reliability diagram."""
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    correct = predicted == labels
+    edges = np.linspace(0, 1, bins + 1)
+    ece, table = 0.0, []
+    for lower, upper in itertools.pairwise(edges):
+        inside = (confidence > lower) & (confidence <= upper)
+        if not inside.any():
+            continue
+        conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
+        ece += inside.mean() * abs(conf - acc)
+        table.append({"bin_lower": float(lower), "bin_upper": float(upper), "confidence": conf, "accuracy": acc,
+                      "count": int(inside.sum())})
+    return float(ece), table
+
+
+def _per_class(precision, recall, f1, support, names: list[str], extra: dict | None = None) -> dict:
+    return {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+               "support": int(support[i]), **({k: float(v[i]) for k, v in extra.items()} if extra else {})}
+        for i, name in enumerate(names)
+    }
 
 
 def classification_metrics(
     labels: np.ndarray, predictions: np.ndarray, n_classes: int, groups: np.ndarray | None = None,
+    probs: np.ndarray | None = None, names: list[str] | None = None,
 ) -> dict:
     classes = np.arange(n_classes)
     metrics: dict = {
@@ -15,9 +58,54 @@ def classification_metrics(
         "macro_f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
         "n": len(labels),
     }
+    if probs is not None and len(labels):
+        metrics["ece"], metrics["calibration"] = calibration(labels, probs)
     if groups is not None:
         metrics["by_type"] = {
             str(g): float((labels[groups == g] == predictions[groups == g]).mean()) for g in np.unique(groups)
         }
+    if names is not None:
+        p, r, f, s = precision_recall_fscore_support(labels, predictions, labels=classes, zero_division=0)
+        metrics["per_class"] = _per_class(p, r, f, s, names)
     metrics["confusion"] = confusion_matrix(labels, predictions, labels=classes).tolist()
     return metrics
+
+
+def multilabel_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float, names: list[str]) -> dict:
+    """``targets`` and ``scores`` are ``(rows, labels)``: 0/1 and sigmoid scores."""
+    predicted = (scores >= threshold).astype(np.int64)
+    targets = targets.astype(np.int64)
+    present = targets.sum(0) > 0  # AP is undefined for a label with no positive row
+    ap = np.array([average_precision_score(targets[:, j], scores[:, j]) if present[j] else np.nan
+                   for j in range(targets.shape[1])])
+    p, r, f, s = precision_recall_fscore_support(targets, predicted, zero_division=0)
+    return {
+        "micro_f1": float(f1_score(targets, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(targets, predicted, average="macro", zero_division=0)),
+        "map": float(np.nanmean(ap)) if present.any() else 0.0,
+        "subset_accuracy": float((predicted == targets).all(1).mean()) if len(targets) else 0.0,
+        "threshold": threshold,
+        "n": len(targets),
+        "per_class": _per_class(p, r, f, s, names, {"ap": np.nan_to_num(ap)}),
+    }
+
+
+def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict:
+    if not len(targets):
+        return {"mse": 0.0, "mae": 0.0, "r2": 0.0, "n": 0}
+    return {
+        "mse": float(mean_squared_error(targets, predictions)),
+        "mae": float(mean_absolute_error(targets, predictions)),
+        "r2": float(r2_score(targets, predictions)) if len(targets) > 1 else 0.0,
+        "n": len(targets),
+    }
+
+
+def task_metrics(task: dict, labels: np.ndarray, scores: np.ndarray, names: list[str],
+                 groups: np.ndarray | None = None) -> dict:
+    """Metrics of one split from the model's scores (probabilities, sigmoid scores or values)."""
+    if task["type"] == "regression":
+        return regression_metrics(labels.astype(np.float64), scores[:, 0].astype(np.float64))
+    if task["type"] == "multilabel":
+        return multilabel_metrics(labels, scores, task.get("threshold", 0.5), names)
+    return classification_metrics(labels, scores.argmax(1), len(names), groups, scores, names)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmops.config import PromotionConfig
+from mmops.config import LOWER_IS_BETTER, PromotionConfig
 from mmops.project import Project
 from mmops.registry import Registry, parse_ref
 
@@ -36,7 +36,7 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
     answer still gets a fair score (rows with labels it never knew count as errors).
     """
     from mmops.data.featurize import load_values
-    from mmops.evaluate import classification_metrics
+    from mmops.evaluate import task_metrics
     from mmops.model import MultimodalModel
     from mmops.train import Batcher, Dataset, predict_split
 
@@ -52,7 +52,12 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
         if f"{name}_idx" not in rows.columns:
             raise NotComparable(f"the model reads input '{name}', which the current data does not have")
         values[name] = load_values(prepared, name, spec["modality"])
-    data = Dataset(rows, values, frozenset(), labels)
+    task = model.task
+    if task["type"] != project.params.target.type:
+        raise NotComparable(
+            f"the model predicts a {task['type']} target, the project now a {project.params.target.type} one"
+        )
+    data = Dataset(rows, values, frozenset(), labels, task)
     test = data.split("test")
     if test.empty:
         raise NotComparable("the prepared data has no test rows")
@@ -61,11 +66,17 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
                               frozenset())
     except Exception as exc:
         raise NotComparable(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
-    index = {label: i for i, label in enumerate(labels)}
-    predicted = np.array([index.get(model.labels[i], -1) for i in probs.argmax(1)], dtype=np.int64)
+    if task["type"] != "regression":  # the model's label order to the current data's, by name
+        scores = np.zeros((len(test), len(labels)), dtype=np.float32)
+        mine = {label: i for i, label in enumerate(model.labels)}
+        for j, label in enumerate(labels):
+            if label in mine:
+                scores[:, j] = probs[:, mine[label]]
+        probs = scores
     groups = test["group"].to_numpy() if "group" in test else None
-    metrics = classification_metrics(test["label"].to_numpy(), predicted, len(labels), groups)
-    metrics.pop("confusion")
+    metrics = task_metrics(task, data.targets(test), probs, labels, groups)
+    for bulky in ("confusion", "per_class", "calibration"):
+        metrics.pop(bulky, None)
     metrics["unknown_labels"] = sorted(set(labels) - set(model.labels))
     return metrics
 
@@ -88,8 +99,9 @@ class Outcome:
 
 
 def _below_minimum(metrics: dict, rule: PromotionConfig) -> str | None:
+    """The minimums are classification's (accuracy, macro-F1); other tasks are judged on the margin."""
     for key, floor in (("accuracy", rule.min_accuracy), ("macro_f1", rule.min_macro_f1)):
-        if metrics[key] < floor:
+        if key in metrics and "accuracy" in metrics and metrics[key] < floor:
             return f"test {key} {metrics[key]:.4f} is below the minimum {floor}"
     return None
 
@@ -101,7 +113,8 @@ def decide(challenger: dict, champion: dict | None, rule: PromotionConfig) -> tu
         return False, below
     if champion is None:
         return True, "first model to meet the minimums"
-    gain = challenger[rule.metric] - champion[rule.metric]
+    sign = -1.0 if rule.metric in LOWER_IS_BETTER else 1.0
+    gain = sign * (challenger[rule.metric] - champion[rule.metric])
     if gain > rule.margin:
         return True, f"beats the champion by {gain:+.4f} (margin {rule.margin})"
     return False, f"does not beat the champion by more than the margin {rule.margin} ({gain:+.4f})"

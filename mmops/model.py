@@ -107,8 +107,12 @@ class MultimodalModel(nn.Module):
             encoders or {n: build_input_encoder(i) for n, i in spec["inputs"].items()}
         )
         dims = {n: e.output_dim for n, e in self.encoders.items()}
+        # An input that may be absent (``missing: learn``) gets a learned vector standing in for it.
+        self.missing = nn.ParameterDict({
+            n: nn.Parameter(torch.zeros(dims[n])) for n, i in spec["inputs"].items() if i.get("missing") == "learn"
+        })
         fusion_cls = get_fusion(spec["fusion"]["name"])
-        hidden, n_classes = spec["head"]["hidden"], len(spec["labels"])
+        hidden, n_classes = spec["head"]["hidden"], self.n_outputs
         extra = {"num_classes": n_classes} if fusion_cls.produces_logits else {}
         try:
             self.fusion: Fusion = fusion_cls(dims, **spec["fusion"]["params"], **extra)
@@ -124,6 +128,15 @@ class MultimodalModel(nn.Module):
     def labels(self) -> list[str]:
         return self.spec["labels"]
 
+    @property
+    def task(self) -> dict[str, Any]:
+        return self.spec.get("task") or {"type": "classification"}
+
+    @property
+    def n_outputs(self) -> int:
+        """One logit per class or label; one value for regression."""
+        return 1 if self.task["type"] == "regression" else len(self.spec["labels"])
+
     def forward(
         self,
         inputs: Mapping[str, Any],
@@ -134,7 +147,8 @@ class MultimodalModel(nn.Module):
 
         ``inputs[name]`` holds preprocessed distinct values, or their features when ``name`` is in
         ``precomputed`` (a frozen encoder's cached output). ``index[name]`` maps each row to its
-        distinct value; without it, inputs are already one per row.
+        distinct value, -1 where the row lacks the input (``inputs[name]`` is None when every row
+        does); without it, inputs are already one per row.
 
         For a fusion that ``needs_sequences``, trainable encoders give ``forward_sequence``; frozen
         ones always give their vector as one token, because that vector is all the feature cache
@@ -143,6 +157,11 @@ class MultimodalModel(nn.Module):
         sequences = self.fusion.needs_sequences
         features = {}
         for name, encoder in self.encoders.items():
+            if inputs[name] is None:
+                rows = len(index[name])
+                features[name] = self.missing[name].expand(rows, 1, -1) if sequences else \
+                    self.missing[name].expand(rows, -1)
+                continue
             if name in precomputed:
                 feats = inputs[name]
             elif sequences and not encoder.frozen:
@@ -151,7 +170,14 @@ class MultimodalModel(nn.Module):
                 feats = encoder(inputs[name])
             if sequences and feats.dim() == 2:
                 feats = feats.unsqueeze(1)
-            features[name] = feats[index[name]] if index is not None else feats
+            if index is None:
+                features[name] = feats
+                continue
+            idx = index[name]
+            features[name] = feats[idx.clamp(min=0)]
+            if name in self.missing:
+                absent = (idx < 0).view(-1, *([1] * (feats.dim() - 1)))
+                features[name] = torch.where(absent, self.missing[name].to(feats.dtype), features[name])
         return self.head(self.fusion(features))
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmops.config import CandidateConfig, Params
+from mmops.config import LOWER_IS_BETTER, TASK_METRICS, CandidateConfig, Params
 from mmops.data.featurize import load_values
-from mmops.evaluate import classification_metrics
+from mmops.evaluate import task_metrics
 from mmops.interfaces import Encoder
 from mmops.model import MultimodalModel, build_input_encoder
 
@@ -41,6 +41,7 @@ class Dataset:
     values: dict[str, Any]
     precomputed: frozenset[str]
     labels: list[str]
+    task: dict[str, Any] = field(default_factory=lambda: {"type": "classification"})
 
     @classmethod
     def load(cls, prepared_dir: Path, features_dir: Path, params: Params, use_cache: bool = True) -> Dataset:
@@ -58,10 +59,46 @@ class Dataset:
             else:
                 values[name] = load_values(prepared_dir, name, spec.modality)
         labels = json.loads((prepared_dir / "labels.json").read_text())
-        return cls(rows, values, frozenset(cached), labels)
+        task: dict[str, Any] = {"type": params.target.type}
+        if task["type"] == "multilabel":
+            task["threshold"] = params.target.threshold
+        if task["type"] == "regression":  # the model learns a standardised target; the spec un-scales it
+            y = rows.loc[rows["split"] == "train", "label"].to_numpy(np.float64)
+            task["mean"], task["std"] = (float(y.mean()), float(y.std() or 1.0)) if len(y) else (0.0, 1.0)
+        return cls(rows, values, frozenset(cached), labels, task)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.rows[self.rows["split"] == name].reset_index(drop=True)
+
+    def targets(self, rows: pd.DataFrame) -> np.ndarray:
+        """Labels as the metrics take them: class indices, a 0/1 matrix, or values in target units."""
+        if self.task["type"] == "multilabel":
+            out = np.zeros((len(rows), len(self.labels)), dtype=np.float32)
+            for i, labels in enumerate(rows["label"]):
+                out[i, list(labels)] = 1.0
+            return out
+        return rows["label"].to_numpy()
+
+
+def target_tensor(task: dict[str, Any], targets: np.ndarray) -> torch.Tensor:
+    """What the loss compares the model's output with."""
+    if task["type"] == "regression":
+        return torch.from_numpy(((targets - task["mean"]) / task["std"]).astype(np.float32)).unsqueeze(1)
+    return torch.from_numpy(targets)
+
+
+def loss_for(task: dict[str, Any]) -> nn.Module:
+    return {"classification": nn.CrossEntropyLoss(), "multilabel": nn.BCEWithLogitsLoss(),
+            "regression": nn.MSELoss()}[task["type"]]
+
+
+def scores_from_logits(task: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
+    """Probabilities (classification), per-label scores (multi-label) or values in target units."""
+    if task["type"] == "multilabel":
+        return torch.sigmoid(logits)
+    if task["type"] == "regression":
+        return logits * task["std"] + task["mean"]
+    return torch.softmax(logits, dim=1)
 
 
 @dataclass
@@ -86,6 +123,7 @@ class Batcher:
             self._groups = [np.array([i]) for i in range(len(self.rows))]
         mean = len(self.rows) / max(1, len(self._groups))
         self.groups_per_batch = max(1, round(self.batch_size / mean))
+        self.targets = self.data.targets(self.rows)
 
     def __len__(self) -> int:
         return -(-len(self._groups) // self.groups_per_batch)
@@ -100,16 +138,22 @@ class Batcher:
             inputs, index = {}, {}
             for name, encoder in self.encoders.items():
                 idx = self.rows[f"{name}_idx"].to_numpy()[pos]
-                uniq, inv = np.unique(idx, return_inverse=True) if self.dedup else (idx, np.arange(len(idx)))
+                present = idx >= 0  # -1: the row lacks this input; the model uses its "missing" embedding
+                uniq, inv = (np.unique(idx[present], return_inverse=True) if self.dedup
+                             else (idx[present], np.arange(int(present.sum()))))
+                full = np.full(len(idx), -1, dtype=np.int64)
+                full[present] = inv.reshape(-1)
+                index[name] = torch.from_numpy(full)
                 values = self.data.values[name]
-                if name in self.data.precomputed:
+                if not len(uniq):
+                    inputs[name] = None
+                elif name in self.data.precomputed:
                     inputs[name] = torch.from_numpy(np.asarray(values[uniq]))
                 elif isinstance(values, list):
                     inputs[name] = encoder.preprocess([values[i] for i in uniq])
                 else:
                     inputs[name] = encoder.preprocess(np.asarray(values[uniq]))
-                index[name] = torch.from_numpy(inv.reshape(-1))
-            labels = torch.from_numpy(self.rows["label"].to_numpy()[pos])
+            labels = target_tensor(self.data.task, self.targets[pos])
             yield inputs, index, labels, pos
 
 
@@ -121,19 +165,56 @@ def set_determinism(seed: int) -> None:
 
 @torch.inference_mode()
 def predict_split(model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str]) -> np.ndarray:
+    """Scores of every row of the batcher's split (see :func:`scores_from_logits`)."""
     model.eval()
-    out = np.zeros((len(batcher.rows), len(model.labels)), dtype=np.float32)
+    out = np.zeros((len(batcher.rows), model.n_outputs), dtype=np.float32)
     for inputs, index, _, pos in batcher:
-        out[pos] = torch.softmax(model(inputs, index, precomputed), dim=1).numpy()
+        out[pos] = scores_from_logits(model.task, model(inputs, index, precomputed)).numpy()
     return out
 
 
-def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size: int) -> dict:
+def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size: int) -> tuple[dict, np.ndarray]:
+    """The split's metrics, and its scores (for the predictions file)."""
     rows = data.split(split)
     batcher = Batcher(data, rows, model.encoders, batch_size, _group_key(model))
-    probs = predict_split(model, batcher, data.precomputed)
+    scores = predict_split(model, batcher, data.precomputed)
     groups = rows["group"].to_numpy() if "group" in rows else None
-    return classification_metrics(rows["label"].to_numpy(), probs.argmax(1), len(data.labels), groups)
+    return task_metrics(model.task, batcher.targets, scores, data.labels, groups), scores
+
+
+def predictions_table(data: Dataset, rows: pd.DataFrame, scores: np.ndarray, metrics: dict) -> pd.DataFrame:
+    """One row per example: what it was, what the model said, how sure it was. The report's mistakes."""
+    task, names = data.task, data.labels
+    out = rows[["line", "source", *[c for c in rows.columns if c.endswith("_idx")]]].copy()
+    if task["type"] == "regression":
+        error = np.abs(scores[:, 0] - rows["label"].to_numpy())
+        out["target"] = rows["label"].map(lambda v: f"{v:.6g}")
+        out["prediction"] = [f"{v:.6g}" for v in scores[:, 0]]
+        out["confidence"] = np.nan
+        out["correct"] = error <= metrics.get("mae", 0.0)
+        out["error"] = error
+        return out
+    if task["type"] == "multilabel":
+        threshold = task["threshold"]
+        predicted = scores >= threshold
+        targets = data.targets(rows).astype(bool)
+        out["target"] = ["|".join(names[j] for j in np.flatnonzero(t)) for t in targets]
+        out["prediction"] = ["|".join(names[j] for j in np.flatnonzero(p)) for p in predicted]
+        out["confidence"] = np.abs(scores - threshold).mean(1)
+        out["correct"] = (predicted == targets).all(1)
+    else:
+        out["target"] = [names[i] for i in rows["label"]]
+        out["prediction"] = [names[i] for i in scores.argmax(1)]
+        out["confidence"] = scores.max(1)
+        out["correct"] = rows["label"].to_numpy() == scores.argmax(1)
+    out["error"] = np.nan
+    return out
+
+
+def select_key(params: Params) -> tuple[str, float]:
+    """The validation metric training keeps the best epoch by, and its sign (+1: higher is better)."""
+    metric = params.select_metric.removeprefix("val_")
+    return metric, -1.0 if metric in LOWER_IS_BETTER else 1.0
 
 
 def _group_key(model: MultimodalModel) -> str | None:
@@ -141,18 +222,22 @@ def _group_key(model: MultimodalModel) -> str | None:
     return trainable[0] if trainable else None
 
 
-def build_spec(params: Params, candidate: CandidateConfig, labels: list[str]) -> dict:
+def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], task: dict | None = None) -> dict:
     train = params.train_for(candidate)
     return {
         "candidate": candidate.name,
-        "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params),
+        "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params), "kind": i.kind,
+                       "columns": params.columns(n), "missing": i.missing,
                        **({"init_from": i.init_from} if i.init_from else {}), **({"freeze": True} if i.freeze else {})}
                    for n, i in params.inputs.items()},
         "fusion": {"name": candidate.fusion, "params": dict(candidate.params)},
         "head": {"hidden": train.head_hidden, "dropout": train.dropout},
         "labels": labels,
         "image_size": params.data.image_size,
-        "target": params.target,
+        "sample_rate": params.data.sample_rate,
+        "audio_seconds": params.data.audio_seconds,
+        "target": params.target.column,
+        "task": task or {"type": "classification"},
         "seed": params.seed,
     }
 
@@ -167,7 +252,8 @@ def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame) -> dict[st
     for name, item in spec["inputs"].items():
         encoder = build_input_encoder(item)
         if name not in data.precomputed and type(encoder).fit is not Encoder.fit:
-            values, idx = data.values[name], np.unique(train_rows[f"{name}_idx"].to_numpy())
+            idx = np.unique(train_rows[f"{name}_idx"].to_numpy())
+            values, idx = data.values[name], idx[idx >= 0]
             encoder.fit([values[i] for i in idx] if isinstance(values, list) else np.asarray(values[idx]))
         encoders[name] = encoder
     return encoders
@@ -177,7 +263,7 @@ def train_candidate(
     params: Params, candidate: CandidateConfig, data: Dataset, out_dir: Path,
     on_epoch: Any = None,
 ) -> dict:
-    """Train one candidate with early stopping on val accuracy; save the best epoch's artifact."""
+    """Train one candidate with early stopping on the selection metric; save the best epoch's artifact."""
     cfg = params.train_for(candidate)
     set_determinism(params.seed)
     if cfg.threads:
@@ -185,7 +271,7 @@ def train_candidate(
     train_rows, val_rows = data.split("train"), data.split("val")
     if train_rows.empty or val_rows.empty:
         raise ValueError("the prepared data has no train or no val rows; check data.limit and val_fraction")
-    spec = build_spec(params, candidate, data.labels)
+    spec = build_spec(params, candidate, data.labels, data.task)
     model = MultimodalModel(spec, fit_encoders(spec, data, train_rows))
     group = _group_key(model) if cfg.feature_cache else None
     train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
@@ -195,9 +281,10 @@ def train_candidate(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_b), pct_start=0.25
     )
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_for(data.task)
     rng = np.random.default_rng(params.seed)
-    best_acc, best_state, best_epoch, history = -1.0, None, 0, []
+    metric, sign = select_key(params)
+    best_score, best_state, best_epoch, history = -np.inf, None, 0, []
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -211,16 +298,17 @@ def train_candidate(
             optimizer.step()
             scheduler.step()
             total, count = total + loss.item() * len(labels), count + len(labels)
-        probs = predict_split(model, val_b, data.precomputed)
-        val_acc = float((probs.argmax(1) == val_rows["label"].to_numpy()).mean())
-        record = {"epoch": epoch, "train_loss": total / count, "val_accuracy": val_acc,
+        scores = predict_split(model, val_b, data.precomputed)
+        val = task_metrics(data.task, val_b.targets, scores, data.labels)
+        record = {"epoch": epoch, "train_loss": total / count,
+                  **{f"val_{k}": val[k] for k in TASK_METRICS[data.task["type"]]},
                   "seconds": time.perf_counter() - t0}
         history.append(record)
         if on_epoch:
             on_epoch(candidate.name, record)
-        log.info("%s epoch %d: loss %.4f val_acc %.4f", candidate.name, epoch, record["train_loss"], val_acc)
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
+        log.info("%s epoch %d: loss %.4f val_%s %.4f", candidate.name, epoch, record["train_loss"], metric, val[metric])
+        if sign * val[metric] > best_score:
+            best_score, best_epoch = sign * val[metric], epoch
             best_state = copy.deepcopy(model.trainable_state())
         elif epoch - best_epoch >= cfg.patience:
             break
@@ -228,10 +316,17 @@ def train_candidate(
     model.load_state_dict(best_state, strict=False)
     model.eval()
     model.save(out_dir)
-    metrics = {split: evaluate_split(model, data, split, cfg.batch_size) for split in ("val", "test")}
+    metrics, scores = {}, {}
+    for split in ("val", "test"):
+        metrics[split], scores[split] = evaluate_split(model, data, split, cfg.batch_size)
+    predictions_table(data, data.split("test"), scores["test"], metrics["test"]).to_parquet(
+        out_dir / "predictions_test.parquet", index=False)
     result = {
         "candidate": candidate.name,
         "fusion": candidate.fusion,
+        "task": data.task["type"],
+        "labels": data.labels,
+        "select_metric": params.select_metric,
         "model_dir": str(out_dir),
         "seed": params.seed,
         "best_epoch": best_epoch,

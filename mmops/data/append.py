@@ -17,14 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 from mmops.config import Params
-from mmops.data.prepare import MANIFEST, required_columns
+from mmops.data.prepare import FILE_KINDS, MANIFEST, required_columns
 
 
 def append_manifest(file: Path, appended_dir: Path, params: Params) -> dict:
     """Copy ``file`` and its files into a new batch; refuses a file whose rows were already appended."""
     content = file.read_bytes()
     df = pd.read_csv(file, dtype=str, keep_default_na=False)
-    missing = [c for c in required_columns(params) if c not in df.columns]
+    missing = [c for c in [*required_columns(params), "split"] if c not in df.columns]
     if missing:
         raise ValueError(f"{file}: missing columns {missing}; the manifest has {list(df.columns)}")
     if df.empty:
@@ -40,9 +40,11 @@ def append_manifest(file: Path, appended_dir: Path, params: Params) -> dict:
     source_root = file.parent.resolve()
     copied, unusable = 0, 0
     for name, spec in params.inputs.items():
-        if spec.modality == "text":
+        if spec.kind not in FILE_KINDS:
             continue
         for rel in df[name].str.strip().unique():
+            if not rel:  # a missing input (inputs.<name>.missing: learn)
+                continue
             src = (source_root / rel).resolve()
             if not (src.is_relative_to(source_root) and src.is_file()):
                 unusable += int((df[name].str.strip() == rel).sum())

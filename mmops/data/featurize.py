@@ -21,7 +21,8 @@ from mmops.model import build_input_encoder
 
 
 def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarray:
-    if modality == "text":
+    """Distinct values of an input: strings and tabular rows from JSON, images and audio memory-mapped."""
+    if modality in ("text", "tabular"):
         return json.loads((prepared_dir / f"{name}.json").read_text())
     return np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
 

@@ -6,23 +6,33 @@ one corrupt image should cost one example, not a night's retraining. Rows added 
 merged in; their problems are reported with their own file and line. Each distinct input value is
 stored once (5,000 images serve 48k easy-VQA questions); rows point at it by index, which is what
 lets training encode each distinct image once per batch and featurize each distinct text once.
+
+The manifest (CSV, JSONL or Parquet) is streamed in chunks of ``data.chunk_rows`` rows, and decoded
+images and audio go straight into memory-mapped ``.npy`` files, so memory stays bounded by the
+number of distinct values, not by the size of the data set.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from rich.progress import track
 from sklearn.model_selection import StratifiedGroupKFold
 
-from mmops.config import Params
+from mmops.config import InputConfig, Params
+from mmops.data.audio import BadAudioError, load_audio
 from mmops.data.images import BadImageError, load_image
 
 MANIFEST = "manifest.csv"
+MANIFEST_FORMATS = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
+FILE_KINDS = ("image", "audio")
 
 
 @dataclass
@@ -33,123 +43,307 @@ class Problem:
     reason: str
 
 
+class BadFileError(ValueError):
+    """A referenced file that cannot be used: missing, outside the data root, or undecodable."""
+
+
 def _resolve_inside(root: Path, rel: str) -> Path:
     path = (root / rel).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise BadImageError(f"path '{rel}' escapes the data root {root}")
+        raise BadFileError(f"path '{rel}' escapes the data root {root}")
     if not path.is_file():
-        raise BadImageError(f"file '{rel}' not found under {root}")
+        raise BadFileError(f"file '{rel}' not found under {root}")
     return path
 
 
-def _split_train_val(rows: pd.DataFrame, target: str, group: str | None, fraction: float, seed: int) -> pd.Series:
-    """Stratified by target and grouped by image, so no image is seen in both train and val."""
-    n_splits = max(2, round(1 / fraction))
-    groups = rows[group] if group else np.arange(len(rows))
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, val_idx = next(splitter.split(rows, rows[target], groups))
-    split = pd.Series("train", index=rows.index)
-    split.iloc[val_idx] = "val"
-    return split
+def find_manifest(raw_dir: Path) -> Path:
+    """``data/raw/manifest.csv``, ``.jsonl`` or ``.parquet``: exactly one of them."""
+    found = [raw_dir / name for name in MANIFEST_FORMATS if (raw_dir / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{raw_dir}: no manifest ({', '.join(MANIFEST_FORMATS)}). "
+                                "Run `mmops data import` first.")
+    if len(found) > 1:
+        raise ValueError(f"{raw_dir}: more than one manifest ({', '.join(p.name for p in found)}); keep one")
+    return found[0]
+
+
+def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Manifest rows as string columns ("" for missing), with ``line``: the row's line in the file (CSV
+    counts the header as line 1; JSONL lines and Parquet rows count from 1)."""
+    first_line = 2 if path.suffix == ".csv" else 1
+    if path.suffix == ".csv":
+        chunks: Any = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=chunk_rows)
+    elif path.suffix == ".jsonl":
+        try:
+            chunks = pd.read_json(path, lines=True, dtype=False, chunksize=chunk_rows)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not JSON lines: {exc}") from exc
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        chunks = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows))
+    else:
+        raise ValueError(f"{path}: unknown manifest format; use .csv, .jsonl or .parquet")
+    start = first_line
+    try:
+        for chunk in chunks:
+            chunk = chunk.astype(object).where(chunk.notna(), "").astype(str)
+            chunk["line"] = np.arange(start, start + len(chunk))
+            start += len(chunk)
+            yield chunk.reset_index(drop=True)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{path}: cannot be read near line {start}: {exc}") from exc
 
 
 def required_columns(params: Params) -> list[str]:
-    return [*params.inputs, params.target, "split"]
+    return [*dict.fromkeys(c for name in params.inputs for c in params.columns(name)), params.target.column]
 
 
-def _read_manifest(path: Path, source: str, root: str, params: Params) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in required_columns(params) if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}; the manifest has {list(df.columns)}")
-    df["line"] = np.arange(len(df)) + 2  # header is line 1
-    df["source"] = source
-    df["root"] = root  # the folder its relative paths start from, relative to the appended folder
-    return df
+@dataclass
+class _Values:
+    """The distinct values of one input, in first-seen order; rows refer to them by index."""
+
+    spec: InputConfig
+    index: dict[Any, int] = field(default_factory=dict)
+    values: list[Any] = field(default_factory=list)
+
+    def add(self, key: Any, value: Any) -> int:
+        if key not in self.index:
+            self.index[key] = len(self.values)
+            self.values.append(value)
+        return self.index[key]
+
+
+class _Chunk:
+    """One chunk of manifest rows being checked; bad rows are flagged once, with the first reason."""
+
+    def __init__(self, df: pd.DataFrame, source: str, problems: list[Problem]) -> None:
+        self.df, self.source, self.problems = df, source, problems
+        self.bad = np.zeros(len(df), dtype=bool)
+
+    def flag(self, mask: np.ndarray, field_name: str, reason: str | list[str]) -> None:
+        mask = mask & ~self.bad
+        reasons = reason if isinstance(reason, list) else None
+        for i in np.flatnonzero(mask):
+            text = reasons[i] if reasons else reason
+            self.problems.append(Problem(self.source, int(self.df["line"].iat[i]), field_name, str(text)))
+        self.bad |= mask
+
+
+def _parse_number(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _input_index(chunk: _Chunk, name: str, params: Params, store: _Values, root: np.ndarray) -> np.ndarray:
+    """Each row's index into ``store`` for one input (-1: missing, kept when ``missing: learn``)."""
+    spec, df = store.spec, chunk.df
+    cols = params.columns(name)
+    cells = df[cols].apply(lambda c: c.str.strip())
+    empty = (cells == "").all(axis=1).to_numpy()
+    if spec.missing == "drop":
+        chunk.flag(empty, name, f"empty {name}: a missing input is dropped (inputs.{name}.missing: drop; "
+                   "set it to learn to keep such rows)")
+    out = np.full(len(df), -1, dtype=np.int64)
+    if spec.kind == "number":
+        parsed = cells.map(lambda v: math.nan if v == "" else _parse_number(v))
+        bad = parsed.isna().to_numpy() & (cells != "").to_numpy()
+        for j, col in enumerate(cols):
+            chunk.flag(bad[:, j], col, "not a number")
+    for i in np.flatnonzero(~empty & ~chunk.bad):
+        if spec.kind == "text":
+            value = cells.iat[i, 0]
+            out[i] = store.add(value, value)
+        elif spec.kind == "number":
+            row = tuple(float(v) for v in parsed.iloc[i])
+            out[i] = store.add(row, list(row))
+        elif spec.kind == "category":
+            row = tuple(cells.iloc[i])
+            out[i] = store.add(row, list(row))
+        else:  # a file: one key per file, the same relative path in two batches is two files
+            out[i] = store.add((root[i], cells.iat[i, 0]), (root[i], cells.iat[i, 0]))
+    return out
+
+
+def _decode_files(store: _Values, name: str, path: Path, params: Params, roots: dict[str, Path]) -> np.ndarray:
+    """Decode every distinct file into a memory-mapped ``.npy``; returns which ones are broken."""
+    size, rate = params.data.image_size, params.data.sample_rate
+    shape = (size, size, 3) if store.spec.kind == "image" else (round(rate * params.data.audio_seconds),)
+    dtype = np.uint8 if store.spec.kind == "image" else np.float32
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(store.values), *shape))
+    broken: dict[int, str] = {}
+    for i, (batch, rel) in enumerate(track(store.values, description=f"decoding {name}", transient=True)):
+        try:
+            file = _resolve_inside(roots[batch], rel)
+            if store.spec.kind == "image":
+                out[i] = load_image(file, size)
+            else:
+                out[i] = load_audio(file, rate, params.data.audio_seconds)
+        except (BadFileError, BadImageError, BadAudioError) as exc:
+            broken[i] = str(exc)
+    out.flush()
+    del out
+    return np.array([broken.get(i, "") for i in range(len(store.values))], dtype=object)
+
+
+def _target(chunk: _Chunk, params: Params) -> pd.Series:
+    """The target of each row in its task's form (label string, label tuple, or float)."""
+    target = params.target
+    values = chunk.df[target.column].str.strip()
+    chunk.flag((values == "").to_numpy(), target.column, "empty target")
+    if target.type == "regression":
+        parsed = values.map(_parse_number)
+        chunk.flag(parsed.isna().to_numpy(), target.column, "the target must be a number (regression)")
+        return parsed
+    if target.type == "multilabel":
+        sets = values.map(lambda v: tuple(sorted({p.strip() for p in v.split(target.separator) if p.strip()})))
+        chunk.flag((sets.map(len) == 0).to_numpy(), target.column,
+                   f"no labels (separate them with '{target.separator}')")
+        return sets
+    return values
+
+
+def _carve(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, group: str | None) -> np.ndarray:
+    """A seeded held-out part of ``rows``: stratified by label when it is a class, grouped by image so
+    that no image is seen on both sides."""
+    n_splits = max(2, round(1 / fraction))
+    groups = rows[group].to_numpy() if group else np.arange(len(rows))
+    if stratify and rows["label"].nunique() > 1:
+        y = rows["label"].to_numpy()
+    else:
+        y = np.zeros(len(rows), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    held = np.zeros(len(rows), dtype=bool)
+    try:
+        _, idx = next(splitter.split(rows, y, groups))
+    except ValueError:  # fewer groups than folds: a tiny data set; fall back to a seeded shuffle
+        idx = np.random.default_rng(seed).permutation(len(rows))[: max(1, round(len(rows) * fraction))]
+    held[idx] = True
+    return held
 
 
 def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | None = None) -> dict:
     """``appended_dir`` defaults to the project layout's ``data/appended`` beside ``raw_dir``."""
-    manifest_path = raw_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no manifest. Run `mmops data import easy-vqa` first.")
+    manifest_path = find_manifest(raw_dir)
     appended_dir = appended_dir or raw_dir.parent / "appended"
     batches = sorted(m for m in appended_dir.glob(f"*/{MANIFEST}") if not m.parent.name.startswith(".")) \
         if appended_dir.is_dir() else []
-    df = pd.concat(
-        [_read_manifest(manifest_path, MANIFEST, "", params)]
-        + [_read_manifest(m, f"appended/{m.parent.name}/{MANIFEST}", m.parent.name, params) for m in batches],
-        ignore_index=True,
-    ).fillna("")  # columns an appended batch lacks (e.g. answer_type) are empty, not NaN
+    sources = [(manifest_path, manifest_path.name, "")]
+    sources += [(m, f"appended/{m.parent.name}/{MANIFEST}", m.parent.name) for m in batches]
+    roots = {"": raw_dir, **{m.parent.name: m.parent for m in batches}}
+    target = params.target
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     problems: list[Problem] = []
-    bad = np.zeros(len(df), dtype=bool)
+    stores = {name: _Values(spec) for name, spec in params.inputs.items()}
+    parts: list[pd.DataFrame] = []
+    bad_rows: list[pd.DataFrame] = []  # the original cells of quarantined rows, for the user to fix
+    total, has_split = 0, None
+    for path, source, batch in sources:
+        for df in read_chunks(path, params.data.chunk_rows):
+            missing = [c for c in required_columns(params) if c not in df.columns]
+            if missing:
+                raise ValueError(f"{path}: missing columns {missing}; the manifest has "
+                                 f"{[c for c in df.columns if c != 'line']}. Rename them or set inputs/target "
+                                 "in params.yaml.")
+            has_split = ("split" in df.columns) if has_split is None else has_split
+            if has_split and "split" not in df.columns:
+                raise ValueError(f"{path}: no split column, but the main manifest has one")
+            total += len(df)
+            chunk = _Chunk(df, source, problems)
+            if has_split:
+                chunk.flag(~df["split"].isin(["train", "test"]).to_numpy(), "split", "split must be 'train' or 'test'")
+            labels = _target(chunk, params)
+            root = np.full(len(df), batch, dtype=object)
+            part = pd.DataFrame({"line": df["line"], "source": source})
+            for name in params.inputs:
+                part[f"{name}_idx"] = _input_index(chunk, name, params, stores[name], root)
+            part["label"] = labels
+            part["split"] = df["split"] if has_split else "train"
+            if "answer_type" in df.columns:
+                part["group"] = df["answer_type"]
+            parts.append(part[~chunk.bad])
+            if chunk.bad.any():
+                bad_rows.append(df[chunk.bad].assign(source=source))
 
-    def flag(mask: np.ndarray, field: str, reason: str) -> None:
-        for source, line in df.loc[mask & ~bad, ["source", "line"]].itertuples(index=False):
-            problems.append(Problem(source, int(line), field, reason))
-        bad[mask] = True
-
-    flag(~df["split"].isin(["train", "test"]).to_numpy(), "split", "split must be 'train' or 'test'")
-    flag((df[params.target].str.strip() == "").to_numpy(), params.target, "empty target")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns: dict[str, np.ndarray] = {}
-    for name, spec in params.inputs.items():
-        values = df[name].str.strip()
-        if spec.modality == "text":
-            flag((values == "").to_numpy(), name, "empty text")
-            uniques, index = np.unique(values.to_numpy(), return_inverse=True)
-            (out_dir / f"{name}.json").write_text(json.dumps(uniques.tolist()))
-        elif spec.modality == "image":
-            # One key per file: the same relative path in two batches is two different images.
-            values = (df["root"] + "\x00" + values).str.removeprefix("\x00")
-            uniques, index = np.unique(values.to_numpy(), return_inverse=True)
-            store = np.zeros((len(uniques), params.data.image_size, params.data.image_size, 3), np.uint8)
-            broken = np.zeros(len(uniques), dtype=bool)
-            for i, key in enumerate(track(uniques, description=f"decoding {name}", transient=True)):
-                batch, _, rel = key.rpartition("\x00")
-                try:
-                    root = appended_dir / batch if batch else raw_dir
-                    store[i] = load_image(_resolve_inside(root, rel), params.data.image_size)
-                except BadImageError as exc:
-                    broken[i] = True
-                    flag((values == key).to_numpy(), name, str(exc))
-            np.save(out_dir / f"{name}.npy", store)
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["line", "source", "label", "split"])
+    # Files are decoded once each, after every row was read; a broken file quarantines its rows.
+    for name, store in stores.items():
+        kind = store.spec.kind
+        if kind in FILE_KINDS:
+            broken = _decode_files(store, name, out_dir / f"{name}.npy", params, roots)
+            hit = rows[f"{name}_idx"].to_numpy()
+            reasons = np.where(hit >= 0, broken[np.maximum(hit, 0)], "")
+            drop = reasons != ""
+            for (source, line), reason in zip(rows.loc[drop, ["source", "line"]].itertuples(index=False),
+                                              reasons[drop], strict=True):
+                problems.append(Problem(source, int(line), name, reason))
+            if drop.any():
+                bad_rows.append(_original_rows(sources, rows.loc[drop, ["source", "line"]], params.data.chunk_rows))
+            rows = rows[~drop].reset_index(drop=True)
         else:
-            raise NotImplementedError(f"inputs.{name}: modality '{spec.modality}' is not supported yet")
-        columns[f"{name}_idx"] = index.astype(np.int64)
+            (out_dir / f"{name}.json").write_text(json.dumps(store.values))
 
-    train_labels = sorted(set(df.loc[~bad & (df["split"] == "train").to_numpy(), params.target]))
-    flag(~df[params.target].isin(train_labels).to_numpy(), params.target,
-         "label never seen in the train split, so no model can predict it")
+    # Labels are those of the train split; a test label never seen in training cannot be predicted.
+    train_mask = (rows["split"] == "train").to_numpy()
+    if target.type == "regression":
+        label_names: list[str] = []
+        rows["label"] = rows["label"].astype(np.float64)
+    else:
+        seen = rows.loc[train_mask, "label"]
+        label_names = sorted(set(seen) if target.type == "classification" else {x for s in seen for x in s})
+        known = set(label_names)
+        unseen = ~rows["label"].map(
+            lambda v: v in known if target.type == "classification" else set(v) <= known).to_numpy()
+        for source, line in rows.loc[unseen, ["source", "line"]].itertuples(index=False):
+            problems.append(Problem(source, int(line), target.column,
+                                    "label never seen in the train split, so no model can predict it"))
+        if unseen.any():
+            bad_rows.append(_original_rows(sources, rows.loc[unseen, ["source", "line"]], params.data.chunk_rows))
+        rows = rows[~unseen].reset_index(drop=True)
+        label_of = {label: i for i, label in enumerate(label_names)}
+        rows["label"] = (rows["label"].map(label_of).astype(np.int64) if target.type == "classification"
+                         else rows["label"].map(lambda s: [label_of[x] for x in s]))
 
-    rows = pd.DataFrame({"line": df["line"], **columns, "label": 0, "split": df["split"]})
-    label_of = {label: i for i, label in enumerate(train_labels)}
-    rows["label"] = df[params.target].map(label_of).fillna(-1).astype(np.int64)
-    if "answer_type" in df.columns:
-        rows["group"] = df["answer_type"]
-    rows = rows[~bad].reset_index(drop=True)
-    image_inputs = [n for n, s in params.inputs.items() if s.modality == "image"]
-    train_mask = rows["split"] == "train"
-    rows.loc[train_mask, "split"] = _split_train_val(
-        rows[train_mask], "label", f"{image_inputs[0]}_idx" if image_inputs else None,
-        params.data.val_fraction, params.seed,
-    ).to_numpy()
+    group = next((f"{n}_idx" for n, s in params.inputs.items() if s.kind == "image"), None)
+    stratify = target.type == "classification"
+    if not has_split and len(rows):
+        rows.loc[_carve(rows, params.data.test_fraction, params.seed, stratify, group), "split"] = "test"
+    train = (rows["split"] == "train").to_numpy()
+    if train.sum() > 1:
+        val = _carve(rows[train].reset_index(drop=True), params.data.val_fraction, params.seed, stratify, group)
+        rows.loc[np.flatnonzero(train)[val], "split"] = "val"
 
     rows.to_parquet(out_dir / "rows.parquet", index=False)
-    (out_dir / "labels.json").write_text(json.dumps(train_labels))
+    (out_dir / "labels.json").write_text(json.dumps(label_names))
     quarantine = pd.DataFrame([p.__dict__ for p in problems], columns=["source", "line", "field", "reason"])
-    quarantine = (quarantine.merge(df.drop(columns="root"), on=["source", "line"], how="left")
-                  .sort_values(["source", "line"]))
+    if bad_rows:
+        original = pd.concat(bad_rows, ignore_index=True).drop_duplicates(["source", "line"])
+        quarantine = quarantine.merge(original, on=["source", "line"], how="left")
+    quarantine = quarantine.sort_values(["source", "line"], kind="stable")
     quarantine.to_csv(out_dir / "quarantine.csv", index=False)
     summary = {
-        "rows": len(df),
+        "rows": total,
         "kept": len(rows),
-        "quarantined": int(bad.sum()),
+        "quarantined": int(quarantine[["source", "line"]].drop_duplicates().shape[0]),
         "splits": {k: int(v) for k, v in rows["split"].value_counts().sort_index().items()},
-        "labels": len(train_labels),
+        "labels": len(label_names),
+        "task": target.type,
         "appended_batches": len(batches),
+        "manifest": manifest_path.name,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _original_rows(sources: list[tuple[Path, str, str]], wanted: pd.DataFrame, chunk_rows: int) -> pd.DataFrame:
+    """Re-read the manifest cells of rows found bad late (a broken file, an unseen label)."""
+    out = []
+    for path, source, _ in sources:
+        lines = set(wanted.loc[wanted["source"] == source, "line"])
+        if lines:
+            out += [df[df["line"].isin(lines)].assign(source=source) for df in read_chunks(path, chunk_rows)]
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=["source", "line"])

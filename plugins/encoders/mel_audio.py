@@ -8,16 +8,14 @@ WAV files are decoded with scipy, mixed to mono, resampled to ``sample_rate`` an
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
-from math import gcd
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from mmops.data.audio import BadAudioError, load_audio
 from mmops.interfaces import Encoder
 
 
@@ -37,28 +35,11 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
 
 
 def decode_wav(value: Any, sample_rate: int) -> np.ndarray:
-    """WAV bytes, a WAV path, or a 1-D float array already at ``sample_rate``, to mono float32."""
-    from scipy.io import wavfile
-    from scipy.signal import resample_poly
-
-    if isinstance(value, np.ndarray) and value.ndim == 1:
-        return value.astype(np.float32)
-    if not isinstance(value, bytes | str | Path):
-        raise ValueError(f"mel_audio expects WAV bytes, a WAV path or a 1-D waveform, got {type(value).__name__}")
+    """The decoder ``prepare`` and the service use too (:func:`mmops.data.audio.load_audio`)."""
     try:
-        rate, data = wavfile.read(io.BytesIO(value) if isinstance(value, bytes) else value)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"mel_audio: not a readable WAV file ({exc})") from exc
-    if data.dtype.kind in "iu":  # integer PCM to [-1, 1]
-        info = np.iinfo(data.dtype)
-        data = (data.astype(np.float32) - (info.max + info.min + 1) / 2) / ((info.max - info.min + 1) / 2)
-    data = data.astype(np.float32)
-    if data.ndim == 2:
-        data = data.mean(axis=1)
-    if rate != sample_rate:
-        g = gcd(rate, sample_rate)
-        data = resample_poly(data, sample_rate // g, rate // g).astype(np.float32)
-    return data
+        return load_audio(value, sample_rate)
+    except BadAudioError as exc:
+        raise ValueError(f"mel_audio: {exc}") from exc
 
 
 class MelAudioEncoder(Encoder):
