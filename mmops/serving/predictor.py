@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mmops.cache import content_hash
+from mmops.data.audio import BadAudioError, load_audio
 from mmops.data.images import MAX_PIXELS, BadImageError, load_image
 from mmops.model import MultimodalModel
 
@@ -61,6 +62,7 @@ class Limits:
         self.image_bytes = _env_int("MMOPS_MAX_IMAGE_BYTES", 10 * 1024 * 1024)
         # Pillow refuses more than MAX_PIXELS in every code path (see mmops.data.images).
         self.image_pixels = min(_env_int("MMOPS_MAX_IMAGE_PIXELS", 16_000_000), MAX_PIXELS)
+        self.audio_bytes = _env_int("MMOPS_MAX_AUDIO_BYTES", 20 * 1024 * 1024)
         self.batch_size = _env_int("MMOPS_MAX_BATCH", 64)
         # Whole request body (checked on Content-Length before it is read): a full batch of images.
         self.request_bytes = _env_int("MMOPS_MAX_REQUEST_BYTES", 64 * 1024 * 1024)
@@ -122,30 +124,52 @@ class RowDecoder:
     """Checks one request row against a model's inputs and the limits, and decodes it.
 
     It needs only the model's spec, not its weights, so the service's HTTP front validates and decodes
-    requests while the model process runs batches.
+    requests while the model process runs batches. A request names the manifest's columns (a tabular
+    input may read several); a decoded row is keyed by model input, None where an input that may be
+    missing (``missing: learn``) was not given.
     """
 
     def __init__(self, spec: Mapping[str, Any], limits: Limits | None = None) -> None:
         self.spec = spec
-        self.inputs: dict[str, str] = {n: i["modality"] for n, i in spec["inputs"].items()}
+        items = spec["inputs"]
+        self.kinds: dict[str, str] = {n: i.get("kind") or i["modality"] for n, i in items.items()}
+        self.columns: dict[str, list[str]] = {n: i.get("columns") or [n] for n, i in items.items()}
+        self.optional = frozenset(n for n, i in items.items() if i.get("missing") == "learn")
+        # What a request sends: field -> its kind (text, image, audio, number, category).
+        self.inputs: dict[str, str] = {c: self.kinds[n] for n in items for c in self.columns[n]}
         self.limits = limits or Limits()
 
     def _decode(self, name: str, value: Any) -> Any:
-        modality = self.inputs[name]
-        if modality == "text":
+        kind = self.inputs[name]
+        if kind == "text":
             if not isinstance(value, str) or not value.strip():
                 raise InputError(name, "must be a non-empty string")
             if len(value) > self.limits.text_chars:
                 raise InputError(name, f"is {len(value)} characters, over the limit of {self.limits.text_chars}")
             return value.strip()
-        if modality == "image":
+        if kind == "image":
             return self._decode_image(name, value)
-        raise InputError(name, f"modality '{modality}' is not supported by this service")
+        if kind == "audio":
+            return self._decode_audio(name, value)
+        if kind == "number":
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise InputError(name, "must be a number")
+            try:
+                number = float(value)
+            except ValueError:
+                raise InputError(name, f"must be a number, got {str(value)[:40]!r}") from None
+            if not np.isfinite(number):
+                raise InputError(name, "must be a finite number")
+            return number
+        if kind == "category":
+            if not isinstance(value, str | int) or isinstance(value, bool) or not str(value).strip():
+                raise InputError(name, "must be a non-empty string (a category)")
+            if len(str(value)) > self.limits.text_chars:
+                raise InputError(name, f"is over the limit of {self.limits.text_chars} characters")
+            return str(value).strip()
+        raise InputError(name, f"kind '{kind}' is not supported by this service")
 
-    def _decode_image(self, name: str, value: Any) -> np.ndarray:
-        limit = self.limits.image_bytes
-        if isinstance(value, np.ndarray):
-            return value
+    def _file_bytes(self, name: str, value: Any, limit: int, what: str) -> bytes:
         if isinstance(value, str):  # base64 in JSON requests
             if len(value) > limit * 4 // 3 + 4:  # refuse before decoding what cannot fit
                 raise InputError(name, f"is over the limit of {limit} bytes")
@@ -158,11 +182,29 @@ class RowDecoder:
                 raise InputError(name, f"is {value.stat().st_size} bytes, over the limit of {limit}")
             value = value.read_bytes()
         if not isinstance(value, bytes):
-            raise InputError(name, "must be image bytes, a file or base64")
+            raise InputError(name, f"must be {what} bytes, a file or base64")
         if not value:
             raise InputError(name, "is empty")
         if len(value) > limit:
             raise InputError(name, f"is {len(value)} bytes, over the limit of {limit}")
+        return value
+
+    def _decode_audio(self, name: str, value: Any) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        data = self._file_bytes(name, value, self.limits.audio_bytes, "WAV")
+        try:
+            return load_audio(data, self.spec.get("sample_rate", 16000), self.spec.get("audio_seconds", 1.0))
+        except BadAudioError as exc:
+            raise InputError(name, str(exc)) from exc
+        except Exception as exc:  # untrusted bytes: any decoder failure is the input's fault
+            raise InputError(name, f"cannot be decoded as WAV audio ({type(exc).__name__}: {exc})") from exc
+
+    def _decode_image(self, name: str, value: Any) -> np.ndarray:
+        limit = self.limits.image_bytes
+        if isinstance(value, np.ndarray):
+            return value
+        value = self._file_bytes(name, value, limit, "image")
         try:
             return load_image(value, self.spec["image_size"], max_pixels=self.limits.image_pixels)
         except BadImageError as exc:
@@ -171,16 +213,28 @@ class RowDecoder:
             raise InputError(name, f"cannot be decoded as an image ({type(exc).__name__}: {exc})") from exc
 
     def validate(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """One request's inputs, checked against the model's inputs and the limits, then decoded."""
+        """One request's fields, checked against the model's inputs and the limits, then decoded
+        into one value per model input (a tabular input's columns become one row)."""
         if not isinstance(record, Mapping):
             raise InputError("item", f"must be an object with the fields {sorted(self.inputs)}")
         extra = sorted(set(record) - set(self.inputs))
         if extra:
             raise InputError(extra[0], f"is not an input of this model; it takes {sorted(self.inputs)}")
-        missing = [n for n in self.inputs if record.get(n) is None]
-        if missing:
-            raise InputError(missing[0], f"is required; this model takes {sorted(self.inputs)}")
-        return {n: self._decode(n, record[n]) for n in self.inputs}
+        out: dict[str, Any] = {}
+        for name, columns in self.columns.items():
+            given = [c for c in columns if record.get(c) not in (None, "")]
+            if not given and name in self.optional:
+                out[name] = None  # the model's learned "missing" embedding stands in
+                continue
+            absent = [c for c in columns if c not in given]
+            if absent and self.kinds[name] != "number":  # a number column may be absent: imputed as in training
+                raise InputError(absent[0], f"is required; this model takes {sorted(self.inputs)}"
+                                 + (f" ({name} may be left out)" if name in self.optional else ""))
+            if not given:
+                raise InputError(columns[0], f"is required; this model takes {sorted(self.inputs)}")
+            values = [self._decode(c, record[c]) if c in given else float("nan") for c in columns]
+            out[name] = values if self.kinds[name] in ("number", "category") else values[0]
+        return out
 
 
 class Predictor:
@@ -209,23 +263,44 @@ class Predictor:
         if not decoded:
             return []
         inputs: dict[str, Any] = {}
+        index: dict[str, torch.Tensor] = {}
         amp = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
                else contextlib.nullcontext())
         with amp:
-            for name in self.inputs:
-                values = [d[name] for d in decoded]
-                encoder = self.model.encoders[name]
-                if name in self._caches:
+            for name, encoder in self.model.encoders.items():
+                present = [i for i, d in enumerate(decoded) if d[name] is not None]
+                values = [decoded[i][name] for i in present]
+                position = torch.full((len(decoded),), -1, dtype=torch.long)
+                position[present] = torch.arange(len(present))
+                index[name] = position.to(self.device)
+                if not values:
+                    inputs[name] = None
+                elif name in self._caches:
                     inputs[name] = self._caches[name].get_many(
                         values, lambda vs, e=encoder: e(self._to_device(e.preprocess(vs))).float()
                     )
                 else:
                     inputs[name] = self._to_device(encoder.preprocess(values))
-            logits = self.model(inputs, None, frozenset(self._caches))
-        probs = torch.softmax(logits.float(), dim=1).cpu()
-        k = max(1, min(top_k, probs.shape[1]))
-        top = probs.topk(k, dim=1)
-        labels = self.model.labels
+            logits = self.model(inputs, index, frozenset(self._caches))
+        return self._answers(logits.float().cpu(), top_k)
+
+    def _answers(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
+        """Per task: the class and its top k; the labels over the threshold; or the value."""
+        from mmops.train import scores_from_logits
+
+        task, labels = self.model.task, self.model.labels
+        scores = scores_from_logits(task, logits)
+        if task["type"] == "regression":
+            return [{"answer": round(float(v), 6), "top_k": []} for v in scores[:, 0]]
+        k = max(1, min(top_k, scores.shape[1]))
+        top = scores.topk(k, dim=1)
+        if task["type"] == "multilabel":
+            return [
+                {"answer": [labels[j] for j in torch.nonzero(row >= task["threshold"]).flatten().tolist()],
+                 "top_k": [{"answer": labels[int(i)], "probability": round(float(p), 6)}
+                           for p, i in zip(pr, idx, strict=True)]}
+                for row, pr, idx in zip(scores, top.values, top.indices, strict=True)
+            ]
         return [
             {
                 "answer": labels[int(idx[0])],

@@ -73,7 +73,9 @@ _served: dict[str, str] = {}
 
 
 class Answer(BaseModel):
-    answer: str
+    answer: str | float | list[str] = Field(
+        description="the class; the labels over the threshold (multi-label); or the value (regression)"
+    )
     top_k: list[dict[str, Any]]
     model: str = Field(description="the registry version of the model that answered")
 
