@@ -26,6 +26,11 @@ def champion_challenger(root: str, model_version: str, model_dir: str, context: 
     return {**asdict(outcome), "summary": outcome.summary()}
 
 
+@task(name="report")
+def report(root: str, candidate: str) -> str:
+    return str(pipeline.write_run_report(Project.at(root), candidate))
+
+
 @flow(name="retrain")
 def retrain(project_dir: str = ".", build_bento: bool = True, force: bool = False, runner: dict | None = None) -> dict:
     """Reproduce the data stages, train every candidate, pick the best on val, register and package it,
@@ -37,5 +42,7 @@ def retrain(project_dir: str = ".", build_bento: bool = True, force: bool = Fals
     shipped = register_and_package(str(project.root), best, build_bento)
     promotion = champion_challenger(str(project.root), shipped["model_version"], best["model_dir"],
                                     {"stages": stages, "flow_run_id": str(flow_run.id) if flow_run.id else None})
-    return {"stages": stages, "results": results, "best": best["candidate"], **shipped, "promotion": promotion}
+    html = report(str(project.root), best["candidate"])
+    return {"stages": stages, "results": results, "best": best["candidate"], **shipped, "promotion": promotion,
+            "report": html}
 

@@ -60,23 +60,103 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# ---------------------------------------------------------------- projects
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="the new project's folder")],
+    template: Annotated[str, typer.Option(help="vqa | classification | regression | retrieval")] = "classification",
+) -> None:
+    """Scaffold a project: params.yaml, dvc.yaml, bentofile.yaml, git + DVC, and a README of next steps."""
+    from mmops.scaffold import init_project
+
+    try:
+        root = init_project(directory, template)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(f"created a {template} project in {root}; read {root / 'README.md'} for the next steps:")
+    console.print(f"  cd {directory}\n  mmops data import\n  mmops data validate\n  mmops run")
+
+
 # ---------------------------------------------------------------- data
 
 
 @data_app.command("import")
 def data_import(
-    source: Annotated[str, typer.Argument(help="dataset to import: easy-vqa")],
+    source: Annotated[str | None, typer.Argument(
+        help="easy-vqa | manifest | vqa-v2 | coco-captions | imagefolder (default: params data.source)")] = None,
+    from_: Annotated[Path | None, typer.Option("--from", help="the source's files (default: params data.path)")] = None,
     project_dir: ProjectOpt = Path("."),
-    limit: Annotated[int | None, typer.Option(help="questions kept per split (default: params data.limit)")] = None,
+    limit: Annotated[int | None, typer.Option(help="rows kept per split (default: params data.limit)")] = None,
 ) -> None:
     """Write the manifest (one row per example) and its files under data/raw/."""
-    project = _project(project_dir)
-    if source != "easy-vqa":
-        raise _fail(f"unknown source '{source}'; available: easy-vqa")
-    from mmops.data.easyvqa import import_easy_vqa
+    from mmops.config import SOURCES
 
-    manifest = import_easy_vqa(project.raw_dir, project.params.data.limit if limit is None else limit)
+    project = _project(project_dir)
+    params = project.params
+    source = source or params.data.source
+    limit = params.data.limit if limit is None else limit
+    if source not in SOURCES:
+        raise _fail(f"unknown source '{source}'; available: {', '.join(SOURCES)}", 2)
+    path = from_ or (project.root / params.data.path if params.data.path else None)
+    if source == "easy-vqa":
+        from mmops.data.easyvqa import import_easy_vqa
+
+        manifest = import_easy_vqa(project.raw_dir, limit)
+    elif path is None:
+        raise _fail(f"{source}: where are the files? Pass --from PATH or set data.path in params.yaml", 2)
+    else:
+        from mmops.data.importers import IMPORTERS, import_manifest
+
+        try:
+            if source == "manifest":
+                files = [c for n, i in params.inputs.items() if i.kind in ("image", "audio") for c in params.columns(n)]
+                manifest = import_manifest(path, project.raw_dir, files, limit)
+            else:
+                manifest = IMPORTERS[source](path, project.raw_dir, limit)
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None
     console.print(f"wrote {manifest.relative_to(project.root)}")
+
+
+@data_app.command("validate")
+def data_validate(
+    project_dir: ProjectOpt = Path("."),
+    strict: Annotated[bool, typer.Option(help="exit 1 when any row is bad (for CI)")] = False,
+) -> None:
+    """Check every row against params.yaml before training; bad rows go to data/quarantine.csv by line."""
+    import shutil
+    import tempfile
+
+    import pandas as pd
+
+    project = _project(project_dir)
+    from mmops.data.prepare import prepare
+
+    with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:
+        try:
+            summary = prepare(project.raw_dir, Path(tmp), project.params)
+        except (FileNotFoundError, ValueError) as exc:
+            raise _fail(str(exc), 2) from None
+        quarantine = project.root / "data" / "quarantine.csv"
+        shutil.copyfile(Path(tmp) / "quarantine.csv", quarantine)
+        problems = pd.read_csv(quarantine, dtype=str, keep_default_na=False)
+    console.print(f"{summary['rows']} rows: {summary['kept']} usable {summary['splits']}, "
+                  f"{summary['quarantined']} bad; task {summary['task']}, {summary['labels']} labels")
+    if problems.empty:
+        console.print("[green]every row is usable[/]")
+        return
+    table = Table(title=f"Bad rows (all of them in {quarantine.relative_to(project.root)})")
+    for col in ("source", "line", "field", "reason"):
+        table.add_column(col)
+    for row in problems.head(20).itertuples(index=False):
+        table.add_row(row.source, row.line, row.field, row.reason)
+    console.print(table)
+    if len(problems) > 20:
+        console.print(f"... and {len(problems) - 20} more")
+    if strict:
+        raise typer.Exit(1)
 
 
 @data_app.command("prepare")
@@ -128,17 +208,24 @@ def data_append(
 # ---------------------------------------------------------------- pipeline
 
 
-def print_leaderboard(results: list[dict], best: str | None = None) -> None:
-    table = Table(title="Leaderboard (selected on val; test is reported, never used to select)")
-    for col in ("candidate", "fusion", "val acc", "val F1", "test acc", "train time", "status"):
-        table.add_column(col, justify="right" if "acc" in col or "F1" in col or "time" in col else "left")
+def print_leaderboard(results: list[dict], best: str | None = None, select_metric: str = "val_accuracy") -> None:
+    from mmops.config import TASK_METRICS
+
+    task = next((r["task"] for r in results if r.get("task")), "classification")
+    metric = select_metric.removeprefix("val_")
+    columns = [f"val_{m}" for m in TASK_METRICS[task]] + [f"test_{metric}"]
+    table = Table(title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select)")
+    table.add_column("candidate")
+    table.add_column("fusion")
+    for col in [*columns, "train time"]:
+        table.add_column(col.replace("_", " "), justify="right")
+    table.add_column("status")
     for r in results:
         ok = r.get("status") == "completed"
         f = r.get("final", {})
         table.add_row(
             ("* " if r["candidate"] == best else "") + r["candidate"], r.get("fusion") or "",
-            f"{f['val_accuracy']:.4f}" if ok else "-", f"{f['val_macro_f1']:.4f}" if ok else "-",
-            f"{f['test_accuracy']:.4f}" if ok else "-",
+            *[f"{f[c]:.4f}" if ok and c in f else "-" for c in columns],
             f"{r['train_seconds']:.0f} s" if ok else "-",
             "ok" if ok else f"[red]failed[/]: {r.get('error', '')[:60]}",
         )
@@ -181,7 +268,7 @@ def run(
     started = time.perf_counter()
     if not force and (same := pipeline.up_to_date(project, bento)):
         _print_stages(same["stages"])
-        print_leaderboard(same["results"], same["best"])
+        print_leaderboard(same["results"], same["best"], project.params.select_metric)
         console.print(f"nothing changed: {same['model_version']} ({same['bento_tag'] or same['model_tag']}) stands; "
                       f"--force retrains.  [{time.perf_counter() - started:.1f} s]")
         return
@@ -191,10 +278,11 @@ def run(
     console.print(f"[bold]retrain[/] flow on {project.root} (registry: {project.db_url}, runner: {config.kind})")
     out = retrain(str(project.root), build_bento=bento, force=force, runner=config.model_dump())
     _print_stages(out["stages"])
-    print_leaderboard(out["results"], out["best"])
+    print_leaderboard(out["results"], out["best"], project.params.select_metric)
     console.print(f"best candidate: [bold]{out['best']}[/]   model version: [bold]{out['model_version']}[/]")
     console.print(f"model: {out['model_tag']}   bento: {out['bento_tag']}")
     console.print(f"champion/challenger: {out['promotion']['summary']}", soft_wrap=True)
+    console.print(f"report: {out['report']}")
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
     if out["bento_tag"]:
         console.print(f"serve it:  [bold]mmops serve -p {project_dir}[/]  (or BENTOML_HOME={os.environ['BENTOML_HOME']}"
@@ -219,7 +307,7 @@ def sweep_cmd(
                   f"({config.address or f'{config.max_workers} local workers'})")
     out = sweep.sweep.with_options(task_runner=sweep.task_runner(config))(str(project.root), force=force)
     _print_stages(out["stages"])
-    print_leaderboard(out["results"], out["best"]["candidate"])
+    print_leaderboard(out["results"], out["best"]["candidate"], project.params.select_metric)
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
 
 
@@ -238,7 +326,7 @@ def train(
     results = [pipeline.train_one(project, c) for c in chosen]
     best = pipeline.select_best(results, project.params.select_metric)
     pipeline.write_metrics(project, results, best)
-    print_leaderboard(results, best["candidate"])
+    print_leaderboard(results, best["candidate"], project.params.select_metric)
 
 
 def _best_result(project: Project) -> dict:
@@ -255,7 +343,7 @@ def evaluate(
     project_dir: ProjectOpt = Path("."),
     candidate: Annotated[str | None, typer.Option(help="candidate to evaluate (default: the best)")] = None,
 ) -> None:
-    """Evaluate a trained candidate on val and test: accuracy, macro-F1, per answer type."""
+    """Evaluate a trained candidate on val and test with its task's metrics."""
     project = _project(project_dir)
     from mmops.model import MultimodalModel
     from mmops.train import Dataset, evaluate_split
@@ -263,14 +351,35 @@ def evaluate(
     name = candidate or _best_result(project)["candidate"]
     model = MultimodalModel.load(project.models_dir / name)
     data = Dataset.load(project.prepared_dir, project.features_dir, project.params)
-    table = Table(title=f"{name}")
-    for col in ("split", "accuracy", "macro F1", "by answer type"):
-        table.add_column(col)
-    for split in ("val", "test"):
-        m = evaluate_split(model, data, split, project.params.train.batch_size)
+    table = Table(title=f"{name} ({model.task['type']})")
+    table.add_column("split")
+    rows = {split: evaluate_split(model, data, split, project.params.train.batch_size)[0] for split in ("val", "test")}
+    keys = [k for k, v in rows["val"].items() if isinstance(v, float)]
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_column("by answer type")
+    for split, m in rows.items():
         by_type = "  ".join(f"{k} {v:.4f}" for k, v in m.get("by_type", {}).items())
-        table.add_row(split, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", by_type)
+        table.add_row(split, *[f"{m[k]:.4f}" for k in keys], by_type)
     console.print(table)
+
+
+@app.command()
+def report(
+    run: Annotated[str | None, typer.Argument(help="a run id (or its first characters) or a candidate name; "
+                                               "default: the best candidate")] = None,
+    project_dir: ProjectOpt = Path("."),
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default: reports/<candidate>.html)")] = None,
+) -> None:
+    """Write a self-contained HTML report of a run: data, learning curves, errors, calibration, candidates."""
+    project = _project(project_dir)
+    from mmops.pipeline import write_run_report
+
+    try:
+        path = write_run_report(project, run, out)
+    except (FileNotFoundError, LookupError) as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(f"report: {path}")
 
 
 @app.command()
@@ -319,22 +428,40 @@ def serve(
 
 @app.command()
 def predict(
-    image: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="image file")],
-    question: Annotated[str, typer.Option(help="question about the image")],
+    image: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="image file")] = None,
+    question: Annotated[str | None, typer.Option(help="question about the image")] = None,
+    field: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="NAME=VALUE for any input; VALUE @path reads a file (image, audio)")] = None,
     project_dir: ProjectOpt = Path("."),
     model: Annotated[str | None, typer.Option(help="BentoML model tag (default: the latest packaged)")] = None,
     top_k: Annotated[int, typer.Option(min=1)] = 3,
 ) -> None:
-    """Answer a question about an image with the packaged model."""
+    """Answer one example with the packaged model (e.g. --image x.png --question "what shape?")."""
     project = _project(project_dir)
     import bentoml
 
     from mmops.serving.predictor import InputError, Predictor
 
+    record: dict[str, object] = {}
+    if image is not None:
+        record["image"] = image.read_bytes()
+    if question is not None:
+        record["question"] = question
+    for item in field or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(f"--input {item!r}: write NAME=VALUE", 2)
+        if value.startswith("@"):
+            try:
+                record[name] = Path(value[1:]).read_bytes()
+            except OSError as exc:
+                raise _fail(f"--input {name}: cannot read {value[1:]}: {exc.strerror}", 2) from None
+        else:
+            record[name] = value
     tag = model or _latest(project, "model_tag")
     predictor = Predictor(Path(bentoml.models.get(tag).path))
     try:
-        result = predictor.predict([{"image": image.read_bytes(), "question": question}], top_k=top_k)[0]
+        result = predictor.predict([record], top_k=top_k)[0]
     except InputError as exc:
         raise _fail(str(exc), 2) from None
     console.print(f"[bold]{result['answer']}[/]  ({tag})")

@@ -24,15 +24,19 @@ def save_to_store(artifact: Path, name: str, labels: dict[str, str], metadata: d
 def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
     """``bentoml build`` of ``bentofile.yaml`` with the model tag as a build argument.
 
-    The build context is the mmops source tree, so the bento carries the exact code that trained the
-    model (``mmops/`` and ``plugins/``).
+    ``bentofile`` is the project's own (``mmops init`` writes one) or the mmops source tree's. Either
+    way the bento carries the mmops wheel built from the code that trained the model, so a container
+    gets the plugins' entry points too.
     """
     import bentoml
 
     bentofile = (bentofile or SOURCE_ROOT / "bentofile.yaml").resolve()
     if not bentofile.is_file():
-        raise FileNotFoundError(f"{bentofile}: no bentofile; mmops package needs the mmops source tree")
-    build_wheel(bentofile.parent)
+        raise FileNotFoundError(f"{bentofile}: no bentofile; run `mmops init` or add one")
+    if not (SOURCE_ROOT / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"{SOURCE_ROOT}: mmops is not installed from a source tree (pip install -e), "
+                                "so its wheel cannot be built into the bento")
+    build_wheel(SOURCE_ROOT, bentofile.parent / "dist")
     # BentoML resolves the bentofile's wheel paths against the working directory, not build_ctx.
     with contextlib.chdir(bentofile.parent):
         bento = bentoml.bentos.build_bentofile(
@@ -42,12 +46,11 @@ def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
     return str(bento.tag)
 
 
-def build_wheel(source: Path) -> Path:
+def build_wheel(source: Path, out: Path) -> Path:
     """The mmops wheel the bento installs, so a container gets the plugins' entry points too.
 
     Built offline from the source tree (no build isolation: setuptools is already here).
     """
-    out = source / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         check=True, capture_output=True, text=True,

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mmops.config import CandidateConfig
+from mmops.config import LOWER_IS_BETTER, TASK_METRICS, CandidateConfig
 from mmops.project import Project
 from mmops.registry import Registry
 
@@ -122,7 +122,7 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
                             use_cache=params.train_for(candidate).feature_cache)
         result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
                                  on_epoch=lambda _, r: registry.log_metrics(
-                                     run_id, {"train_loss": r["train_loss"], "val_accuracy": r["val_accuracy"]},
+                                     run_id, {k: v for k, v in r.items() if k == "train_loss" or k.startswith("val_")},
                                      step=r["epoch"]))
     except Exception as exc:  # one bad candidate must not sink the sweep
         registry.finish_run(run_id, "failed", time.perf_counter() - started,
@@ -148,7 +148,8 @@ def select_best(results: list[dict], metric: str) -> dict:
     if not done:
         errors = "; ".join(f"{r['candidate']}: {r.get('error')}" for r in results)
         raise RuntimeError(f"every candidate failed: {errors}")
-    return max(done, key=lambda r: (r["final"][metric], -r["train_seconds"]))
+    sign = -1.0 if metric.removeprefix("val_") in LOWER_IS_BETTER else 1.0
+    return max(done, key=lambda r: (sign * r["final"][metric], -r["train_seconds"]))
 
 
 def write_metrics(project: Project, results: list[dict], best: dict) -> None:
@@ -156,10 +157,10 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
     out = project.metrics_dir
     (out / "history").mkdir(parents=True, exist_ok=True)
     done = [r for r in results if r.get("status") == "completed"]
+    keys = [f"{split}_{m}" for split in ("val", "test") for m in TASK_METRICS[project.params.target.type]]
     leaderboard = [
         {"candidate": r["candidate"], "fusion": r.get("fusion"), "status": r["status"],
-         **({k: r["final"][k] for k in ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")}
-            if r["status"] == "completed" else {"error": r.get("error")}),
+         **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
          "train_seconds": r.get("train_seconds"), "run_id": r.get("run_id")}
         for r in results
     ]
@@ -167,20 +168,23 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
     summary = {"best": best["candidate"], "selected_by": project.params.select_metric,
                "val": _scalars(best["metrics"]["val"]), "test": _scalars(best["metrics"]["test"])}
     (out / "best.json").write_text(json.dumps(summary, indent=2))
+    # DVC plots: the confusion matrix (classification), calibration bins, and learning curves.
     labels = json.loads((project.prepared_dir / "labels.json").read_text())
-    cm = best["metrics"]["test"]["confusion"]
+    test = best["metrics"]["test"]
     pairs = [{"actual": labels[i], "predicted": labels[j]}
-             for i, row in enumerate(cm) for j, n in enumerate(row) for _ in range(n)]
+             for i, row in enumerate(test.get("confusion", [])) for j, n in enumerate(row) for _ in range(n)]
     (out / "confusion.json").write_text(json.dumps(pairs))
+    (out / "calibration.json").write_text(json.dumps(test.get("calibration", [])))
+    metric = project.params.select_metric
     for r in done:
-        lines = ["epoch,train_loss,val_accuracy"] + [
-            f"{h['epoch']},{h['train_loss']:.6f},{h['val_accuracy']:.6f}" for h in r["history"]
+        lines = [f"epoch,train_loss,{metric}"] + [
+            f"{h['epoch']},{h['train_loss']:.6f},{h[metric]:.6f}" for h in r["history"]
         ]
         (out / "history" / f"{r['candidate']}.csv").write_text("\n".join(lines) + "\n")
 
 
 def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "confusion"}
+    return {k: v for k, v in metrics.items() if k not in ("confusion", "per_class", "calibration")}
 
 
 def register_and_package(project: Project, best: dict, build: bool = True) -> dict[str, Any]:
@@ -197,7 +201,8 @@ def register_and_package(project: Project, best: dict, build: bool = True) -> di
         labels={"registry_version": version.ref, "candidate": best["candidate"]},
         metadata={"run_id": best["run_id"], **best["final"]},
     )
-    bento_tag = build_bento(model_tag) if build else None
+    own = project.root / "bentofile.yaml"  # a project made by `mmops init` has its own
+    bento_tag = build_bento(model_tag, own if own.is_file() else None) if build else None
     registry.set_tags(name, version.version, model_tag=model_tag, bento_tag=bento_tag or "")
     return {"model_version": version.ref, "model_tag": model_tag, "bento_tag": bento_tag}
 
@@ -233,3 +238,26 @@ def up_to_date(project: Project, bento: bool) -> dict[str, Any] | None:
     if shipped is None:
         return None
     return {"stages": dict.fromkeys(DATA_STAGES, "skipped"), "results": results, "best": best["candidate"], **shipped}
+
+
+def write_run_report(project: Project, run: str | None = None, out: Path | None = None) -> Path:
+    """The HTML report of a candidate's run (by run id prefix or candidate name; default the best)."""
+    from mmops.report import write_report
+
+    results = {p.parent.name: json.loads(p.read_text()) for p in sorted(project.models_dir.glob("*/result.json"))}
+    if not results:
+        raise FileNotFoundError("no trained candidates yet: run `mmops run` first")
+    if run is None:
+        best = project.metrics_dir / "best.json"
+        run = json.loads(best.read_text())["best"] if best.is_file() else next(iter(results))
+    chosen = [n for n, r in results.items() if n == run or str(r.get("run_id", "")).startswith(run)]
+    if not chosen:
+        raise LookupError(f"no candidate or run '{run}' in {project.models_dir}; have {sorted(results)}")
+    name = chosen[0]
+    board = project.metrics_dir / "leaderboard.json"
+    candidates = json.loads(board.read_text()) if board.is_file() else None
+    out = out or project.root / "reports" / f"{name}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_report(project.models_dir / name, project.prepared_dir, out, candidates,
+                        title=f"{project.params.registry.model_name}: {name}",
+                        select_metric=project.params.select_metric)
