@@ -1,0 +1,371 @@
+"""One self-contained HTML report for a trained candidate: its data, learning, errors and the leaderboard.
+
+Everything is embedded (inline CSS, plots and thumbnails as base64 PNG, no JavaScript, no URLs) so the file
+can be mailed, attached to a ticket or opened offline and still show the same thing. File layouts are the
+ones in ``docs/byod-design.md``. Every string that comes from the user's data is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # a bare Figure renders with Agg and never touches pyplot or a display
+from PIL import Image, ImageDraw
+
+THUMB = 96  # px, the largest side of image thumbnails and waveforms
+MAX_MISTAKES = 12
+MAX_QUARANTINE = 50
+MAX_LABELS = 30  # plots keep the most frequent labels beyond this, so 1000-answer VQA stays readable
+DEFAULT_METRIC = {"classification": "val_accuracy", "multilabel": "val_micro_f1", "regression": "val_mae"}
+NO_PREDICTIONS = "<p>No test predictions were written (predictions_test.parquet is missing or empty).</p>"
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #ccd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:14px} th,td{border:1px solid #ccd;padding:3px 8px;
+text-align:left;vertical-align:top} th{background:#eef} tr.best td{background:#dfd;font-weight:bold}
+.missing{color:#a00;font-style:italic} .text{max-width:320px;white-space:pre-wrap;word-break:break-word}
+.small{font-size:12px;color:#555} img.thumb{width:96px;image-rendering:pixelated} nav a{margin-right:1em}
+"""
+SECTIONS = {
+    "data": "Data",
+    "learning": "Learning curves",
+    "confusion": "Confusion matrix",
+    "per-class": "Per-class metrics",
+    "calibration": "Calibration",
+    "mistakes": "Most confident mistakes",
+    "candidates": "Candidates",
+}
+
+
+def _fmt(value: Any) -> str:
+    """A cell's HTML: numbers rounded for reading, anything else escaped because it may come from user data."""
+    if isinstance(value, float | np.floating):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]], highlight: int | None = None) -> str:
+    """A table of cells that are already HTML (from :func:`_fmt` or built here), so nothing is escaped twice."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        f"<tr{' class=best' if i == highlight else ''}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+        for i, row in enumerate(rows)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _png(image: Figure | Image.Image, alt: str, css: str = "") -> str:
+    """Embed a plot or picture as a data URL; matplotlib's Software tag (a URL) is dropped from the metadata."""
+    buf = io.BytesIO()
+    if isinstance(image, Figure):
+        image.savefig(buf, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
+    else:
+        image.save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img class="{css}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def _label_names(labels: list[str], indices: Any) -> list[str]:
+    return [labels[i] if 0 <= i < len(labels) else str(i) for i in map(int, indices)]
+
+
+def _data_section(prepared: Path, task: str, labels: list[str]) -> str:
+    summary = _json(prepared / "summary.json", {})
+    counts = [(k, summary.get(k)) for k in ("rows", "kept", "quarantined")]
+    counts += [(f"split {k}", v) for k, v in summary.get("splits", {}).items()]
+    parts = [_table(["", "count"], [[_fmt(k), _fmt(v)] for k, v in counts])]
+    if (prepared / "rows.parquet").exists():
+        rows = pd.read_parquet(prepared / "rows.parquet", columns=["label", "split"])
+        splits = [s for s in ("train", "val", "test") if (rows["split"] == s).any()]
+        fig = Figure(figsize=(8, 3.2))
+        ax = fig.subplots()
+        if task == "regression":
+            for s in splits:
+                ax.hist(rows.loc[rows["split"] == s, "label"].astype(float), bins=30, alpha=0.5, label=s)
+            ax.set_xlabel("target")
+        else:
+            flat = (rows.explode("label") if task == "multilabel" else rows).dropna(subset=["label"])
+            counts_df = pd.crosstab(flat["label"].astype(int), flat["split"])
+            if len(counts_df) > MAX_LABELS:
+                counts_df = counts_df.loc[counts_df.sum(axis=1).nlargest(MAX_LABELS).index]
+                parts.append(f"<p class=small>Showing the {MAX_LABELS} most frequent labels.</p>")
+            x, width = np.arange(len(counts_df)), 0.8 / max(len(splits), 1)
+            for i, s in enumerate(splits):
+                ax.bar(x + i * width, counts_df.get(s, 0), width, label=s)
+            ax.set_xticks(x + width * (len(splits) - 1) / 2, _label_names(labels, counts_df.index), rotation=45)
+        ax.set_ylabel("examples")
+        ax.legend()
+        parts.append("<h3>Class balance per split</h3>" + _png(fig, "class balance"))
+    path = prepared / "quarantine.csv"
+    q = pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists() and path.stat().st_size else None
+    if q is None or q.empty:
+        parts.append("<p>No rows were quarantined.</p>")
+    else:
+        cols = [c for c in ("source", "line", "field", "reason") if c in q.columns]
+        cells = [[_fmt(v) for v in r] for r in q[cols].head(MAX_QUARANTINE).itertuples(index=False)]
+        more = f"<p>… and {len(q) - MAX_QUARANTINE} more.</p>" if len(q) > MAX_QUARANTINE else ""
+        parts.append(f"<h3>Quarantined rows ({len(q)})</h3>" + _table(cols, cells) + more)
+    return "".join(parts)
+
+
+def _learning_section(result: dict) -> str:
+    history = pd.DataFrame(result.get("history", []))
+    if history.empty or "epoch" not in history:
+        return "<p>No training history was recorded.</p>"
+    best = result.get("best_epoch")
+    fig = Figure(figsize=(11, 3.2))
+    panels = zip(fig.subplots(1, 2), ("loss", "validation metric"), strict=True)
+    for ax, name in panels:
+        cols = [c for c in history if c != "epoch" and c.endswith("loss") == (name == "loss")]
+        for c in cols:
+            ax.plot(history["epoch"], history[c], marker=".", label=c)
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle="--", label=f"best epoch {best}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.legend()
+    return _png(fig, "learning curves") + f"<p>Best epoch {_fmt(best)} of {_fmt(result.get('epochs_run'))} run.</p>"
+
+
+def _confusion_section(task: str, test: dict, labels: list[str], preds: pd.DataFrame) -> str:
+    if task != "classification" and preds.empty:
+        return NO_PREDICTIONS
+    if task == "regression":
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
+        actual, predicted = preds["target"].astype(float), preds["prediction"].astype(float)
+        ax.scatter(actual, predicted, s=12, alpha=0.6)
+        lo, hi = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--")
+        ax.set_xlabel("actual")
+        ax.set_ylabel("predicted")
+        return _png(fig, "predicted vs actual")
+    if task == "multilabel":
+        actual = preds["target"].map(lambda s: set(str(s).split("|")))
+        predicted = preds["prediction"].map(lambda s: set(str(s).split("|")))
+        rows = []
+        for name in labels:
+            a, p = actual.map(lambda s, n=name: n in s), predicted.map(lambda s, n=name: n in s)
+            rows.append([_fmt(name), *(_fmt(int(v.sum())) for v in (a & p, ~a & p, a & ~p, ~a & ~p))])
+        return _table(["label", "TP", "FP", "FN", "TN"], rows)
+    matrix = np.asarray(test.get("confusion", []))
+    if matrix.size == 0:
+        return "<p>No confusion matrix in the test metrics.</p>"
+    keep = np.sort(np.argsort(-matrix.sum(axis=1), kind="stable")[:MAX_LABELS])
+    matrix, names = matrix[np.ix_(keep, keep)], _label_names(labels, keep)
+    side = min(2.5 + 0.45 * len(keep), 14)
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
+    im = ax.imshow(matrix, cmap="Blues")
+    if len(keep) <= 15:
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(keep)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(keep)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    note = f"<p class=small>The {MAX_LABELS} most frequent labels.</p>" if len(labels) > MAX_LABELS else ""
+    return note + _png(fig, "confusion matrix")
+
+
+def _per_class_section(task: str, metrics: dict) -> str:
+    if task == "regression":
+        rows = [[split, *(_fmt(metrics.get(split, {}).get(k)) for k in ("mse", "mae", "r2", "n"))] for split in metrics]
+        return _table(["split", "mse", "mae", "r2", "n"], rows)
+    cols = ["precision", "recall", "f1", *(["ap"] if task == "multilabel" else []), "support"]
+    per_class = metrics.get("test", {}).get("per_class", {})
+    return _table(["label", *cols], [[_fmt(k), *(_fmt(v.get(c)) for c in cols)] for k, v in per_class.items()])
+
+
+def _calibration_section(task: str, test: dict, preds: pd.DataFrame) -> str:
+    if task == "multilabel":
+        return (
+            "<p>Not applicable: multilabel scores are per-label decisions against a threshold, not one "
+            "probability distribution, so there is no single confidence to calibrate.</p>"
+        )
+    if task == "regression":
+        if preds.empty:
+            return NO_PREDICTIONS
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots()
+        ax.hist(preds["prediction"].astype(float) - preds["target"].astype(float), bins=30)
+        ax.set_xlabel("residual (predicted - actual)")
+        ax.set_ylabel("examples")
+        return "<p>Not applicable: a regressor outputs no probability. Residuals instead:</p>" + _png(fig, "residuals")
+    bins = [b for b in test.get("calibration", []) if b.get("count")]
+    if not bins:
+        return "<p>No calibration bins in the test metrics.</p>"
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.bar(
+        [(b["bin_lower"] + b["bin_upper"]) / 2 for b in bins],
+        [b["accuracy"] for b in bins],
+        width=[b["bin_upper"] - b["bin_lower"] for b in bins],
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C1", label="mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    return f"<p>Expected calibration error (test): <b>{_fmt(test.get('ece'))}</b></p>" + _png(fig, "reliability")
+
+
+def _load_values(prepared: Path, name: str, modality: str) -> Any:
+    """An input's distinct values; arrays are memory-mapped because only a dozen rows are shown."""
+    if modality in ("image", "audio"):
+        path = prepared / f"{name}.npy"
+        return np.load(path, mmap_mode="r") if path.exists() else None
+    return _json(prepared / f"{name}.json", None)
+
+
+def _input_cell(values: Any, spec: dict, idx: int) -> str:
+    """One input of one example as a reader would want to see it: picture, waveform, text or named numbers."""
+    modality = spec.get("modality", "")
+    if idx < 0:
+        return '<span class="missing">missing</span>'
+    if values is None or idx >= len(values):
+        return '<span class="missing">unavailable</span>'
+    if modality == "image":
+        image = Image.fromarray(np.asarray(values[idx], dtype=np.uint8))
+        image.thumbnail((THUMB, THUMB))
+        return _png(image, "input image", "thumb")
+    if modality == "audio":
+        samples = np.asarray(values[idx], dtype=np.float32)
+        img, mid = Image.new("RGB", (THUMB, 32), "white"), 16
+        draw, peak = ImageDraw.Draw(img), max(float(np.abs(samples).max(initial=0)), 1e-8)
+        for x, chunk in enumerate(np.array_split(samples, THUMB)):
+            if len(chunk):
+                draw.line([(x, mid - chunk.max() / peak * 15), (x, mid - chunk.min() / peak * 15)], fill=(40, 90, 160))
+        rms = float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
+        return _png(img, "waveform") + f"<div class=small>{len(samples)} samples, RMS {rms:.3g}</div>"
+    value = values[idx]
+    if modality == "text":
+        return f'<div class="text">{_fmt(value)}</div>'
+    if not isinstance(value, list):
+        return _fmt(value)
+    names = spec.get("columns") or [""] * len(value)  # train's spec.json names a tabular input's columns
+    return _fmt(", ".join(f"{n}={v}" if n else str(v) for n, v in zip(names, value, strict=False)))
+
+
+def _mistakes_section(task: str, preds: pd.DataFrame, inputs: dict, prepared: Path) -> str:
+    if preds.empty:
+        return NO_PREDICTIONS
+    key = "error" if task == "regression" else "confidence"
+    wrong = preds[~preds["correct"].astype(bool)].sort_values(key, ascending=False, na_position="last")
+    if wrong.empty:
+        return "<p>No mistakes on the test split.</p>"
+    values = {name: _load_values(prepared, name, spec.get("modality", "")) for name, spec in inputs.items()}
+    rows = []
+    for r in wrong.head(MAX_MISTAKES).to_dict("records"):
+        cells = [_fmt(r.get(c)) for c in ("line", "source", "target", "prediction", key)]
+        for name, spec in inputs.items():
+            cells.append(_input_cell(values[name], spec, int(r.get(f"{name}_idx", -1))))
+        rows.append(cells)
+    shown = f"<p>{min(len(wrong), MAX_MISTAKES)} of {len(wrong)} wrong test predictions, by {key}.</p>"
+    return shown + _table(["line", "source", "target", "prediction", key, *inputs], rows)
+
+
+def _candidates_section(candidates: list[dict] | None, best: str | None, metric: str) -> str:
+    if not candidates:
+        return "<p>No leaderboard: this was a single training run.</p>"
+    keys = sorted({k for c in candidates for k in c if k.startswith(("val_", "test_"))}, key=lambda k: k[:4] != "val_")
+    header = ["candidate", "fusion", "status", *keys, "train_seconds", "error"]
+    rows = [[_fmt(str(c[k])[:300] if k == "error" and c.get(k) else c.get(k)) for k in header] for c in candidates]
+    best_row = next((i for i, c in enumerate(candidates) if c.get("candidate") == best), None)
+    scored = [c for c in candidates if isinstance(c.get(metric), int | float) and not math.isnan(c[metric])]
+    plot = ""
+    if scored:
+        fig = Figure(figsize=(7, 0.6 + 0.35 * len(scored)))
+        ax = fig.subplots()
+        names = [str(c.get("candidate")) for c in scored]
+        colors = ["C2" if c.get("candidate") == best else "C0" for c in scored]
+        ax.barh(names, [c[metric] for c in scored], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel(metric)
+        plot = _png(fig, f"candidates by {metric}")
+    return _table(header, rows, best_row) + plot
+
+
+def write_report(
+    model_dir: Path,
+    prepared_dir: Path,
+    out: Path,
+    candidates: list[dict] | None = None,
+    title: str | None = None,
+    select_metric: str | None = None,
+) -> Path:
+    """Write the HTML report of the candidate in ``model_dir`` to ``out`` and return ``out``.
+
+    ``candidates`` is the sweep's leaderboard; the row named like ``result.json``'s candidate is highlighted.
+    ``select_metric`` (e.g. ``val_macro_f1``) defaults to the task's usual one when the caller does not know it.
+    """
+    model_dir, prepared_dir, out = Path(model_dir), Path(prepared_dir), Path(out)
+    result = json.loads((model_dir / "result.json").read_text())
+    task = result.get("task", "classification")
+    labels = result.get("labels") or _json(prepared_dir / "labels.json", [])
+    metrics, final = result.get("metrics", {}), result.get("final", {})
+    inputs = _json(model_dir / "spec.json", {}).get("inputs", {})
+    preds_path = model_dir / "predictions_test.parquet"
+    preds = pd.read_parquet(preds_path) if preds_path.exists() else pd.DataFrame()
+    metric = select_metric or DEFAULT_METRIC.get(task, "val_accuracy")
+    if metric not in final:
+        metric = next((k for k in final if k.startswith("val_")), metric)
+    test_metric = "test_" + metric.removeprefix("val_")
+
+    bodies = {
+        "data": _data_section(prepared_dir, task, labels),
+        "learning": _learning_section(result),
+        "confusion": _confusion_section(task, metrics.get("test", {}), labels, preds),
+        "per-class": _per_class_section(task, metrics),
+        "calibration": _calibration_section(task, metrics.get("test", {}), preds),
+        "mistakes": _mistakes_section(task, preds, inputs, prepared_dir),
+        "candidates": _candidates_section(candidates, result.get("candidate"), metric),
+    }
+    titles = dict(SECTIONS)
+    if task == "regression":
+        titles["confusion"], titles["per-class"] = "Predicted vs actual", "Regression metrics"
+    elif task == "multilabel":
+        titles["confusion"] = "Per-label confusion counts"
+    heading = title or f"mmops report: {model_dir.name}"
+    facts = [
+        ("task", task),
+        ("model", model_dir.name),
+        ("candidate / fusion", f"{result.get('candidate')} / {result.get('fusion')}"),
+        ("best epoch", f"{result.get('best_epoch')} of {result.get('epochs_run')}"),
+        (f"selected metric {metric}", f"val {_fmt(final.get(metric))}, test {_fmt(final.get(test_metric))}"),
+        ("run id", result.get("run_id")),
+        ("generated", datetime.now(UTC).isoformat(timespec="seconds")),
+    ]
+    finals = sorted({k.split("_", 1)[1] for k in final if "_" in k})
+    page = [
+        f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(heading)}</title>",
+        f"<style>{CSS}</style></head><body><header><h1>{html.escape(heading)}</h1>",
+        _table(["", ""], [[_fmt(k), _fmt(v)] for k, v in facts]),
+        _table(
+            ["metric", "val", "test"],
+            [[_fmt(k), _fmt(final.get(f"val_{k}")), _fmt(final.get(f"test_{k}"))] for k in finals],
+        ),
+        "<nav>" + "".join(f'<a href="#{sid}">{html.escape(titles[sid])}</a>' for sid in SECTIONS) + "</nav></header>",
+        *(f'<section id="{sid}"><h2>{html.escape(titles[sid])}</h2>{bodies[sid]}</section>' for sid in SECTIONS),
+        "</body></html>\n",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(page), encoding="utf-8")
+    return out
