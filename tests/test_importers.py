@@ -341,3 +341,25 @@ def test_imagefolder_refuses_mixed_split_and_class_folders(tmp_path: Path) -> No
         import_imagefolder(source, tmp_path / "raw")
     with pytest.raises(ValueError, match="not a folder"):
         import_imagefolder(tmp_path / "nowhere", tmp_path / "raw")
+
+
+def test_imported_bad_rows_are_quarantined_by_manifest_line_with_their_origin(tmp_path: Path) -> None:
+    """An importer keeps a row whose image is missing; `prepare` names its line, reason and origin."""
+    from mmops.config import Params
+    from mmops.data.prepare import prepare
+
+    source = _vqa(tmp_path / "vqa")
+    (source / "train2014" / "COCO_train2014_000000000002.jpg").unlink()
+    raw = tmp_path / "raw"
+    import_vqa_v2(source, raw)
+    params = Params.model_validate({
+        "inputs": {"question": {"modality": "text"}, "image": {"modality": "image"}},
+        "candidates": [{"name": "concat", "fusion": "concat"}], "data": {"image_size": 8},
+    })
+    summary = prepare(raw, tmp_path / "prepared", params, appended_dir=tmp_path / "none")
+    quarantine = pd.read_csv(tmp_path / "prepared" / "quarantine.csv").set_index("line")
+    # Line 4 (question 20) lost its image; line 5 (question 30, test) has an answer never seen in train.
+    assert quarantine.loc[4, "field"] == "image" and "not found" in quarantine.loc[4, "reason"]
+    assert quarantine.loc[4, "origin"] == "v2_OpenEnded_mscoco_train2014_questions.json#questions[2]"
+    assert quarantine.loc[5, "field"] == "answer" and "never seen" in quarantine.loc[5, "reason"]
+    assert summary["quarantined"] == 2 and summary["kept"] == 2
