@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["featurize_dedup.py", "sweep.py", "noop_run.py", "serve_load.py", "fusions.py"]
+SCRIPTS = ["featurize_dedup.py", "sweep.py", "noop_run.py", "serve_load.py", "fusions.py",
+           "prepare_stream.py"]
 
 if __name__ == "__main__":
     failed = []

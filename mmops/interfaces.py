@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-MODALITIES = ("text", "image", "audio", "tabular")
+from mmops.config import MODALITIES  # noqa: F401  (re-exported: plugins import it from here)
 
 
 class Encoder(nn.Module, abc.ABC):
