@@ -271,6 +271,8 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
                 bad_rows.append(df[chunk.bad].assign(source=source))
 
     rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["line", "source", "label", "split"])
+    if "group" in rows.columns:  # an appended batch without answer_type: its rows have no group, not NaN
+        rows["group"] = rows["group"].fillna("")
     # Files are decoded once each, after every row was read; a broken file quarantines its rows.
     for name, store in stores.items():
         kind = store.spec.kind
