@@ -11,7 +11,6 @@ import itertools
 import numpy as np
 from sklearn.metrics import (
     average_precision_score,
-    confusion_matrix,
     f1_score,
     mean_absolute_error,
     mean_squared_error,
@@ -48,14 +47,30 @@ def _per_class(precision, recall, f1, support, names: list[str], extra: dict | N
     }
 
 
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0 (scikit-learn's ``zero_division=0``)."""
+    return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)
+
+
 def classification_metrics(
     labels: np.ndarray, predictions: np.ndarray, n_classes: int, groups: np.ndarray | None = None,
     probs: np.ndarray | None = None, names: list[str] | None = None,
 ) -> dict:
-    classes = np.arange(n_classes)
+    """Everything from one confusion matrix: training calls this every epoch, and scikit-learn's input
+    validation cost more than the epoch itself on cached features."""
+    labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
+    known = (labels >= 0) & (labels < n_classes) & (predictions >= 0) & (predictions < n_classes)
+    confusion = np.bincount(labels[known] * n_classes + predictions[known],
+                            minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    # A prediction outside the classes (a label an older model never knew) is still a miss.
+    support = np.bincount(labels[(labels >= 0) & (labels < n_classes)], minlength=n_classes)
+    predicted = np.bincount(predictions[(predictions >= 0) & (predictions < n_classes)], minlength=n_classes)
+    tp = np.diag(confusion)
+    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+    f1 = _ratio(2 * tp, support + predicted)
     metrics: dict = {
         "accuracy": float((labels == predictions).mean()) if len(labels) else 0.0,
-        "macro_f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
+        "macro_f1": float(f1.mean()) if n_classes else 0.0,
         "n": len(labels),
     }
     if probs is not None and len(labels):
@@ -65,9 +80,8 @@ def classification_metrics(
             str(g): float((labels[groups == g] == predictions[groups == g]).mean()) for g in np.unique(groups)
         }
     if names is not None:
-        p, r, f, s = precision_recall_fscore_support(labels, predictions, labels=classes, zero_division=0)
-        metrics["per_class"] = _per_class(p, r, f, s, names)
-    metrics["confusion"] = confusion_matrix(labels, predictions, labels=classes).tolist()
+        metrics["per_class"] = _per_class(precision, recall, f1, support, names)
+    metrics["confusion"] = confusion.tolist()
     return metrics
 
 

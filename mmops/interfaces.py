@@ -36,6 +36,9 @@ class Encoder(nn.Module, abc.ABC):
     def train(self, mode: bool = True) -> Encoder:
         # A frozen encoder never enters training mode (no dropout, fixed batch-norm statistics):
         # its output must not depend on whether a surrounding model is training, or caching it lies.
+        # Once it is in eval mode there is nothing to do: skip walking MiniLM's modules every epoch.
+        if self.frozen and not self.training:
+            return self
         return super().train(mode and not self.frozen)
 
     def fit(self, values: Sequence[Any]) -> Encoder:

