@@ -100,3 +100,31 @@ def test_files_to_served_model(tmp_path: Path, kind: str) -> None:
         missing = {k: v for k, v in items[0].items() if k != "image"}
         bad = httpx.post(f"{url}/predict_batch", json={"items": [missing]}, timeout=30)
         assert bad.status_code == 400 and "image" in bad.text
+
+
+@pytest.mark.parametrize("template", ["vqa", "retrieval"])
+def test_other_templates_run_as_projects(tmp_path: Path, template: str) -> None:
+    """The easy-VQA and the COCO image-text matching templates go from `mmops init` to a bento too."""
+    from test_importers import _coco
+
+    root = tmp_path / "proj"
+    mmops(tmp_path, "init", str(root), "--template", template)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update({"limit": 300, "image_size": 16})
+    params["train"].update({"epochs": 2, "patience": 2})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if template == "retrieval":
+        _coco(root / "incoming")
+
+    mmops(root, "data", "import")
+    mmops(root, "data", "validate", "--strict")
+    run = mmops(root, "run", timeout=900)
+    assert f"model version: {params['registry']['model_name']}:1" in run.stdout and "bento: mmops:" in run.stdout
+    raw = pd.read_csv(root / "data" / "raw" / "manifest.csv", dtype=str, keep_default_na=False).iloc[0]
+    if template == "vqa":
+        answer = mmops(root, "predict", "--image", f"data/raw/{raw['image']}", "--question", raw["question"])
+        labels = json.loads((root / "data" / "prepared" / "labels.json").read_text())
+        assert answer.stdout.split()[0] in labels
+    else:
+        answer = mmops(root, "predict", "--image", f"data/raw/{raw['image']}", "--input", f"caption={raw['caption']}")
+        assert answer.stdout.split()[0] in ("yes", "no")
