@@ -108,6 +108,13 @@ TASK_METRICS = {
 LOWER_IS_BETTER = frozenset({"mae", "mse"})
 
 
+def metric_sign(metric: str) -> float:
+    """+1 when a higher value of ``metric`` (``mae`` or ``val_mae`` alike) is better, -1 when lower is.
+
+    Training, candidate selection and champion/challenger all rank by ``sign * value``."""
+    return -1.0 if metric.removeprefix("val_").removeprefix("test_") in LOWER_IS_BETTER else 1.0
+
+
 class TargetConfig(_Strict):
     column: str = "answer"
     type: Literal["classification", "multilabel", "regression"] = "classification"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmops.config import LOWER_IS_BETTER, PromotionConfig
+from mmops.config import PromotionConfig, metric_sign
 from mmops.project import Project
 from mmops.registry import Registry, parse_ref
 
@@ -113,8 +113,7 @@ def decide(challenger: dict, champion: dict | None, rule: PromotionConfig) -> tu
         return False, below
     if champion is None:
         return True, "first model to meet the minimums"
-    sign = -1.0 if rule.metric in LOWER_IS_BETTER else 1.0
-    gain = sign * (challenger[rule.metric] - champion[rule.metric])
+    gain = metric_sign(rule.metric) * (challenger[rule.metric] - champion[rule.metric])
     if gain > rule.margin:
         return True, f"beats the champion by {gain:+.4f} (margin {rule.margin})"
     return False, f"does not beat the champion by more than the margin {rule.margin} ({gain:+.4f})"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mmops.config import LOWER_IS_BETTER, TASK_METRICS, CandidateConfig
+from mmops.config import TASK_METRICS, CandidateConfig, metric_sign
 from mmops.project import Project
 from mmops.registry import Registry
 
@@ -148,7 +148,7 @@ def select_best(results: list[dict], metric: str) -> dict:
     if not done:
         errors = "; ".join(f"{r['candidate']}: {r.get('error')}" for r in results)
         raise RuntimeError(f"every candidate failed: {errors}")
-    sign = -1.0 if metric.removeprefix("val_") in LOWER_IS_BETTER else 1.0
+    sign = metric_sign(metric)
     return max(done, key=lambda r: (sign * r["final"][metric], -r["train_seconds"]))
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmops.config import LOWER_IS_BETTER, TASK_METRICS, CandidateConfig, Params
+from mmops.config import TASK_METRICS, CandidateConfig, Params, metric_sign
 from mmops.data.featurize import load_values
 from mmops.evaluate import task_metrics
 from mmops.interfaces import Encoder
@@ -213,8 +213,7 @@ def predictions_table(data: Dataset, rows: pd.DataFrame, scores: np.ndarray, met
 
 def select_key(params: Params) -> tuple[str, float]:
     """The validation metric training keeps the best epoch by, and its sign (+1: higher is better)."""
-    metric = params.select_metric.removeprefix("val_")
-    return metric, -1.0 if metric in LOWER_IS_BETTER else 1.0
+    return params.select_metric.removeprefix("val_"), metric_sign(params.select_metric)
 
 
 def _group_key(model: MultimodalModel) -> str | None:
