@@ -28,7 +28,7 @@ def main() -> None:
     from mmops_plugins.encoders.hf_text import HFTextEncoder
     from sweep import report
 
-    from mmops.cache import content_hash
+    from mmops.data.cache import content_hash
     from mmops.data.featurize import encode_all
 
     rows = list(easy_vqa.get_train_questions()[0]) + list(easy_vqa.get_test_questions()[0])

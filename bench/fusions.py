@@ -53,10 +53,10 @@ def load_params(path: Path, args: argparse.Namespace, candidates: list[dict]) ->
 
 def run_project(work: Path, raw_dir: Path, raw_params: dict) -> list[dict]:
     from mmops.config import Params
+    from mmops.core.model import MultimodalModel
     from mmops.data.featurize import featurize
     from mmops.data.prepare import prepare
-    from mmops.model import MultimodalModel
-    from mmops.train import Dataset, train_candidate
+    from mmops.training.loop import Dataset, train_candidate
 
     params = Params.model_validate(raw_params)
     prepare(raw_dir, work / "prepared", params)

@@ -69,7 +69,7 @@ def find_bento(project: Path) -> tuple[str, Path, str] | None:
     db = project / ".mmops" / "registry.db"
     if not db.is_file():
         return None
-    from mmops.registry import Registry
+    from mmops.registry.store import Registry
 
     versions = [v for v in Registry(f"sqlite:///{db}").model_versions() if v.bento_tag]
     if not versions:
@@ -82,11 +82,11 @@ def build_scratch_bento(project: Path, home: Path) -> tuple[str, Path, str]:
     import easy_vqa
 
     from mmops.config import load_params
-    from mmops.model import MultimodalModel
-    from mmops.train import build_spec
+    from mmops.core.model import MultimodalModel
+    from mmops.training.loop import build_spec
 
     os.environ["BENTOML_HOME"] = str(home)
-    from mmops.package import build_bento, save_to_store
+    from mmops.serving.package import build_bento, save_to_store
 
     params_file = project / "params.yaml" if (project / "params.yaml").is_file() else REPO / "params.yaml"
     params = load_params(params_file)

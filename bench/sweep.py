@@ -101,14 +101,14 @@ def main() -> None:
     configure_environment(project)
     import torch
 
-    from mmops.train import Dataset, train_candidate
+    from mmops.training.loop import Dataset, train_candidate
 
     torch.set_num_threads(os.cpu_count() or 1)
     params = project.params
     candidates = params.all_candidates()
     # Load the frozen checkpoints (MiniLM) once, before either timing: both ways share them, and
     # whichever ran first would otherwise also pay the one-time read from disk.
-    from mmops.model import build_input_encoder
+    from mmops.core.model import build_input_encoder
 
     for spec in params.inputs.values():
         build_input_encoder(spec.model_dump())

@@ -10,9 +10,10 @@ from mmops_flows import sweep as sweep_flow
 from prefect import flow, task
 from prefect.runtime import flow_run
 
-from mmops import lifecycle, pipeline
+from mmops import pipeline
 from mmops.config import RunnerConfig
 from mmops.project import Project, configure_environment
+from mmops.registry import lifecycle
 
 
 @task(name="register-and-package")

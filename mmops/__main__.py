@@ -1,3 +1,3 @@
-from mmops.cli import main
+from mmops.cli.main import main
 
 main()

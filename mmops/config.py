@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The modalities an encoder plugin may declare. Here, not in mmops.interfaces, so that reading a
+# The modalities an encoder plugin may declare. Here, not in mmops.core.interfaces, so that reading a
 # config (the prepare stage, the CLI) does not import torch.
 MODALITIES = ("text", "image", "audio", "tabular")
 

@@ -19,7 +19,7 @@ import yaml
 
 from mmops.config import TASK_METRICS, CandidateConfig, metric_sign
 from mmops.project import Project
-from mmops.registry import Registry
+from mmops.registry.store import Registry
 
 DATA_STAGES = ("import", "prepare", "featurize")
 
@@ -99,7 +99,7 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     run is reused (``force`` retrains anyway). Transient errors (a lost connection) are re-raised
     after recording, so the orchestrator can retry them.
     """
-    from mmops.train import Dataset, train_candidate
+    from mmops.training.loop import Dataset, train_candidate
 
     if not force and (previous := reusable_result(project, candidate)):
         return {**previous, "status": "completed", "reused": True}
@@ -189,7 +189,7 @@ def _scalars(metrics: dict) -> dict:
 
 def register_and_package(project: Project, best: dict, build: bool = True) -> dict[str, Any]:
     """Record a model version for the best run, save it to the BentoML store, build the bento."""
-    from mmops.package import build_bento, save_to_store
+    from mmops.serving.package import build_bento, save_to_store
 
     name = project.params.registry.model_name
     registry = Registry(project.db_url)

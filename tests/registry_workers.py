@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from mmops.registry import Registry
+from mmops.registry.store import Registry
 
 POINTS = 500
 

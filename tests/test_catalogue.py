@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from mmops import conformance
-from mmops.conformance import check_plugin
-from mmops.interfaces import Fusion
-from mmops.model import MultimodalModel
-from mmops.plugin_registry import discover
+from mmops.core import conformance
+from mmops.core.conformance import check_plugin
+from mmops.core.interfaces import Fusion
+from mmops.core.model import MultimodalModel
+from mmops.core.plugin_registry import discover
 
 FUSIONS = ["early_concat", "concat", "product", "weighted_sum", "attention", "cross_attention", "gated", "tensor",
            "low_rank_tensor", "film", "late"]

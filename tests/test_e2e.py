@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from conftest import BIN, mmops, project_env
 
-from mmops.registry import Registry
+from mmops.registry.store import Registry
 
 pytestmark = pytest.mark.slow
 

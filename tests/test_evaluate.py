@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from mmops.evaluate import calibration, classification_metrics, multilabel_metrics, regression_metrics
+from mmops.core.metrics import calibration, classification_metrics, multilabel_metrics, regression_metrics
 
 
 def test_classification_metrics_match_scikit_learn_including_unknown_predictions() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from mmops_plugins.encoders.hf_text import HFTextEncoder, resolve_checkpoint
 
-from mmops.model import MultimodalModel
+from mmops.core.model import MultimodalModel
 from mmops.serving.predictor import Predictor
 
 SPEC = {

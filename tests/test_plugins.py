@@ -7,9 +7,9 @@ from importlib.metadata import EntryPoint
 import pytest
 import torch
 
-from mmops import plugin_registry
-from mmops.interfaces import Encoder, Fusion
-from mmops.plugin_registry import PluginError, check_all, discover, get_encoder, get_fusion
+from mmops.core import plugin_registry
+from mmops.core.interfaces import Encoder, Fusion
+from mmops.core.plugin_registry import PluginError, check_all, discover, get_encoder, get_fusion
 
 
 def test_builtins_register_through_entry_points():
@@ -60,7 +60,7 @@ def test_broken_plugins_are_reported_and_others_still_load(fake_entry_points):
     status = check_all("fusion")
     assert status["product"] is None
     assert "acme-fusions 1.2.3" in status["broken_import"] and "ModuleNotFoundError" in status["broken_import"]
-    assert "not a subclass of mmops.interfaces.Fusion" in status["not_a_fusion"]
+    assert "not a subclass of mmops.core.interfaces.Fusion" in status["not_a_fusion"]
     assert "more than one package" in status["concat"] and "acme-fusions" in status["concat"]
     assert get_fusion("product") is not None
 

@@ -15,11 +15,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner
 
-from mmops import migrations
-from mmops.cli import app
+from mmops.cli.main import app
 from mmops.config import PromotionConfig
-from mmops.lifecycle import decide
-from mmops.registry import Event, Metric, ModelVersion, Registry, make_engine
+from mmops.registry import migrations
+from mmops.registry.lifecycle import decide
+from mmops.registry.store import Event, Metric, ModelVersion, Registry, make_engine
 
 REPO = Path(__file__).resolve().parent.parent
 WRITERS = 8

@@ -18,7 +18,7 @@ import pytest
 from conftest import BIN, free_port, make_project, project_env
 from pg import pg_schema_url
 
-from mmops.registry import Registry
+from mmops.registry.store import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def prefect_api(tmp_path):
     proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
-    from mmops.schedules import _healthy
+    from mmops.registry.schedules import _healthy
 
     deadline = time.monotonic() + 90
     while not _healthy(url):

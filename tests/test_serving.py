@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(trained_project):
     root, _ = trained_project
-    from mmops.registry import Registry
+    from mmops.registry.store import Registry
 
     [version] = [v for v in Registry(f"sqlite:///{root / '.mmops' / 'registry.db'}").model_versions() if v.bento_tag]
     with serve_bento(root, version.bento_tag) as (url, _):

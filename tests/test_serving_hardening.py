@@ -105,7 +105,7 @@ def test_row_decoder_names_field_and_limit(monkeypatch):
 @pytest.fixture(scope="module")
 def hardened(trained_project):
     root, _ = trained_project
-    from mmops.registry import Registry
+    from mmops.registry.store import Registry
 
     [version] = [v for v in Registry(f"sqlite:///{root / '.mmops' / 'registry.db'}").model_versions() if v.bento_tag]
     with serve_bento(root, version.bento_tag, env=LIMITS) as (url, proc):

@@ -98,7 +98,7 @@ def test_encoder_reused_from_an_artifact_is_frozen_cached_and_travels_inline(tmp
     import numpy as np
     import torch
 
-    from mmops.model import MultimodalModel, build_input_encoder
+    from mmops.core.model import MultimodalModel, build_input_encoder
 
     spec = {
         "candidate": "t", "labels": ["no", "yes"], "image_size": 16, "target": "answer", "seed": 0,

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from mmops.cache import cached_features
+from mmops.data.cache import cached_features
 from mmops.config import Params
-from mmops.model import build_input_encoder
+from mmops.core.model import build_input_encoder
 
 
 def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarray:

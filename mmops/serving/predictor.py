@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmops.cache import content_hash
+from mmops.core.model import MultimodalModel
 from mmops.data.audio import BadAudioError, load_audio
+from mmops.data.cache import content_hash
 from mmops.data.images import MAX_PIXELS, BadImageError, load_image
-from mmops.model import MultimodalModel
 
 
 class InputError(ValueError):
@@ -286,7 +286,7 @@ class Predictor:
 
     def _answers(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         """Per task: the class and its top k; the labels over the threshold; or the value."""
-        from mmops.train import scores_from_logits
+        from mmops.training.loop import scores_from_logits
 
         task, labels = self.model.task, self.model.labels
         scores = scores_from_logits(task, logits)

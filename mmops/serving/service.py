@@ -43,7 +43,7 @@ from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from mmops.model import SPEC_FILE
+from mmops.core.model import SPEC_FILE
 from mmops.serving.predictor import InputError, Limits, Predictor, RowDecoder
 
 log = logging.getLogger("mmops.service")

@@ -17,7 +17,7 @@ import torch
 from mmops_plugins.encoders._text import texts
 from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
-from mmops.interfaces import Encoder
+from mmops.core.interfaces import Encoder
 
 WEIGHTINGS = ("tfidf", "count", "binary")
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmops.interfaces import Encoder
+from mmops.core.interfaces import Encoder
 
 
 class CNNImageEncoder(Encoder):

@@ -16,7 +16,7 @@ from mmops_plugins.encoders._text import PAD, build_vocabulary, texts, token_ids
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from mmops.interfaces import Encoder
+from mmops.core.interfaces import Encoder
 
 
 class GRUTextEncoder(Encoder):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmops.interfaces import Encoder, link_or_copy_tree
+from mmops.core.interfaces import Encoder, link_or_copy_tree
 
 
 class HFImageEncoder(Encoder):

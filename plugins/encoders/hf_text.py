@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mmops.interfaces import Encoder, link_or_copy_tree
+from mmops.core.interfaces import Encoder, link_or_copy_tree
 
 DEFAULT_CHECKPOINT = "default"
 

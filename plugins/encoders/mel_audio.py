@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmops.core.interfaces import Encoder
 from mmops.data.audio import BadAudioError, load_audio
-from mmops.interfaces import Encoder
 
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:

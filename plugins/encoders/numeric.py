@@ -15,7 +15,7 @@ import torch
 from mmops_plugins.encoders._tabular import table
 from torch import nn
 
-from mmops.interfaces import Encoder
+from mmops.core.interfaces import Encoder
 
 
 class NumericEncoder(Encoder):

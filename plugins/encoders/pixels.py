@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmops.interfaces import Encoder
+from mmops.core.interfaces import Encoder
 
 
 class PixelsImageEncoder(Encoder):

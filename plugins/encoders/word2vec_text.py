@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from mmops_plugins.encoders._text import UNK, texts, token_ids, tokenize, word_index
 
-from mmops.interfaces import Encoder
+from mmops.core.interfaces import Encoder
 
 
 def _stable_hash(text: str) -> int:

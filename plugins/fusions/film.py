@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmops.interfaces import Fusion
+from mmops.core.interfaces import Fusion
 
 
 class FiLMFusion(Fusion):

@@ -5,7 +5,7 @@ the database is behind. Concurrent first uses (parallel training tasks, several 
 PostgreSQL) are safe: the upgrade runs in one transaction behind a lock (``BEGIN IMMEDIATE`` on
 SQLite, an advisory lock on PostgreSQL) and re-reads the revision once it holds it.
 
-New revisions: ``alembic -c mmops/migrations/alembic.ini revision -m "..."`` from the source tree.
+New revisions: ``alembic -c mmops/registry/migrations/alembic.ini revision -m "..."`` from the source tree.
 """
 
 from __future__ import annotations

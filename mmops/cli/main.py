@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mmops.cli_registry import db_app, lineage, models_app, runs_app, schedule_app, worker
+from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
 from mmops.config import ConfigError
 from mmops.project import Project, configure_environment
 
@@ -345,8 +345,8 @@ def evaluate(
 ) -> None:
     """Evaluate a trained candidate on val and test with its task's metrics."""
     project = _project(project_dir)
-    from mmops.model import MultimodalModel
-    from mmops.train import Dataset, evaluate_split
+    from mmops.core.model import MultimodalModel
+    from mmops.training.loop import Dataset, evaluate_split
 
     name = candidate or _best_result(project)["candidate"]
     model = MultimodalModel.load(project.models_dir / name)
@@ -393,7 +393,7 @@ def package(project_dir: ProjectOpt = Path(".")) -> None:
 
 
 def _latest(project: Project, field: str) -> str:
-    from mmops.registry import Registry
+    from mmops.registry.store import Registry
 
     versions = [v for v in Registry(project.db_url).model_versions(project.params.registry.model_name)
                 if getattr(v, field)]
@@ -475,7 +475,7 @@ def predict(
 @plugins_app.command("list")
 def plugins_list() -> None:
     """Every installed encoder and fusion, with the package that provides it."""
-    from mmops.plugin_registry import check_all, discover, get_encoder
+    from mmops.core.plugin_registry import check_all, discover, get_encoder
 
     table = Table()
     for col in ("name", "kind", "modality", "package", "status"):
@@ -496,7 +496,7 @@ def plugins_check(
     params: Annotated[str, typer.Option(help='constructor parameters as JSON, e.g. \'{"checkpoint": "dir"}\'')] = "{}",
 ) -> None:
     """Conformance run on random inputs: shapes, gradients, determinism, save/load, bad inputs."""
-    from mmops.conformance import check_plugin
+    from mmops.core.conformance import check_plugin
 
     if kind not in (None, "encoder", "fusion"):
         raise _fail(f"--kind must be 'encoder' or 'fusion', got '{kind}'", 2)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmops.interfaces import MODALITIES, Encoder, Fusion
-from mmops.model import MultimodalModel
-from mmops.plugin_registry import PluginError, discover, get_encoder, get_fusion
+from mmops.core.interfaces import MODALITIES, Encoder, Fusion
+from mmops.core.model import MultimodalModel
+from mmops.core.plugin_registry import PluginError, discover, get_encoder, get_fusion
 
 BATCH = 4
 LABELS = ["no", "yes", "red"]

@@ -1,6 +1,6 @@
 """Training engineering: data loading, batching, the loop, early stopping, checkpoints.
 
-Model code is in :mod:`mmops.model`; this module decides how it sees data. Two choices make CPU
+Model code is in :mod:`mmops.core.model`; this module decides how it sees data. Two choices make CPU
 training fast without changing what is learned:
 
 * frozen encoders are not run at all: their features come memory-mapped from the ``featurize`` stage;
@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from mmops.config import TASK_METRICS, CandidateConfig, Params, metric_sign
+from mmops.core.interfaces import Encoder
+from mmops.core.metrics import task_metrics
+from mmops.core.model import MultimodalModel, build_input_encoder
 from mmops.data.featurize import load_values
-from mmops.evaluate import task_metrics
-from mmops.interfaces import Encoder
-from mmops.model import MultimodalModel, build_input_encoder
 
-log = logging.getLogger("mmops.train")
+log = logging.getLogger("mmops.training.loop")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The model: one encoder per input, a fusion, a classification head; and its on-disk artifact.
 
-Only model code lives here (the loop, devices and checkpoints policy are in :mod:`mmops.train`).
+Only model code lives here (the loop, devices and checkpoints policy are in :mod:`mmops.training.loop`).
 The artifact is a folder: ``spec.json`` (everything needed to rebuild the modules), ``model.safetensors``
 (trainable weights) and ``assets/<input>/`` for what encoders export (e.g. a frozen transformers
 checkpoint). Training, evaluation, ``mmops predict`` and the service all load it through
@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmops.interfaces import Encoder, Fusion
-from mmops.plugin_registry import get_encoder, get_fusion
+from mmops.core.interfaces import Encoder, Fusion
+from mmops.core.plugin_registry import get_encoder, get_fusion
 
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "model.safetensors"
 
@@ -40,7 +40,7 @@ def resolve_artifact(ref: str) -> Path:
     if Path(ref).is_dir():
         return Path(ref)
     from mmops.project import Project
-    from mmops.registry import Registry
+    from mmops.registry.store import Registry
 
     name, _, version = ref.partition(":")
     if not version.isdigit():

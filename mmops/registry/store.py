@@ -1,7 +1,7 @@
 """The run and model registry, in SQL through SQLAlchemy 2.
 
 SQLite under ``.mmops/`` by default; any SQLAlchemy URL, e.g. PostgreSQL for a team, through
-``MMOPS_DB_URL``. The schema is owned by the Alembic migrations in ``mmops/migrations``, applied on
+``MMOPS_DB_URL``. The schema is owned by the Alembic migrations in ``mmops/registry/migrations``, applied on
 first use, so an older registry is upgraded in place instead of drifting from the code.
 
 Concurrency is designed for, not hoped for:
@@ -202,7 +202,7 @@ def make_engine(url: str, write: bool = True) -> Engine:
 
 class Registry:
     def __init__(self, url: str, migrate: bool = True) -> None:
-        from mmops.migrations import upgrade
+        from mmops.registry.migrations import upgrade
 
         self.url = url
         self.engine: Engine = make_engine(url)

@@ -6,11 +6,11 @@ import os
 
 from alembic import context
 
-from mmops.registry import Base, make_engine
+from mmops.registry.store import Base, make_engine
 
 connection = context.config.attributes.get("connection")
 if connection is not None:
-    # mmops.migrations.upgrade already opened the transaction and took the lock.
+    # mmops.registry.migrations.upgrade already opened the transaction and took the lock.
     context.configure(connection=connection, target_metadata=Base.metadata, transactional_ddl=True)
     context.run_migrations()
 else:

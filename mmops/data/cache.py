@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmops.interfaces import Encoder
+from mmops.core.interfaces import Encoder
 
 
 def content_hash(value: Any) -> str:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from mmops.config import PromotionConfig, metric_sign
 from mmops.project import Project
-from mmops.registry import Registry, parse_ref
+from mmops.registry.store import Registry, parse_ref
 
 ACTOR = "retrain flow (champion/challenger)"
 
@@ -35,10 +35,10 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
     Predictions are compared by label *name*: a model trained before appended data brought a new
     answer still gets a fair score (rows with labels it never knew count as errors).
     """
+    from mmops.core.metrics import task_metrics
+    from mmops.core.model import MultimodalModel
     from mmops.data.featurize import load_values
-    from mmops.evaluate import task_metrics
-    from mmops.model import MultimodalModel
-    from mmops.train import Batcher, Dataset, predict_split
+    from mmops.training.loop import Batcher, Dataset, predict_split
 
     prepared = project.prepared_dir
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 
-from mmops.interfaces import Encoder, Fusion
+from mmops.core.interfaces import Encoder, Fusion
 
 GROUPS = {"encoder": ("mmops.encoders", Encoder), "fusion": ("mmops.fusions", Fusion)}
 
@@ -84,7 +84,7 @@ def _load(kind: str, name: str) -> type:
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise PluginError(
             f"{kind} '{name}' from {info.origin} ({info.target}) is not a subclass of "
-            f"mmops.interfaces.{base.__name__}"
+            f"mmops.core.interfaces.{base.__name__}"
         )
     return obj
 

@@ -1,6 +1,6 @@
 """Registry and lifecycle commands: runs, models, lineage, db, schedule, worker.
 
-Kept apart from ``mmops.cli`` (which mounts these apps) so the registry's command line reads as one
+Kept apart from ``mmops.cli.main`` (which mounts these apps) so the registry's command line reads as one
 piece; heavy imports stay inside the commands, as there.
 """
 
@@ -31,7 +31,7 @@ ProjectOpt = Annotated[
 
 
 def _project(path: Path) -> Project:
-    from mmops.cli import _project as load  # one place that configures the environment and checks params
+    from mmops.cli.main import _project as load  # one place that configures the environment and checks params
 
     return load(path)
 
@@ -42,7 +42,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _registry(project: Project):
-    from mmops.registry import Registry
+    from mmops.registry.store import Registry
 
     return Registry(project.db_url)
 
@@ -160,7 +160,7 @@ def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="two or more 
 
 
 def _parse(ref: str, need_version: bool) -> tuple[str, int | None]:
-    from mmops.registry import parse_ref
+    from mmops.registry.store import parse_ref
 
     try:
         return parse_ref(ref, need_version)
@@ -221,7 +221,7 @@ def models_promote(
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Move a version to a stage; to production archives the current one in the same transaction."""
-    from mmops.registry import STAGES
+    from mmops.registry.store import STAGES
 
     project = _project(project_dir)
     name, version = _parse(ref, need_version=True)
@@ -288,8 +288,8 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_di
 def db_upgrade(project_dir: ProjectOpt = Path("."),
                revision: Annotated[str, typer.Option(help="target revision")] = "head") -> None:
     """Apply the schema migrations (also done automatically on first use)."""
-    from mmops.migrations import current, head, upgrade
-    from mmops.registry import make_engine
+    from mmops.registry.migrations import current, head, upgrade
+    from mmops.registry.store import make_engine
 
     project = _project(project_dir)
     engine = make_engine(project.db_url)
@@ -302,8 +302,8 @@ def db_upgrade(project_dir: ProjectOpt = Path("."),
 @db_app.command("current")
 def db_current(project_dir: ProjectOpt = Path(".")) -> None:
     """The schema revision of the registry database."""
-    from mmops.migrations import current, head
-    from mmops.registry import make_engine
+    from mmops.registry.migrations import current, head
+    from mmops.registry.store import make_engine
 
     project = _project(project_dir)
     engine = make_engine(project.db_url)
@@ -322,7 +322,7 @@ def schedule_create(
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Register (or update) a Prefect deployment of `retrain` for this project on a cron schedule."""
-    from mmops import schedules
+    from mmops.registry import schedules
 
     project = _project(project_dir)
     try:
@@ -336,7 +336,7 @@ def schedule_create(
 @schedule_app.command("list")
 def schedule_list(project_dir: ProjectOpt = Path(".")) -> None:
     """Deployments of the retrain flow on the Prefect API."""
-    from mmops import schedules
+    from mmops.registry import schedules
 
     project = _project(project_dir)
     table = Table()
@@ -350,7 +350,7 @@ def schedule_list(project_dir: ProjectOpt = Path(".")) -> None:
 
 
 def _schedule_action(name: str, project_dir: Path, action: str) -> None:
-    from mmops import schedules
+    from mmops.registry import schedules
 
     project = _project(project_dir)
     try:
@@ -393,7 +393,7 @@ def worker(
     limit: Annotated[int, typer.Option(min=1, help="flow runs at once")] = 1,
 ) -> None:
     """Serve this project's schedules in-process until Ctrl-C (no Docker, no work pool)."""
-    from mmops import schedules
+    from mmops.registry import schedules
 
     project = _project(project_dir)
     try:

@@ -1,0 +1,1 @@
+"""The `mmops` command line: thin over the library's functions."""

@@ -1,0 +1,1 @@
+"""The SQL registry: runs, lineage, model versions, stages, schema migrations and schedules."""

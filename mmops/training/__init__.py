@@ -1,0 +1,1 @@
+"""Training engineering: data loading, batching, the loop, early stopping, checkpoints."""
