@@ -14,6 +14,7 @@ from mmops import pipeline
 from mmops.config import RunnerConfig
 from mmops.project import Project, configure_environment
 from mmops.registry import lifecycle
+from mmops.training.evaluation import evaluate_on_test
 
 
 @task(name="register-and-package")
@@ -23,7 +24,7 @@ def register_and_package(root: str, best: dict, build: bool) -> dict:
 
 @task(name="champion-challenger")
 def champion_challenger(root: str, model_version: str, model_dir: str, context: dict) -> dict:
-    outcome = lifecycle.champion_challenger(Project.at(root), model_version, Path(model_dir), context)
+    outcome = lifecycle.champion_challenger(Project.at(root), model_version, Path(model_dir), evaluate_on_test, context)
     return {**asdict(outcome), "summary": outcome.summary()}
 
 

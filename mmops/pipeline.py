@@ -5,6 +5,7 @@ Nothing here imports Prefect, so every step can be called, tested and debugged o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -91,6 +92,24 @@ def reusable_result(project: Project, candidate: CandidateConfig) -> dict | None
     return result
 
 
+def resolve_artifact(project: Project, ref: str) -> Path:
+    """An ``init_from`` artifact folder from a path, or from a registered model version ``NAME:VERSION``.
+
+    Resolved here, above the model, and handed down: model code never reaches into the registry.
+    """
+    if Path(ref).is_dir():
+        return Path(ref)
+    name, _, version = ref.partition(":")
+    if not version.isdigit():
+        raise ValueError(f"init_from '{ref}': give an artifact folder or a registered model version NAME:VERSION")
+    tag = Registry(project.db_url).get_version(name, int(version)).model_tag
+    if not tag:
+        raise ValueError(f"init_from '{ref}': that model version was never saved to the model store")
+    import bentoml
+
+    return Path(bentoml.models.get(tag).path)
+
+
 def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | None = None,
               threads: int = 0, force: bool = False) -> dict:
     """Train, evaluate and record one candidate; a failure is recorded, returned, never raised.
@@ -121,6 +140,7 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
         data = Dataset.load(project.prepared_dir, project.features_dir, params,
                             use_cache=params.train_for(candidate).feature_cache)
         result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
+                                 resolve=functools.partial(resolve_artifact, project),
                                  on_epoch=lambda _, r: registry.log_metrics(
                                      run_id, {k: v for k, v in r.items() if k == "train_loss" or k.startswith("val_")},
                                      step=r["epoch"]))

@@ -6,6 +6,7 @@ quick commands stay instant, and so the environment is configured before Prefect
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,12 +16,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from mmops.cli.common import ProjectOpt, console, err, fail, load_project
 from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
-from mmops.config import ConfigError
-from mmops.project import Project, configure_environment
+from mmops.project import Project
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help=__doc__.splitlines()[0]
@@ -36,28 +36,7 @@ app.add_typer(db_app, name="db", rich_help_panel="Registry and lifecycle")
 app.add_typer(schedule_app, name="schedule", rich_help_panel="Registry and lifecycle")
 app.command(rich_help_panel="Registry and lifecycle")(worker)
 
-console = Console()
-err = Console(stderr=True)
-
-ProjectOpt = Annotated[
-    Path, typer.Option("--project", "-p", envvar="MMOPS_PROJECT", help="project directory (holds params.yaml)")
-]
-
-
-def _project(path: Path) -> Project:
-    project = Project.at(path)
-    configure_environment(project)
-    try:
-        project.params  # noqa: B018 - fail early, with the offending key, on a malformed config
-    except ConfigError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-    return project
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(code)
+_project, _fail = load_project, fail
 
 
 # ---------------------------------------------------------------- projects
@@ -179,8 +158,11 @@ def data_featurize(project_dir: ProjectOpt = Path(".")) -> None:
     """Run each frozen encoder once per distinct input and store the features."""
     project = _project(project_dir)
     from mmops.data.featurize import featurize
+    from mmops.pipeline import resolve_artifact
 
-    for name, info in featurize(project.prepared_dir, project.features_dir, project.params).items():
+    resolve = functools.partial(resolve_artifact, project)
+    for name, info in featurize(project.prepared_dir, project.features_dir, project.params,
+                                resolve=resolve).items():
         console.print(f"{name}: {info['distinct']} distinct values -> {info['dim']}-d features ({info['encoder']}); "
                       f"cache {info['key']}: {info['computed']} computed, {info['reused']} reused")
 

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
+from mmops.cli.common import ProjectOpt, console, fail, load_project
 from mmops.project import Project
 
 runs_app = typer.Typer(no_args_is_help=True, help="Training runs in the registry.")
@@ -22,23 +22,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Model versions, stages and 
 db_app = typer.Typer(no_args_is_help=True, help="The registry database (SQLite or MMOPS_DB_URL).")
 schedule_app = typer.Typer(no_args_is_help=True, help="Scheduled retraining (Prefect deployments of `retrain`).")
 
-console = Console()
-err = Console(stderr=True)
-
-ProjectOpt = Annotated[
-    Path, typer.Option("--project", "-p", envvar="MMOPS_PROJECT", help="project directory (holds params.yaml)")
-]
-
-
-def _project(path: Path) -> Project:
-    from mmops.cli.main import _project as load  # one place that configures the environment and checks params
-
-    return load(path)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(code)
+_project, _fail = load_project, fail
 
 
 def _registry(project: Project):

@@ -10,10 +10,9 @@ checkpoint). Training, evaluation, ``mmops predict`` and the service all load it
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +34,19 @@ def build_encoder(name: str, params: Mapping[str, Any]) -> Encoder:
         raise ValueError(f"encoder '{name}': bad parameters {dict(params)}: {exc}") from exc
 
 
-def resolve_artifact(ref: str) -> Path:
-    """A model artifact folder from a path, or from a registered model version ``NAME:VERSION``."""
+ArtifactResolver = Callable[[str], Path]
+
+
+def artifact_folder(ref: str) -> Path:
+    """The default ``init_from`` resolver: an artifact folder on disk.
+
+    A registered version ``NAME:VERSION`` needs the registry and the model store, which sit above the
+    model: :func:`mmops.pipeline.resolve_artifact` resolves those and is handed in by the callers.
+    """
     if Path(ref).is_dir():
         return Path(ref)
-    from mmops.project import Project
-    from mmops.registry.store import Registry
-
-    name, _, version = ref.partition(":")
-    if not version.isdigit():
-        raise ValueError(f"init_from '{ref}': give an artifact folder or a registered model version NAME:VERSION")
-    project = Project.at(os.environ.get("MMOPS_PROJECT", "."))
-    tag = Registry(project.db_url).get_version(name, int(version)).model_tag
-    if not tag:
-        raise ValueError(f"init_from '{ref}': that model version was never saved to the model store")
-    import bentoml
-
-    return Path(bentoml.models.get(tag).path)
+    raise ValueError(f"init_from '{ref}': no such artifact folder (a registered model version NAME:VERSION "
+                     "is resolved by `mmops run` and `mmops data featurize`)")
 
 
 # Frozen encoders built in this process, by spec: a sweep's candidates share one MiniLM instead of
@@ -61,7 +56,7 @@ _FROZEN_LOCK = threading.Lock()
 _FROZEN_MAX = 4
 
 
-def build_input_encoder(item: Mapping[str, Any]) -> Encoder:
+def build_input_encoder(item: Mapping[str, Any], resolve: ArtifactResolver = artifact_folder) -> Encoder:
     """The encoder of one input spec, with reused weights (``init_from``) and ``freeze`` applied.
 
     Reuse lets a team train an image encoder once and share it, frozen and cached, across sweeps.
@@ -80,7 +75,7 @@ def build_input_encoder(item: Mapping[str, Any]) -> Encoder:
             while len(_FROZEN) > _FROZEN_MAX:
                 _FROZEN.popitem(last=False)
     if item.get("init_from"):
-        source = resolve_artifact(item["init_from"])
+        source = resolve(item["init_from"])
         source_spec = json.loads((source / SPEC_FILE).read_text())
         names = [n for n, i in source_spec["inputs"].items() if i["encoder"] == item["encoder"]]
         if len(names) != 1:

@@ -17,7 +17,7 @@ from rich.progress import Progress
 
 from mmops.data.cache import cached_features
 from mmops.config import Params
-from mmops.core.model import build_input_encoder
+from mmops.core.model import ArtifactResolver, artifact_folder, build_input_encoder
 
 
 def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarray:
@@ -43,7 +43,8 @@ def encode_all(encoder, values, batch_size: int = 256) -> np.ndarray:
     return out
 
 
-def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None) -> dict:
+def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None,
+              resolve: ArtifactResolver = artifact_folder) -> dict:
     """Write ``out_dir/<input>.npy`` (one row per distinct value of this data) for every frozen input.
 
     Features come from the content-addressed store in ``cache_dir`` (default ``data/feature-cache``,
@@ -55,7 +56,7 @@ def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path
     torch.manual_seed(params.seed)
     written = {}
     for name, spec in params.inputs.items():
-        encoder = build_input_encoder(spec.model_dump())
+        encoder = build_input_encoder(spec.model_dump(), resolve)
         if not encoder.frozen:
             log.info("%s: encoder %s is trainable, so its features are computed in training, not cached",
                      name, spec.encoder)

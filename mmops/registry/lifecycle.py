@@ -1,7 +1,8 @@
 """Champion/challenger: should the model a run just produced replace the one in production?
 
-Both models are evaluated here, by the same code, on the current prepared test split, each through
-its own encoders from raw inputs (no cached features, which belong to the current config only). The
+Both models are evaluated by the same function, on the current prepared test split; the caller hands
+it in (``evaluate``: the training layer's ``evaluate_on_test``), so the registry never reaches up into
+training code. The
 rule is in ``params.yaml`` (``promotion``): the challenger must meet the minimums and beat the
 champion by more than the margin; the first model that meets the minimums becomes production.
 Anything else leaves the champion alone and records the challenger as staging, with the reason.
@@ -10,75 +11,15 @@ No Prefect here: the flow and the CLI call these functions.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from mmops.config import PromotionConfig, metric_sign
 from mmops.project import Project
-from mmops.registry.store import Registry, parse_ref
+from mmops.registry.store import NotComparable, Registry, parse_ref
 
 ACTOR = "retrain flow (champion/challenger)"
-
-
-class NotComparable(RuntimeError):
-    """The champion cannot be evaluated on the current data (missing input, broken artifact...)."""
-
-
-def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
-    """Test metrics of the artifact in ``model_dir`` on the project's current prepared test split.
-
-    Predictions are compared by label *name*: a model trained before appended data brought a new
-    answer still gets a fair score (rows with labels it never knew count as errors).
-    """
-    from mmops.core.metrics import task_metrics
-    from mmops.core.model import MultimodalModel
-    from mmops.data.featurize import load_values
-    from mmops.training.loop import Batcher, Dataset, predict_split
-
-    prepared = project.prepared_dir
-    try:
-        model = MultimodalModel.load(model_dir)
-    except Exception as exc:
-        raise NotComparable(f"cannot load {model_dir}: {type(exc).__name__}: {exc}") from exc
-    rows = pd.read_parquet(prepared / "rows.parquet")
-    labels: list[str] = json.loads((prepared / "labels.json").read_text())
-    values: dict[str, Any] = {}
-    for name, spec in model.spec["inputs"].items():
-        if f"{name}_idx" not in rows.columns:
-            raise NotComparable(f"the model reads input '{name}', which the current data does not have")
-        values[name] = load_values(prepared, name, spec["modality"])
-    task = model.task
-    if task["type"] != project.params.target.type:
-        raise NotComparable(
-            f"the model predicts a {task['type']} target, the project now a {project.params.target.type} one"
-        )
-    data = Dataset(rows, values, frozenset(), labels, task)
-    test = data.split("test")
-    if test.empty:
-        raise NotComparable("the prepared data has no test rows")
-    try:
-        probs = predict_split(model, Batcher(data, test, model.encoders, project.params.train.batch_size),
-                              frozenset())
-    except Exception as exc:
-        raise NotComparable(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
-    if task["type"] != "regression":  # the model's label order to the current data's, by name
-        scores = np.zeros((len(test), len(labels)), dtype=np.float32)
-        mine = {label: i for i, label in enumerate(model.labels)}
-        for j, label in enumerate(labels):
-            if label in mine:
-                scores[:, j] = probs[:, mine[label]]
-        probs = scores
-    groups = test["group"].to_numpy() if "group" in test else None
-    metrics = task_metrics(task, data.targets(test), probs, labels, groups)
-    for bulky in ("confusion", "per_class", "calibration"):
-        metrics.pop(bulky, None)
-    metrics["unknown_labels"] = sorted(set(labels) - set(model.labels))
-    return metrics
 
 
 @dataclass
@@ -120,6 +61,7 @@ def decide(challenger: dict, champion: dict | None, rule: PromotionConfig) -> tu
 
 
 def champion_challenger(project: Project, ref: str, challenger_dir: Path,
+                        evaluate: Callable[[Path, Project], dict],
                         context: dict | None = None, actor: str = ACTOR) -> Outcome:
     """Evaluate the new version ``ref`` against production, decide, and record the decision (with
     its evidence and ``context``, e.g. which data stages ran) as one stage change."""
@@ -129,7 +71,7 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
     registry = Registry(project.db_url)
     version = registry.get_version(*parse_ref(ref))
     champion = registry.production(version.name)
-    challenger_metrics = evaluate_on_test(challenger_dir, project)
+    challenger_metrics = evaluate(challenger_dir, project)
     champion_metrics = None
     if champion is None:
         promote, reason = decide(challenger_metrics, None, rule)
@@ -137,7 +79,7 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
         try:
             if not champion.model_tag:
                 raise NotComparable("it has no model in the BentoML store")
-            champion_metrics = evaluate_on_test(Path(bentoml.models.get(champion.model_tag).path), project)
+            champion_metrics = evaluate(Path(bentoml.models.get(champion.model_tag).path), project)
         except (NotComparable, bentoml.exceptions.NotFound) as exc:
             promote, reason = False, f"champion {champion.ref} could not be evaluated on the current test data " \
                                      f"({exc}); kept it — promote by hand if intended"

@@ -65,6 +65,10 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+
+class NotComparable(RuntimeError):
+    """A model cannot be evaluated on the current data (missing input, broken artifact...)."""
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict] = {dict[str, Any]: JSON}
 

@@ -27,7 +27,7 @@ from torch import nn
 from mmops.config import TASK_METRICS, CandidateConfig, Params, metric_sign
 from mmops.core.interfaces import Encoder
 from mmops.core.metrics import task_metrics
-from mmops.core.model import MultimodalModel, build_input_encoder
+from mmops.core.model import ArtifactResolver, MultimodalModel, artifact_folder, build_input_encoder
 from mmops.data.featurize import load_values
 
 log = logging.getLogger("mmops.training.loop")
@@ -241,7 +241,8 @@ def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], ta
     }
 
 
-def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame) -> dict[str, Encoder]:
+def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame,
+                 resolve: ArtifactResolver = artifact_folder) -> dict[str, Encoder]:
     """Each input's encoder, fitted on the distinct values of the train split only (never val/test).
 
     Fitting comes before the model is built because what is learned (a vocabulary) can size the
@@ -249,7 +250,7 @@ def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame) -> dict[st
     """
     encoders = {}
     for name, item in spec["inputs"].items():
-        encoder = build_input_encoder(item)
+        encoder = build_input_encoder(item, resolve)
         if name not in data.precomputed and type(encoder).fit is not Encoder.fit:
             idx = np.unique(train_rows[f"{name}_idx"].to_numpy())
             values, idx = data.values[name], idx[idx >= 0]
@@ -260,7 +261,7 @@ def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame) -> dict[st
 
 def train_candidate(
     params: Params, candidate: CandidateConfig, data: Dataset, out_dir: Path,
-    on_epoch: Any = None,
+    on_epoch: Any = None, resolve: ArtifactResolver = artifact_folder,
 ) -> dict:
     """Train one candidate with early stopping on the selection metric; save the best epoch's artifact."""
     cfg = params.train_for(candidate)
@@ -271,7 +272,7 @@ def train_candidate(
     if train_rows.empty or val_rows.empty:
         raise ValueError("the prepared data has no train or no val rows; check data.limit and val_fraction")
     spec = build_spec(params, candidate, data.labels, data.task)
-    model = MultimodalModel(spec, fit_encoders(spec, data, train_rows))
+    model = MultimodalModel(spec, fit_encoders(spec, data, train_rows, resolve))
     group = _group_key(model) if cfg.feature_cache else None
     train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
     val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
