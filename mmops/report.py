@@ -121,22 +121,37 @@ def _data_section(prepared: Path, task: str, labels: list[str]) -> str:
     return "".join(parts)
 
 
+def _learning_figure(history: pd.DataFrame, best: Any) -> Figure:
+    """Loss, validation metrics and seconds per epoch on separate axes.
+
+    Seconds live on their own panel: on the metric axis (0..1) a few seconds per epoch would flatten every
+    metric curve into a line along the bottom.
+    """
+    fig = Figure(figsize=(15, 3.2))
+    loss_ax, metric_ax, time_ax = fig.subplots(1, 3)
+    losses = [c for c in history if c.endswith("loss")]
+    metrics = [c for c in history if c not in {"epoch", "seconds"} and not c.endswith("loss")]
+    for ax, cols, name in ((loss_ax, losses, "loss"), (metric_ax, metrics, "validation metric")):
+        for c in cols:
+            ax.plot(history["epoch"], history[c], marker=".", label=c)
+        ax.set_ylabel(name)
+    if "seconds" in history:
+        time_ax.bar(history["epoch"], history["seconds"], color="#88a", label="seconds")
+    time_ax.set_ylabel("seconds per epoch")
+    for ax in (loss_ax, metric_ax, time_ax):
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle="--", label=f"best epoch {best}")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    return fig
+
+
 def _learning_section(result: dict) -> str:
     history = pd.DataFrame(result.get("history", []))
     if history.empty or "epoch" not in history:
         return "<p>No training history was recorded.</p>"
     best = result.get("best_epoch")
-    fig = Figure(figsize=(11, 3.2))
-    panels = zip(fig.subplots(1, 2), ("loss", "validation metric"), strict=True)
-    for ax, name in panels:
-        cols = [c for c in history if c != "epoch" and c.endswith("loss") == (name == "loss")]
-        for c in cols:
-            ax.plot(history["epoch"], history[c], marker=".", label=c)
-        if best is not None:
-            ax.axvline(best, color="grey", linestyle="--", label=f"best epoch {best}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.legend()
+    fig = _learning_figure(history, best)
     return _png(fig, "learning curves") + f"<p>Best epoch {_fmt(best)} of {_fmt(result.get('epochs_run'))} run.</p>"
 
 

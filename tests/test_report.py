@@ -239,3 +239,36 @@ def test_report_renders_in_chromium(tmp_path: Path, task: str) -> None:
     for sid in SECTIONS:
         assert re.search(rf'<section id="{sid}"><h2>[^<]+</h2>', text)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_learning_curves_plot_seconds_apart_from_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few seconds per epoch on the 0..1 metric axis flattened every metric curve: time gets its own axes."""
+    import mmops.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "_png", lambda fig, *a, **k: figures.append(fig) or "")
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_accuracy": 0.5 + e / 20,
+            "val_macro_f1": 0.4 + e / 20,
+            "seconds": 30.0 + e,
+        }
+        for e in range(1, 5)
+    ]
+    report._learning_section({"history": history, "best_epoch": 3, "epochs_run": 4})
+    (fig,) = figures
+
+    def series(ax) -> dict[str, list[float]]:
+        lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines() if not ln.get_label().startswith("best")}
+        bars = {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+        return lines | bars
+
+    plotted = {ax.get_ylabel(): series(ax) for ax in fig.axes}
+    metric_axes = [s for s in plotted.values() if "val_accuracy" in s]
+    assert len(metric_axes) == 1 and set(metric_axes[0]) == {"val_accuracy", "val_macro_f1"}
+    time_axes = [(label, s) for label, s in plotted.items() if "seconds" in s]
+    assert len(time_axes) == 1 and "seconds" in time_axes[0][0]
+    assert time_axes[0][1]["seconds"] == [31.0, 32.0, 33.0, 34.0]
+    assert not any("seconds" in s for s in plotted.values() if "train_loss" in s or "val_accuracy" in s)
