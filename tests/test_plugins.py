@@ -79,3 +79,21 @@ def test_fusions_shapes_gradients_and_bad_input(name, n_inputs):
         fusion({**feats, "a": torch.randn(4, 99)})
     with pytest.raises(ValueError, match="was built for inputs"):
         fusion({"a": feats["a"]})
+
+
+def test_a_plugin_that_exits_at_import_is_reported_and_does_not_end_plugins_list(fake_entry_points, tmp_path,
+                                                                                 monkeypatch):
+    from typer.testing import CliRunner
+
+    from mmops.cli.main import app
+
+    (tmp_path / "acme_exits_at_import.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_entry_points(_ep("exits_at_import", "acme_exits_at_import:Thing"))
+    status = check_all("fusion")
+    assert "acme-fusions 1.2.3" in status["exits_at_import"] and "SystemExit" in status["exits_at_import"]
+    assert status["concat"] is None
+    plugin_registry._load.cache_clear()
+    result = CliRunner().invoke(app, ["plugins", "list"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "exits_at_import" in result.output and "SystemExit" in result.output

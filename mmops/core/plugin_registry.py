@@ -76,7 +76,9 @@ def _load(kind: str, name: str) -> type:
     ep = info.entry or next(e for e in entry_points(group=group, name=name) if e.value == info.target)
     try:
         obj = ep.load()
-    except Exception as exc:  # any import-time failure of third-party code must be contained
+    except KeyboardInterrupt:  # a real Ctrl-C stops mmops; anything else a plugin raises is its failure
+        raise
+    except BaseException as exc:  # SystemExit at import too: third-party code must never end mmops
         raise PluginError(
             f"{kind} '{name}' from {info.origin} failed to import ({info.target}): "
             f"{type(exc).__name__}: {exc}"
