@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -68,8 +69,23 @@ def data_version(project: Project) -> dict[str, str]:
 TRANSIENT = (ConnectionError, TimeoutError, BrokenPipeError)
 
 
+def candidate_code(project: Project, candidate: CandidateConfig) -> dict[str, str]:
+    """``{"<package> <version>": hash of its installed code}`` for mmops and every distribution that
+    provides one of the candidate's plugins (its encoders, its fusion, the target's task).
+
+    Versions alone miss an edited fusion or training loop (an editable install keeps its version), so
+    reuse keys on the code itself."""
+    from mmops.core.provenance import code_versions
+
+    params = project.params
+    plugins = [("encoder", i.encoder) for i in params.inputs.values()]
+    plugins += [("fusion", candidate.fusion), ("task", params.target.type)]
+    return code_versions(plugins)
+
+
 def fingerprint(project: Project, candidate: CandidateConfig) -> str:
-    """What a candidate's result depends on: its config, the inputs, the seed, the data, the code."""
+    """What a candidate's result depends on: its config, the inputs, the target, the seed, the data,
+    the code of mmops and of every plugin package it uses."""
     import mmops
 
     params = project.params
@@ -77,7 +93,8 @@ def fingerprint(project: Project, candidate: CandidateConfig) -> str:
     payload = {"candidate": candidate.model_dump(),
                "train": params.train_for(candidate).model_dump(exclude={"threads"}),
                "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "seed": params.seed,
-               "data": data, "mmops": mmops.__version__}
+               "target": params.target.model_dump(),
+               "data": data, "mmops": mmops.__version__, "code": candidate_code(project, candidate)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -131,7 +148,8 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     run_id = registry.start_run(
         name=candidate.name,
         config={"candidate": candidate.model_dump(), "train": params.train_for(candidate).model_dump(),
-                "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "data": params.data.model_dump()},
+                "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "data": params.data.model_dump(),
+                "code": candidate_code(project, candidate)},
         seed=params.seed, data_version=data_version(project), git_commit=project.git_commit(),
         flow_run_id=flow_run_id,
     )
@@ -169,7 +187,23 @@ def select_best(results: list[dict], metric: str) -> dict:
         errors = "; ".join(f"{r['candidate']}: {r.get('error')}" for r in results)
         raise RuntimeError(f"every candidate failed: {errors}")
     sign = metric_sign(metric)
-    return max(done, key=lambda r: (sign * r["final"][metric], -r["train_seconds"]))
+    # Ties on val are common (two fusions reach the same accuracy on a small split): they go to the smaller
+    # model, then to the first name, never to wall time, which varies run to run.
+    return min(done, key=lambda r: (-sign * r["final"][metric], model_size(r), r["candidate"]))
+
+
+TIE_BREAK = "ties on val go to fewer parameters (the weights the artifact stores), then to the candidate name"
+
+
+def model_size(result: dict) -> float:
+    """Parameters a trained candidate's artifact stores (``model.safetensors``), read from the file's
+    header alone; infinite when there is no artifact to read."""
+    path = Path(result.get("model_dir") or "") / "model.safetensors"
+    if not result.get("model_dir") or not path.is_file():
+        return math.inf
+    with path.open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
 
 
 def write_metrics(project: Project, results: list[dict], best: dict) -> None:
@@ -181,11 +215,12 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
     leaderboard = [
         {"candidate": r["candidate"], "fusion": r.get("fusion"), "status": r["status"],
          **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
-         "train_seconds": r.get("train_seconds"), "run_id": r.get("run_id")}
+         "train_seconds": r.get("train_seconds"), "run_id": r.get("run_id"),
+         **({"params": int(n) if (n := model_size(r)) != math.inf else None} if r["status"] == "completed" else {})}
         for r in results
     ]
     (out / "leaderboard.json").write_text(json.dumps(leaderboard, indent=2))
-    summary = {"best": best["candidate"], "selected_by": project.params.select_metric,
+    summary = {"best": best["candidate"], "selected_by": project.params.select_metric, "ties": TIE_BREAK,
                "val": _scalars(best["metrics"]["val"]), "test": _scalars(best["metrics"]["test"])}
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     # DVC plots: the confusion matrix (classification), calibration bins, and learning curves.

@@ -196,7 +196,8 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
     task = next((r["task"] for r in results if r.get("task")), "classification")
     metric = select_metric.removeprefix("val_")
     columns = [f"val_{m}" for m in TASK_METRICS[task]] + [f"test_{metric}"]
-    table = Table(title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select)")
+    table = Table(title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select; "
+                  "ties go to fewer parameters, then name)")
     table.add_column("candidate")
     table.add_column("fusion")
     for col in [*columns, "train time"]:

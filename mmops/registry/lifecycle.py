@@ -24,15 +24,17 @@ ACTOR = "retrain flow (champion/challenger)"
 
 @dataclass
 class Outcome:
-    decision: str  # "promoted" or "staged"
+    decision: str  # "promoted", "staged", or "kept" (the challenger is the production version itself)
     challenger: str
     champion: str | None
     metric: str
-    challenger_score: float
+    challenger_score: float | None
     champion_score: float | None
     reason: str
 
     def summary(self) -> str:
+        if self.decision == "kept":
+            return f"{self.challenger} kept in production — {self.reason}"
         vs = (f" vs champion {self.champion} {self.champion_score:.4f}" if self.champion_score is not None
               else f" (champion {self.champion} not evaluated)" if self.champion else "")
         return (f"{self.challenger} {self.decision} to {'production' if self.decision == 'promoted' else 'staging'}"
@@ -71,6 +73,13 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
     registry = Registry(project.db_url)
     version = registry.get_version(*parse_ref(ref))
     champion = registry.production(version.name)
+    if champion is not None and champion.version == version.version:
+        # A rerun whose new candidates all failed (or changed nothing) hands back the version already in
+        # production: comparing it with itself can only "lose" by the margin and demote it to staging,
+        # leaving the project with no production model. Nothing to decide, nothing to record.
+        return Outcome(decision="kept", challenger=version.ref, champion=champion.ref, metric=rule.metric,
+                       challenger_score=None, champion_score=None,
+                       reason="the run's best model is the production version itself; production unchanged")
     challenger_metrics = evaluate(challenger_dir, project)
     champion_metrics = None
     if champion is None:

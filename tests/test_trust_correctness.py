@@ -1,0 +1,201 @@
+"""Issue 17, correctness: reuse notices code changes, selection does not depend on timing, a failed rerun
+never demotes production. Training is stubbed (these are about the decisions around it), so each test
+takes a second or two."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import save_file
+
+from mmops import pipeline
+from mmops.core import plugin_registry
+from mmops.project import Project
+from mmops.registry import lifecycle
+from mmops.registry.store import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+
+FUSION = """from mmops_plugins.fusions.concat import ConcatFusion
+
+
+class AcmeConcat(ConcatFusion):
+    scale = {scale}
+"""
+
+
+def install_fusion_package(site: Path, scale: int = 1) -> Path:
+    """A real, installed third-party distribution (``acme-fuse 1.0``) providing fusion ``acme_concat``."""
+    package = site / "acme_fuse"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "fusion.py").write_text(FUSION.format(scale=scale))
+    info = site / "acme_fuse-1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-fuse\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mmops.fusions]\nacme_concat = acme_fuse.fusion:AcmeConcat\n")
+    (info / "top_level.txt").write_text("acme_fuse\n")
+    return package / "fusion.py"
+
+
+@pytest.fixture
+def acme(tmp_path, monkeypatch) -> Path:
+    source = install_fusion_package(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    plugin_registry.discover.cache_clear()
+    plugin_registry._load.cache_clear()
+    yield source
+    plugin_registry.discover.cache_clear()
+    plugin_registry._load.cache_clear()
+
+
+def write_params(root: Path, candidates: list[dict]) -> Project:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["candidates"] = candidates
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return Project.at(root)  # a new Project: params are read once per instance
+
+
+class StubTraining:
+    """Stands in for the training loop: records who trained, fails on request, writes a weights file
+    whose size is ``sizes[name]`` parameters."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail: set[str] = set()
+        self.sizes: dict[str, int] = {}
+
+    def __call__(self, params, candidate, data, out_dir: Path, **_) -> dict:
+        self.calls.append(candidate.name)
+        if candidate.name in self.fail:
+            raise FloatingPointError(f"candidate '{candidate.name}': loss diverged at epoch 1")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"w": np.zeros(self.sizes.get(candidate.name, 10), dtype=np.float32)}, str(out_dir / "model.safetensors")
+        )
+        scores = {"accuracy": 0.8, "macro_f1": 0.8}
+        return {
+            "candidate": candidate.name,
+            "fusion": candidate.fusion,
+            "task": "classification",
+            "model_dir": str(out_dir),
+            "train_seconds": float(len(self.calls)),
+            "history": [],
+            "metrics": {"val": dict(scores), "test": dict(scores)},
+        }
+
+
+@pytest.fixture
+def stub(monkeypatch) -> StubTraining:
+    from mmops.training import loop
+
+    monkeypatch.delenv("MMOPS_DB_URL", raising=False)
+    training = StubTraining()
+    monkeypatch.setattr(loop, "train_candidate", training)
+    monkeypatch.setattr(loop.Dataset, "load", classmethod(lambda cls, *args, **kwargs: None))
+    return training
+
+
+def select(results: list[dict]) -> dict:
+    # select_best takes the metric's direction as an argument once tasks are plugins.
+    args = ["val_accuracy", 1.0] if "sign" in inspect.signature(pipeline.select_best).parameters else ["val_accuracy"]
+    return pipeline.select_best(results, *args)
+
+
+# ---------------------------------------------------------------- 1. reuse notices code changes
+
+
+def test_changing_a_plugins_code_retrains_its_candidate_and_nothing_else(tmp_path, acme, stub):
+    candidates = [{"name": "acme", "fusion": "acme_concat"}, {"name": "plain", "fusion": "concat"}]
+    project = write_params(tmp_path / "proj", candidates)
+    first = [pipeline.train_one(project, c) for c in project.params.all_candidates()]
+    assert [r["reused"] for r in first] == [False, False]
+    code = Registry(project.db_url).get_run(first[0]["run_id"]).config["code"]
+    assert set(code) == {"acme-fuse 1.0", "mmops 0.1.0"} and all(len(h) == 16 for h in code.values())
+    assert "acme-fuse 1.0" not in Registry(project.db_url).get_run(first[1]["run_id"]).config["code"]
+
+    project = write_params(tmp_path / "proj", candidates)
+    again = [pipeline.train_one(project, c) for c in project.params.all_candidates()]
+    assert [r["reused"] for r in again] == [True, True] and stub.calls == ["acme", "plain"]
+
+    acme.write_text(FUSION.format(scale=2))  # a plugin release (or an edit) that keeps its version number
+    project = write_params(tmp_path / "proj", candidates)
+    third = [pipeline.train_one(project, c) for c in project.params.all_candidates()]
+    assert [r["reused"] for r in third] == [False, True] and stub.calls == ["acme", "plain", "acme"]
+    new_code = Registry(project.db_url).get_run(third[0]["run_id"]).config["code"]
+    assert new_code["acme-fuse 1.0"] != code["acme-fuse 1.0"] and new_code["mmops 0.1.0"] == code["mmops 0.1.0"]
+
+
+# ---------------------------------------------------------------- 2. deterministic selection
+
+
+def _result(name: str, val: float, seconds: float, size: int | None, root: Path) -> dict:
+    model_dir = root / name
+    if size is not None:
+        model_dir.mkdir(parents=True)
+        save_file({"w": np.zeros(size, dtype=np.float32)}, str(model_dir / "model.safetensors"))
+    return {
+        "candidate": name,
+        "status": "completed",
+        "final": {"val_accuracy": val},
+        "train_seconds": seconds,
+        "model_dir": str(model_dir),
+    }
+
+
+def test_ties_on_val_go_to_fewer_parameters_then_name_never_to_wall_time(tmp_path):
+    big_fast = _result("big", 0.9, 1.0, 1000, tmp_path)
+    small_slow = _result("small", 0.9, 50.0, 10, tmp_path)
+    worse = _result("worse", 0.8, 0.1, 1, tmp_path)
+    for order in ([big_fast, small_slow, worse], [worse, small_slow, big_fast]):
+        assert select(order)["candidate"] == "small"
+    # Same size: the name decides, whichever trained faster or came first.
+    b, a = _result("b", 0.9, 1.0, 10, tmp_path), _result("a", 0.9, 9.0, 10, tmp_path)
+    assert select([b, a])["candidate"] == select([a, b])["candidate"] == "a"
+    # A candidate without an artifact to measure loses the tie, never crashes it.
+    assert select([_result("gone", 0.9, 0.1, None, tmp_path), a])["candidate"] == "a"
+    assert "fewer parameters" in pipeline.TIE_BREAK and pipeline.model_size(small_slow) == 10
+
+
+# ---------------------------------------------------------------- 4. a failed rerun never demotes production
+
+
+def test_a_rerun_whose_new_candidates_all_fail_leaves_production_untouched(tmp_path, stub, monkeypatch):
+    from mmops.serving import package
+
+    monkeypatch.setattr(package, "save_to_store", lambda model_dir, name, **_: f"{name}:stored")
+
+    def evaluate(model_dir: Path, project: Project) -> dict:
+        return {"accuracy": 0.9, "macro_f1": 0.9}
+
+    stub.sizes = {"concat": 10, "product": 20}
+    candidates = [{"name": "concat", "fusion": "concat"}, {"name": "product", "fusion": "product"}]
+    project = write_params(tmp_path / "proj", candidates)
+    results = [pipeline.train_one(project, c) for c in project.params.all_candidates()]
+    best = select(results)
+    shipped = pipeline.register_and_package(project, best, build=False)
+    first = lifecycle.champion_challenger(project, shipped["model_version"], Path(best["model_dir"]), evaluate)
+    assert first.decision == "promoted"
+    registry = Registry(project.db_url)
+    name = project.params.registry.model_name
+    events = len(registry.events(name))
+
+    # The rerun: a new candidate is added and fails; the others are unchanged, so reused.
+    stub.fail = {"new"}
+    new = {"name": "new", "fusion": "concat", "params": {"hidden": 3}}
+    project = write_params(tmp_path / "proj", [*candidates, new])
+    results = [pipeline.train_one(project, c) for c in project.params.all_candidates()]
+    assert [r["status"] for r in results] == ["completed", "completed", "failed"]
+    best = select(results)
+    shipped_again = pipeline.register_and_package(project, best, build=False)
+    assert shipped_again["model_version"] == shipped["model_version"]  # the production version itself
+    second = lifecycle.champion_challenger(project, shipped_again["model_version"], Path(best["model_dir"]), evaluate)
+    assert second.decision == "kept" and "production unchanged" in second.summary()
+    production = registry.production(name)
+    assert production is not None and production.ref == shipped["model_version"]
+    assert len(registry.events(name)) == events  # nothing moved, nothing to record
