@@ -18,7 +18,8 @@ def test_classification_metrics_match_scikit_learn_including_unknown_predictions
         y, p = rng.integers(0, k, n), rng.integers(-1, k, n)  # -1: a label the model never knew
         m = classification_metrics(y, p, k, names=[str(i) for i in range(k)])
         classes = np.arange(k)
-        assert np.isclose(m["macro_f1"], f1_score(y, p, labels=classes, average="macro", zero_division=0))
+        present = sorted(set(y) | set(p[p >= 0]))  # y_true ∪ y_pred; -1 is a miss, not a class
+        assert np.isclose(m["macro_f1"], f1_score(y, p, labels=present, average="macro", zero_division=0))
         assert m["confusion"] == confusion_matrix(y, p, labels=classes).tolist()
         ref = precision_recall_fscore_support(y, p, labels=classes, zero_division=0)
         for key, values in zip(("precision", "recall", "f1", "support"), ref, strict=True):
@@ -42,3 +43,19 @@ def test_multilabel_and_regression_metrics() -> None:
     assert m["subset_accuracy"] == 0.75 and np.isclose(m["micro_f1"], 0.8571428571) and m["map"] == 1.0
     r = regression_metrics(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))
     assert np.isclose(r["mae"], 1 / 3) and np.isclose(r["mse"], 1 / 3) and r["r2"] == 0.5
+
+
+def test_macro_f1_averages_over_the_classes_present_in_the_split() -> None:
+    # Issue 17: a test split with accuracy 1.0 showed macro-F1 0.909 (an absent class counted as F1 = 0).
+    y = np.array([0, 0, 1, 2, 2])
+    perfect = classification_metrics(y, y, n_classes=4, names=["a", "b", "c", "d"])  # "d" has no row here
+    assert perfect["accuracy"] == 1.0 and perfect["macro_f1"] == 1.0
+    assert np.isclose(perfect["macro_f1"], f1_score(y, y, average="macro"))
+    # A class that is only predicted is present: its F1 of 0 counts.
+    m = classification_metrics(y, np.array([0, 0, 1, 2, 3]), n_classes=4)
+    assert np.isclose(m["macro_f1"], f1_score(y, [0, 0, 1, 2, 3], average="macro", zero_division=0))
+    assert classification_metrics(np.array([], dtype=int), np.array([], dtype=int), 3)["macro_f1"] == 0.0
+    # Multi-label: a label no row has and no row is predicted is left out too.
+    targets = np.array([[1, 0, 0], [0, 1, 0]])
+    ml = multilabel_metrics(targets, targets.astype(float), 0.5, ["a", "b", "c"])
+    assert ml["macro_f1"] == 1.0 and ml["subset_accuracy"] == 1.0

@@ -2,6 +2,10 @@
 
 Classification also reports calibration (expected calibration error and the reliability bins),
 because a model that is right 90% of the time but says 99% misleads whoever acts on its scores.
+
+Macro-F1 (classes and labels alike) is the mean F1 over the classes present in the split, in its rows
+or its predictions (y_true ∪ y_pred, as scikit-learn's default ``labels``); a prediction of a class the
+data no longer has counts as a miss, not as a class.
 """
 
 from __future__ import annotations
@@ -68,9 +72,13 @@ def classification_metrics(
     tp = np.diag(confusion)
     precision, recall = _ratio(tp, predicted), _ratio(tp, support)
     f1 = _ratio(2 * tp, support + predicted)
+    # Macro-F1 averages over the classes present in this split (a row of it, or a prediction), as
+    # scikit-learn does without ``labels=``: a class with no rows and no predictions here has no F1,
+    # and counting it as 0 would give a perfect split a macro-F1 below 1.
+    present = (support + predicted) > 0
     metrics: dict = {
         "accuracy": float((labels == predictions).mean()) if len(labels) else 0.0,
-        "macro_f1": float(f1.mean()) if n_classes else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "n": len(labels),
     }
     if probs is not None and len(labels):
@@ -93,9 +101,10 @@ def multilabel_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float
     ap = np.array([average_precision_score(targets[:, j], scores[:, j]) if present[j] else np.nan
                    for j in range(targets.shape[1])])
     p, r, f, s = precision_recall_fscore_support(targets, predicted, zero_division=0)
+    labelled = (s + predicted.sum(0)) > 0  # as for classes: macro-F1 over the labels present in the split
     return {
         "micro_f1": float(f1_score(targets, predicted, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(targets, predicted, average="macro", zero_division=0)),
+        "macro_f1": float(f[labelled].mean()) if labelled.any() else 0.0,
         "map": float(np.nanmean(ap)) if present.any() else 0.0,
         "subset_accuracy": float((predicted == targets).all(1).mean()) if len(targets) else 0.0,
         "threshold": threshold,
