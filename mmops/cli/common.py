@@ -5,11 +5,15 @@ Its own module so that the command modules import it and never each other (no im
 
 from __future__ import annotations
 
+import json
+import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from mmops.config import ConfigError
 from mmops.project import Project, configure_environment
@@ -20,6 +24,28 @@ err = Console(stderr=True)
 ProjectOpt = Annotated[
     Path, typer.Option("--project", "-p", envvar="MMOPS_PROJECT", help="project directory (holds params.yaml)")
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (full ids, every field) instead of a table")]
+# Columns that must survive any width (ids, refs, stages): never an ellipsis, fold on a very narrow terminal.
+KEEP = {"no_wrap": True, "overflow": "fold"}
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout, bypassing rich: no wrapping, colour or highlighting to break a parser."""
+    sys.stdout.write(json.dumps(data, indent=2, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o))
+                     + "\n")
+
+
+def print_table(table: Table) -> None:
+    """A table in full when stdout is not a terminal.
+
+    Piped, rich assumes 80 columns and cuts cells to fit ("producti…"); a pipe has no width, so the table
+    gets the width it needs.
+    """
+    if console.is_terminal:
+        console.print(table)
+        return
+    needed = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(width=max(console.width, needed), highlight=False).print(table)
 
 
 def load_project(path: Path) -> Project:

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mmops.cli.common import ProjectOpt, console, err, fail, load_project
+from mmops.cli.common import KEEP, JsonOpt, ProjectOpt, console, err, fail, load_project, print_json, print_table
 from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
 from mmops.project import Project
 
@@ -456,20 +456,28 @@ def predict(
 
 
 @plugins_app.command("list")
-def plugins_list() -> None:
+def plugins_list(as_json: JsonOpt = False) -> None:
     """Every installed encoder and fusion, with the package that provides it."""
     from mmops.core.plugin_registry import check_all, discover, get_encoder
 
-    table = Table()
-    for col in ("name", "kind", "modality", "package", "status"):
-        table.add_column(col)
+    rows = []
     for kind in ("encoder", "fusion"):
         status = check_all(kind)
         for name, info in sorted(discover(kind).items()):
             problem = status[name]
-            modality = get_encoder(name).modality if kind == "encoder" and not problem else "-"
-            table.add_row(name, kind, modality, info.origin, "ok" if not problem else f"[red]{problem}[/]")
-    console.print(table)
+            modality = get_encoder(name).modality if kind == "encoder" and not problem else None
+            rows.append({"name": name, "kind": kind, "modality": modality, "package": info.package,
+                         "version": info.version, "target": info.target, "error": problem})
+    if as_json:
+        print_json(rows)
+        return
+    table = Table()
+    for col in ("name", "kind", "modality", "package", "status"):
+        table.add_column(col, **(KEEP if col in ("name", "kind", "package") else {}))
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["modality"] or "-", f"{r['package']} {r['version']}",
+                      "ok" if not r["error"] else f"[red]{r['error']}[/]")
+    print_table(table)
 
 
 @plugins_app.command("check")

@@ -14,7 +14,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from mmops.cli.common import ProjectOpt, console, fail, load_project
+from mmops.cli.common import KEEP, JsonOpt, ProjectOpt, console, fail, load_project, print_json, print_table
 from mmops.project import Project
 
 runs_app = typer.Typer(no_args_is_help=True, help="Training runs in the registry.")
@@ -47,33 +47,67 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _data_version_json(dv) -> dict[str, Any] | None:
+    return {"id": dv.id, "digest": dv.digest, "hashes": dv.hashes} if dv else None
+
+
+def _run_json(run, series: bool = False, data_version: bool = True) -> dict[str, Any]:
+    """A run as ``--json`` prints it: every field, the full id, metrics as numbers."""
+    out = {"id": run.id, "name": run.name, "status": run.status, "started_at": run.started_at,
+           "finished_at": run.finished_at, "duration_s": run.duration_s, "seed": run.seed, "host": run.host,
+           "git_commit": run.git_commit, "flow_run_id": run.flow_run_id, "error": run.error, "artifact": run.artifact,
+           "final_metrics": run.final_metrics()}
+    if data_version:
+        out["data_version"] = _data_version_json(run.data_version)
+    if series:
+        out["config"] = run.config
+        points: dict[int, dict[str, float]] = {}
+        for m in run.metrics:
+            if m.step is not None:
+                points.setdefault(m.step, {})[m.key] = m.value
+        out["per_epoch"] = [{"epoch": step, **points[step]} for step in sorted(points)]
+    return out
+
+
+def _version_json(mv) -> dict[str, Any]:
+    return {"ref": mv.ref, "name": mv.name, "version": mv.version, "stage": mv.stage, "run_id": mv.run_id,
+            "model_tag": mv.model_tag, "bento_tag": mv.bento_tag, "metrics": mv.metrics,
+            "created_at": mv.created_at, "stage_changed_at": mv.stage_changed_at}
+
+
 # ---------------------------------------------------------------- runs
 
 
 @runs_app.command("list")
-def runs_list(project_dir: ProjectOpt = Path("."), limit: int = 20) -> None:
+def runs_list(project_dir: ProjectOpt = Path("."), limit: int = 20, as_json: JsonOpt = False) -> None:
     """The latest runs with their status and final metrics."""
     project = _project(project_dir)
+    if as_json:
+        print_json([_run_json(run) for run in _registry(project).runs(limit)])
+        return
     table = Table()
     for col in ("run", "name", "status", "started", "seconds", "val acc", "test acc", "host"):
-        table.add_column(col)
+        table.add_column(col, **(KEEP if col in ("run", "name", "status") else {}))
     for run in _registry(project).runs(limit):
         final = run.final_metrics()
         table.add_row(run.id[:8], run.name, run.status, f"{run.started_at:%Y-%m-%d %H:%M}",
                       f"{run.duration_s or 0:.0f}", _fmt(final.get("val_accuracy")), _fmt(final.get("test_accuracy")),
                       run.host)
-    console.print(table)
+    print_table(table)
 
 
 @runs_app.command("show")
 def runs_show(run_id: Annotated[str, typer.Argument(help="run id (a unique prefix will do)")],
-              project_dir: ProjectOpt = Path(".")) -> None:
+              project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False) -> None:
     """One run: config, data version, timings, final metrics and the per-epoch series."""
     project = _project(project_dir)
     try:
         run = _registry(project).get_run(run_id)
     except LookupError as exc:
         raise _fail(str(exc)) from None
+    if as_json:
+        print_json(_run_json(run, series=True))
+        return
     console.print(f"[bold]run {run.id}[/] ({run.name})  status {run.status}")
     console.print(f"started {run.started_at:%Y-%m-%d %H:%M:%S}  finished "
                   f"{f'{run.finished_at:%H:%M:%S}' if run.finished_at else '-'}  duration {_fmt(run.duration_s)} s")
@@ -85,11 +119,11 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="run id (a unique prefi
                       "  ".join(f"{k} {v[:10]}" for k, v in run.data_version.hashes.items()))
     console.print(yaml.safe_dump(run.config, sort_keys=False).rstrip())
     final = Table(title="final metrics")
-    final.add_column("metric")
+    final.add_column("metric", **KEEP)
     final.add_column("value", justify="right")
     for key, value in sorted(run.final_metrics().items()):
         final.add_row(key, _fmt(value))
-    console.print(final)
+    print_table(final)
     series: dict[int, dict[str, float]] = {}
     for m in run.metrics:
         if m.step is not None:
@@ -101,7 +135,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="run id (a unique prefi
             table.add_column(col, justify="right")
         for step in sorted(series):
             table.add_row(str(step), *(_fmt(series[step].get(k)) for k in keys))
-        console.print(table)
+        print_table(table)
 
 
 @runs_app.command("compare")
@@ -154,33 +188,36 @@ def _parse(ref: str, need_version: bool) -> tuple[str, int | None]:
 
 @models_app.command("list")
 def models_list(name: Annotated[str | None, typer.Argument(help="only this model")] = None,
-                project_dir: ProjectOpt = Path(".")) -> None:
+                project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False) -> None:
     """Registered model versions with their stage."""
     project = _project(project_dir)
+    if as_json:
+        print_json([_version_json(v) for v in _registry(project).model_versions(name)])
+        return
     table = Table()
     for col in ("model", "stage", "run", "val acc", "test acc", "created", "bento"):
-        table.add_column(col)
+        table.add_column(col, **(KEEP if col in ("model", "stage", "run", "bento") else {}))
     colours = {"production": "green", "staging": "yellow", "archived": "dim"}
     for v in _registry(project).model_versions(name):
         stage = f"[{colours[v.stage]}]{v.stage}[/]" if v.stage in colours else v.stage
         table.add_row(v.ref, stage, v.run_id[:8], _fmt(v.metrics.get("val_accuracy")),
                       _fmt(v.metrics.get("test_accuracy")), f"{v.created_at:%Y-%m-%d %H:%M}", v.bento_tag or "")
-    console.print(table)
+    print_table(table)
 
 
 def _print_events(events: list) -> None:
     table = Table(title="history")
     for col in ("when", "version", "action", "from", "to", "by", "why"):
-        table.add_column(col)
+        table.add_column(col, **(KEEP if col in ("version", "from", "to") else {}))
     for e in events:
         table.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", str(e.version or ""), e.action, e.from_stage or "",
                       e.to_stage or "", e.actor, e.reason)
-    console.print(table)
+    print_table(table)
 
 
 @models_app.command("show")
 def models_show(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")],
-                project_dir: ProjectOpt = Path(".")) -> None:
+                project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False) -> None:
     """A model version (the latest without :VERSION): stage, metrics, tags, and its stage history."""
     project = _project(project_dir)
     name, version = _parse(ref, need_version=False)
@@ -190,6 +227,12 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")]
     except LookupError as exc:
         raise _fail(str(exc)) from None
     production = registry.production(name)
+    if as_json:
+        events = [{"at": e.at, "version": e.version, "action": e.action, "from_stage": e.from_stage,
+                   "to_stage": e.to_stage, "actor": e.actor, "reason": e.reason, "details": e.details}
+                  for e in registry.events(name, mv.version)]
+        print_json(_version_json(mv) | {"production": production.ref if production else None, "events": events})
+        return
     console.print(f"[bold]{mv.ref}[/]  stage [bold]{mv.stage}[/] since {mv.stage_changed_at:%Y-%m-%d %H:%M}"
                   f"   (production: {production.ref if production else 'none'})")
     console.print(f"run {mv.run_id} ({mv.run.name})  model {mv.model_tag or '-'}  bento {mv.bento_tag or '-'}")
@@ -238,7 +281,8 @@ def models_rollback(
     console.print(f"rolled back {name}: {before.ref if before else '-'} -> {mv.ref} is production")
 
 
-def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_dir: ProjectOpt = Path(".")) -> None:
+def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_dir: ProjectOpt = Path("."),
+            as_json: JsonOpt = False) -> None:
     """Where a model version came from: data version, run, config, commit, model and bento."""
     project = _project(project_dir)
     name, version = _parse(ref, need_version=True)
@@ -247,9 +291,13 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_di
     except LookupError as exc:
         raise _fail(str(exc)) from None
     run = mv.run
+    if as_json:
+        print_json(_version_json(mv) | {"data_version": _data_version_json(mv.data_version),
+                                        "run": _run_json(run, data_version=False) | {"config": run.config}})
+        return
     table = Table(title=f"lineage of {mv.ref}", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
     table.add_row("stage", mv.stage)
     table.add_row("bento", mv.bento_tag or "-")
     table.add_row("model", mv.model_tag or "-")
@@ -262,7 +310,7 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_di
     for key, digest in (dv.hashes.items() if dv else []):
         table.add_row(f"  {key}", digest)
     table.add_row("config", yaml.safe_dump(run.config, sort_keys=False).rstrip())
-    console.print(table)
+    print_table(table)
 
 
 # ---------------------------------------------------------------- db
@@ -318,19 +366,24 @@ def schedule_create(
 
 
 @schedule_app.command("list")
-def schedule_list(project_dir: ProjectOpt = Path(".")) -> None:
+def schedule_list(project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False) -> None:
     """Deployments of the retrain flow on the Prefect API."""
+    import dataclasses
+
     from mmops.registry import schedules
 
     project = _project(project_dir)
+    if as_json:
+        print_json([dataclasses.asdict(s) for s in schedules.list_all(project)])
+        return
     table = Table()
     for col in ("name", "cron", "timezone", "state", "bento", "project"):
-        table.add_column(col)
+        table.add_column(col, **(KEEP if col in ("name", "state") else {}))
     for s in schedules.list_all(project):
         table.add_row(s.name, ", ".join(s.crons) or "-", s.timezone or "UTC",
                       "[yellow]paused[/]" if s.paused else "[green]active[/]", "yes" if s.build_bento else "no",
                       s.project_dir or "-")
-    console.print(table)
+    print_table(table)
 
 
 def _schedule_action(name: str, project_dir: Path, action: str) -> None:
