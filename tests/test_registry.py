@@ -63,6 +63,37 @@ def test_migrations_apply_on_first_use_and_are_idempotent(db_url):
     assert migrations.current(engine) == migrations.head()
 
 
+def test_a_registry_created_before_migrations_is_stamped_and_upgraded(db_url):
+    """Issue 17: tables of the first released schema but no alembic_version; 0001 failed on CREATE TABLE."""
+    engine = make_engine(db_url)
+    with engine.connect() as conn, conn.begin():  # exactly the first revision's tables, and nothing recording it
+        command.upgrade(migrations.config(conn), "0001")
+        conn.execute(text("DROP TABLE alembic_version"))
+    assert migrations.current(engine) is None
+    old = Registry(db_url, migrate=False)
+    runs = _seed(old, 2)
+    migrations._current.clear()
+    registry = Registry(db_url)  # the first use after upgrading mmops
+    assert migrations.current(engine) == migrations.head()
+    assert [v.run_id for v in registry.model_versions("m")] == runs[::-1]
+    registry.transition("m", 2, "production", "works after the upgrade")
+    assert registry.production("m").version == 2
+    # the triggers came with the tables
+    with pytest.raises(DBAPIError, match="append-only"), registry.session() as s:
+        s.execute(text("DELETE FROM events"))
+
+
+def test_an_untracked_registry_that_matches_no_revision_is_refused_with_what_is_missing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    with make_engine(url).connect() as conn, conn.begin():  # the pre-migration prototype's runs table
+        conn.execute(text("CREATE TABLE runs (id VARCHAR(36) PRIMARY KEY, name VARCHAR(200), data_version JSON)"))
+    migrations._current.clear()
+    with pytest.raises(migrations.UntrackedSchemaError, match=r"runs lacks columns .*data_version_id") as info:
+        Registry(url)
+    assert "table events is missing" in str(info.value)
+    assert migrations.current(make_engine(url)) is None  # nothing half-done
+
+
 def test_parallel_writers_lose_and_corrupt_nothing(db_url):
     registry = Registry(db_url)
     runs = [registry.start_run(f"w{i}", {}, i, {}, None) for i in range(WRITERS)]
