@@ -69,7 +69,7 @@ def sweep(project_dir: str = ".", force: bool = False) -> dict:
         except Exception as exc:  # retries exhausted: record it, rank the others
             results.append({"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
                             "error": f"{type(exc).__name__}: {exc}"})
-    best = pipeline.select_best(results, params.select_metric)
+    best = pipeline.select_best(results, params.select_metric, params.metric_sign(params.select_metric))
     pipeline.write_metrics(project, results, best)
     return {"stages": stages, "results": results, "best": best}
 

@@ -98,26 +98,11 @@ class InputConfig(_Strict):
         return v
 
 
-TASKS = ("classification", "multilabel", "regression")
-# Validation metrics a task can be selected on; lower is better for those in LOWER_IS_BETTER.
-TASK_METRICS = {
-    "classification": ("accuracy", "macro_f1"),
-    "multilabel": ("micro_f1", "macro_f1", "map"),
-    "regression": ("mae", "mse", "r2"),
-}
-LOWER_IS_BETTER = frozenset({"mae", "mse"})
-
-
-def metric_sign(metric: str) -> float:
-    """+1 when a higher value of ``metric`` (``mae`` or ``val_mae`` alike) is better, -1 when lower is.
-
-    Training, candidate selection and champion/challenger all rank by ``sign * value``."""
-    return -1.0 if metric.removeprefix("val_").removeprefix("test_") in LOWER_IS_BETTER else 1.0
-
-
 class TargetConfig(_Strict):
     column: str = "answer"
-    type: Literal["classification", "multilabel", "regression"] = "classification"
+    type: str = Field("classification", description="a task plugin (`mmops plugins list`): classification, "
+                      "multilabel, regression, or one a package adds")
+    params: dict[str, Any] = Field(default_factory=dict, description="the task plugin's own parameters")
     separator: str = Field("|", min_length=1, description="multilabel: separates a row's labels in one cell")
     threshold: float = Field(0.5, gt=0, lt=1, description="multilabel: a label is predicted above this score")
 
@@ -195,7 +180,8 @@ class RegistryConfig(_Strict):
 class PromotionConfig(_Strict):
     """Champion/challenger: measured on the test split, where both models are evaluated alike."""
 
-    metric: str = Field("accuracy", description="a test metric of the task: accuracy, macro_f1, micro_f1, map, mae...")
+    metric: str = Field("accuracy", description="a test metric of the task (accuracy, macro_f1, mae...); "
+                        "when left out, the task's first metric")
     margin: float = Field(0.002, ge=0, description="the challenger must beat the champion by more than this")
     min_accuracy: float = Field(0.5, ge=0, le=1, description="below this a model never reaches production")
     min_macro_f1: float = Field(0.0, ge=0, le=1)
@@ -209,7 +195,7 @@ class Params(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     candidates: list[CandidateConfig] = Field(default_factory=list)
     sweep: SweepConfig | None = None
-    select_metric: str = "val_accuracy"
+    select_metric: str = "val_accuracy"  # when left out: val_ and the task's first metric
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
@@ -222,13 +208,18 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Params:
         task = self.target.type
-        allowed = [f"val_{m}" for m in TASK_METRICS[task]]
+        metrics = list(self.task_metrics)
+        if "select_metric" not in self.model_fields_set:
+            self.select_metric = f"val_{metrics[0]}"
+        if "metric" not in self.promotion.model_fields_set:
+            self.promotion.metric = metrics[0]
+        allowed = [f"val_{m}" for m in metrics]
         if self.select_metric not in allowed:
             raise ValueError(
                 f"select_metric: a {task} target is selected on one of {allowed}, got '{self.select_metric}'"
             )
-        if self.promotion.metric not in TASK_METRICS[task]:
-            raise ValueError(f"promotion.metric: a {task} target is compared on one of {list(TASK_METRICS[task])}, "
+        if self.promotion.metric not in metrics:
+            raise ValueError(f"promotion.metric: a {task} target is compared on one of {metrics}, "
                              f"got '{self.promotion.metric}'")
         for name, spec in self.inputs.items():
             if spec.kind == "audio" and spec.params.get("sample_rate", self.data.sample_rate) != self.data.sample_rate:
@@ -246,6 +237,25 @@ class Params(_Strict):
             if unknown:
                 raise ValueError(f"candidates[{c.name}].train: unknown keys {sorted(unknown)}")
         return self
+
+    @property
+    def task_metrics(self) -> dict[str, str]:
+        """The target's task plugin's metrics and their direction (``max``/``min``)."""
+        from mmops.core.plugin_registry import PluginError
+        from mmops.core.tasks import task_class
+
+        try:
+            return dict(task_class(self.target.type).metrics)
+        except PluginError as exc:
+            raise ValueError(f"target.type: {exc}") from None
+
+    def metric_sign(self, metric: str) -> float:
+        """+1 when a higher ``metric`` (``val_``/``test_`` prefixes allowed) is better, -1 when lower is.
+
+        Training, candidate selection and champion/challenger all rank by ``sign * value``."""
+        from mmops.core.tasks import task_class
+
+        return task_class(self.target.type).sign(metric)
 
     def all_candidates(self) -> list[CandidateConfig]:
         return [*self.candidates, *(self.sweep.expand() if self.sweep else [])]

@@ -5,6 +5,7 @@ Nothing here imports Prefect, so every step can be called, tested and debugged o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -14,16 +15,40 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mmops.config import TASK_METRICS, CandidateConfig, metric_sign
+from mmops.config import CandidateConfig
 from mmops.project import Project
 from mmops.registry.store import Registry
 
 DATA_STAGES = ("import", "prepare", "featurize")
+# Who hears about every epoch trained in this process (`mmops run` draws progress); None costs nothing.
+_progress: Callable[..., None] | None = None
+
+
+@contextlib.contextmanager
+def progress_to(listener: Callable[..., None]) -> Iterator[Callable[..., None]]:
+    """Send ``listener(event, candidate, **fields)`` for every candidate trained in this process (threads too):
+    ``start`` (epochs), ``epoch`` (record: epoch, train_loss, val_*, seconds) and ``end``
+    (status, reused, error). Candidates on a Dask or Ray cluster train in other processes and send nothing."""
+    global _progress
+    previous, _progress = _progress, listener
+    try:
+        yield listener
+    finally:
+        _progress = previous
+
+
+def _notify(event: str, name: str, **fields: Any) -> None:
+    if (listener := _progress) is not None:
+        try:
+            listener(event, name, **fields)
+        except Exception:  # a broken display must never fail a training run
+            logging.getLogger(__name__).warning("progress display failed on %s of %s", event, name, exc_info=True)
 
 
 def _dvc_env() -> None:
@@ -138,6 +163,7 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     from mmops.training.loop import Dataset, train_candidate
 
     if not force and (previous := reusable_result(project, candidate)):
+        _notify("end", candidate.name, status="completed", reused=True)
         return {**previous, "status": "completed", "reused": True}
     if threads:
         import torch
@@ -154,17 +180,22 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
         flow_run_id=flow_run_id,
     )
     started = time.perf_counter()
+
+    def on_epoch(_: str, record: dict) -> None:
+        registry.log_metrics(run_id, {k: v for k, v in record.items() if k == "train_loss" or k.startswith("val_")},
+                             step=record["epoch"])
+        _notify("epoch", candidate.name, record=record)
+
+    _notify("start", candidate.name, epochs=params.train_for(candidate).epochs)
     try:
         data = Dataset.load(project.prepared_dir, project.features_dir, params,
                             use_cache=params.train_for(candidate).feature_cache)
         result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
-                                 resolve=functools.partial(resolve_artifact, project),
-                                 on_epoch=lambda _, r: registry.log_metrics(
-                                     run_id, {k: v for k, v in r.items() if k == "train_loss" or k.startswith("val_")},
-                                     step=r["epoch"]))
+                                 resolve=functools.partial(resolve_artifact, project), on_epoch=on_epoch)
     except Exception as exc:  # one bad candidate must not sink the sweep
         registry.finish_run(run_id, "failed", time.perf_counter() - started,
                             error="".join(traceback.format_exception_only(exc)).strip())
+        _notify("end", candidate.name, status="failed", error=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, TRANSIENT):
             raise
         return {"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
@@ -175,18 +206,19 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     registry.finish_run(run_id, "completed", time.perf_counter() - started, artifact=result["model_dir"])
     done = {**result, "run_id": run_id, "final": final, "fingerprint": fingerprint(project, candidate)}
     (Path(result["model_dir"]) / "result.json").write_text(json.dumps(done, indent=2))
+    _notify("end", candidate.name, status="completed")
     return {**done, "status": "completed", "reused": False}
 
 
-def select_best(results: list[dict], metric: str) -> dict:
-    """The best completed candidate by a validation metric. Test metrics are never consulted."""
+def select_best(results: list[dict], metric: str, sign: float) -> dict:
+    """The best completed candidate by a validation metric (``sign`` -1: lower is better). Test metrics
+    are never consulted."""
     if not metric.startswith("val_"):
         raise ValueError(f"selection must use a validation metric, got '{metric}'")
     done = [r for r in results if r.get("status") == "completed"]
     if not done:
         errors = "; ".join(f"{r['candidate']}: {r.get('error')}" for r in results)
         raise RuntimeError(f"every candidate failed: {errors}")
-    sign = metric_sign(metric)
     # Ties on val are common (two fusions reach the same accuracy on a small split): they go to the smaller
     # model, then to the first name, never to wall time, which varies run to run.
     return min(done, key=lambda r: (-sign * r["final"][metric], model_size(r), r["candidate"]))
@@ -211,7 +243,7 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
     out = project.metrics_dir
     (out / "history").mkdir(parents=True, exist_ok=True)
     done = [r for r in results if r.get("status") == "completed"]
-    keys = [f"{split}_{m}" for split in ("val", "test") for m in TASK_METRICS[project.params.target.type]]
+    keys = [f"{split}_{m}" for split in ("val", "test") for m in project.params.task_metrics]
     leaderboard = [
         {"candidate": r["candidate"], "fusion": r.get("fusion"), "status": r["status"],
          **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
@@ -288,7 +320,7 @@ def up_to_date(project: Project, bento: bool) -> dict[str, Any] | None:
     with Repo(str(project.root)) as repo:
         if repo.status(targets=list(DATA_STAGES)):
             return None
-    best = select_best(results, params.select_metric)
+    best = select_best(results, params.select_metric, params.metric_sign(params.select_metric))
     shipped = registered_version(Registry(project.db_url), params.registry.model_name, best["run_id"], bento)
     if shipped is None:
         return None

@@ -25,7 +25,6 @@ THUMB = 96  # px, the largest side of image thumbnails and waveforms
 MAX_MISTAKES = 12
 MAX_QUARANTINE = 50
 MAX_LABELS = 30  # plots keep the most frequent labels beyond this, so 1000-answer VQA stays readable
-DEFAULT_METRIC = {"classification": "val_accuracy", "multilabel": "val_micro_f1", "regression": "val_mae"}
 NO_PREDICTIONS = "<p>No test predictions were written (predictions_test.parquet is missing or empty).</p>"
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -82,7 +81,16 @@ def _label_names(labels: list[str], indices: Any) -> list[str]:
     return [labels[i] if 0 <= i < len(labels) else str(i) for i in map(int, indices)]
 
 
-def _data_section(prepared: Path, task: str, labels: list[str]) -> str:
+def _view(labels: list[str], test: dict) -> str:
+    """How to draw a task's targets, read from what it produced (never from its name, so a task plugin
+    gets a report too): ``value`` without a label vocabulary (a number), ``classes`` with a confusion
+    matrix, ``sets`` otherwise (per-label counts)."""
+    if not labels:
+        return "value"
+    return "classes" if "confusion" in test else "sets"
+
+
+def _data_section(prepared: Path, view: str, labels: list[str]) -> str:
     summary = _json(prepared / "summary.json", {})
     counts = [(k, summary.get(k)) for k in ("rows", "kept", "quarantined")]
     counts += [(f"split {k}", v) for k, v in summary.get("splits", {}).items()]
@@ -92,12 +100,12 @@ def _data_section(prepared: Path, task: str, labels: list[str]) -> str:
         splits = [s for s in ("train", "val", "test") if (rows["split"] == s).any()]
         fig = Figure(figsize=(8, 3.2))
         ax = fig.subplots()
-        if task == "regression":
+        if view == "value":
             for s in splits:
                 ax.hist(rows.loc[rows["split"] == s, "label"].astype(float), bins=30, alpha=0.5, label=s)
             ax.set_xlabel("target")
         else:
-            flat = (rows.explode("label") if task == "multilabel" else rows).dropna(subset=["label"])
+            flat = (rows.explode("label") if view == "sets" else rows).dropna(subset=["label"])
             counts_df = pd.crosstab(flat["label"].astype(int), flat["split"])
             if len(counts_df) > MAX_LABELS:
                 counts_df = counts_df.loc[counts_df.sum(axis=1).nlargest(MAX_LABELS).index]
@@ -155,10 +163,10 @@ def _learning_section(result: dict) -> str:
     return _png(fig, "learning curves") + f"<p>Best epoch {_fmt(best)} of {_fmt(result.get('epochs_run'))} run.</p>"
 
 
-def _confusion_section(task: str, test: dict, labels: list[str], preds: pd.DataFrame) -> str:
-    if task != "classification" and preds.empty:
+def _confusion_section(view: str, test: dict, labels: list[str], preds: pd.DataFrame) -> str:
+    if view != "classes" and preds.empty:
         return NO_PREDICTIONS
-    if task == "regression":
+    if view == "value":
         fig = Figure(figsize=(4.5, 4.5))
         ax = fig.subplots()
         actual, predicted = preds["target"].astype(float), preds["prediction"].astype(float)
@@ -168,7 +176,7 @@ def _confusion_section(task: str, test: dict, labels: list[str], preds: pd.DataF
         ax.set_xlabel("actual")
         ax.set_ylabel("predicted")
         return _png(fig, "predicted vs actual")
-    if task == "multilabel":
+    if view == "sets":
         actual = preds["target"].map(lambda s: set(str(s).split("|")))
         predicted = preds["prediction"].map(lambda s: set(str(s).split("|")))
         rows = []
@@ -197,22 +205,22 @@ def _confusion_section(task: str, test: dict, labels: list[str], preds: pd.DataF
     return note + _png(fig, "confusion matrix")
 
 
-def _per_class_section(task: str, metrics: dict) -> str:
-    if task == "regression":
+def _per_class_section(view: str, metrics: dict) -> str:
+    if view == "value":
         rows = [[split, *(_fmt(metrics.get(split, {}).get(k)) for k in ("mse", "mae", "r2", "n"))] for split in metrics]
         return _table(["split", "mse", "mae", "r2", "n"], rows)
-    cols = ["precision", "recall", "f1", *(["ap"] if task == "multilabel" else []), "support"]
+    cols = ["precision", "recall", "f1", *(["ap"] if view == "sets" else []), "support"]
     per_class = metrics.get("test", {}).get("per_class", {})
     return _table(["label", *cols], [[_fmt(k), *(_fmt(v.get(c)) for c in cols)] for k, v in per_class.items()])
 
 
-def _calibration_section(task: str, test: dict, preds: pd.DataFrame) -> str:
-    if task == "multilabel":
+def _calibration_section(view: str, test: dict, preds: pd.DataFrame) -> str:
+    if view == "sets":
         return (
             "<p>Not applicable: multilabel scores are per-label decisions against a threshold, not one "
             "probability distribution, so there is no single confidence to calibrate.</p>"
         )
-    if task == "regression":
+    if view == "value":
         if preds.empty:
             return NO_PREDICTIONS
         fig = Figure(figsize=(6, 3))
@@ -279,10 +287,10 @@ def _input_cell(values: Any, spec: dict, idx: int) -> str:
     return _fmt(", ".join(f"{n}={v}" if n else str(v) for n, v in zip(names, value, strict=False)))
 
 
-def _mistakes_section(task: str, preds: pd.DataFrame, inputs: dict, prepared: Path) -> str:
+def _mistakes_section(view: str, preds: pd.DataFrame, inputs: dict, prepared: Path) -> str:
     if preds.empty:
         return NO_PREDICTIONS
-    key = "error" if task == "regression" else "confidence"
+    key = "error" if view == "value" else "confidence"
     wrong = preds[~preds["correct"].astype(bool)].sort_values(key, ascending=False, na_position="last")
     if wrong.empty:
         return "<p>No mistakes on the test split.</p>"
@@ -333,34 +341,34 @@ def write_report(
     """
     model_dir, prepared_dir, out = Path(model_dir), Path(prepared_dir), Path(out)
     result = json.loads((model_dir / "result.json").read_text())
-    task = result.get("task", "classification")
     labels = result.get("labels") or _json(prepared_dir / "labels.json", [])
     metrics, final = result.get("metrics", {}), result.get("final", {})
+    view = _view(labels, metrics.get("test", {}))
     inputs = _json(model_dir / "spec.json", {}).get("inputs", {})
     preds_path = model_dir / "predictions_test.parquet"
     preds = pd.read_parquet(preds_path) if preds_path.exists() else pd.DataFrame()
-    metric = select_metric or DEFAULT_METRIC.get(task, "val_accuracy")
+    metric = select_metric or result.get("select_metric") or ""
     if metric not in final:
         metric = next((k for k in final if k.startswith("val_")), metric)
     test_metric = "test_" + metric.removeprefix("val_")
 
     bodies = {
-        "data": _data_section(prepared_dir, task, labels),
+        "data": _data_section(prepared_dir, view, labels),
         "learning": _learning_section(result),
-        "confusion": _confusion_section(task, metrics.get("test", {}), labels, preds),
-        "per-class": _per_class_section(task, metrics),
-        "calibration": _calibration_section(task, metrics.get("test", {}), preds),
-        "mistakes": _mistakes_section(task, preds, inputs, prepared_dir),
+        "confusion": _confusion_section(view, metrics.get("test", {}), labels, preds),
+        "per-class": _per_class_section(view, metrics),
+        "calibration": _calibration_section(view, metrics.get("test", {}), preds),
+        "mistakes": _mistakes_section(view, preds, inputs, prepared_dir),
         "candidates": _candidates_section(candidates, result.get("candidate"), metric),
     }
     titles = dict(SECTIONS)
-    if task == "regression":
+    if view == "value":
         titles["confusion"], titles["per-class"] = "Predicted vs actual", "Regression metrics"
-    elif task == "multilabel":
+    elif view == "sets":
         titles["confusion"] = "Per-label confusion counts"
     heading = title or f"mmops report: {model_dir.name}"
     facts = [
-        ("task", task),
+        ("task", result.get("task", "")),
         ("model", model_dir.name),
         ("candidate / fusion", f"{result.get('candidate')} / {result.get('fusion')}"),
         ("best epoch", f"{result.get('best_epoch')} of {result.get('epochs_run')}"),

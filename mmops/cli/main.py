@@ -19,6 +19,7 @@ import typer
 from rich.table import Table
 
 from mmops.cli.common import KEEP, JsonOpt, ProjectOpt, console, err, fail, load_project, print_json, print_table
+from mmops.cli.progress import epoch_progress
 from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
 from mmops.project import Project
 
@@ -99,6 +100,17 @@ def data_import(
     console.print(f"wrote {manifest.relative_to(project.root)}")
 
 
+def _check_plugins(project: Project) -> None:
+    """Unknown plugin names and parameters in params.yaml fail here, by key, before any data is touched."""
+    from mmops.config import ConfigError
+    from mmops.core.params import check_plugin_params
+
+    try:
+        check_plugin_params(project.params, str(project.params_file))
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
 @data_app.command("validate")
 def data_validate(
     project_dir: ProjectOpt = Path("."),
@@ -111,6 +123,7 @@ def data_validate(
     import pandas as pd
 
     project = _project(project_dir)
+    _check_plugins(project)
     from mmops.data.prepare import prepare
 
     with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:
@@ -191,11 +204,12 @@ def data_append(
 
 
 def print_leaderboard(results: list[dict], best: str | None = None, select_metric: str = "val_accuracy") -> None:
-    from mmops.config import TASK_METRICS
+
+    from mmops.core.tasks import task_class
 
     task = next((r["task"] for r in results if r.get("task")), "classification")
     metric = select_metric.removeprefix("val_")
-    columns = [f"val_{m}" for m in TASK_METRICS[task]] + [f"test_{metric}"]
+    columns = [f"val_{m}" for m in task_class(task).metrics] + [f"test_{metric}"]
     table = Table(title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select; "
                   "ties go to fewer parameters, then name)")
     table.add_column("candidate")
@@ -246,6 +260,7 @@ def run(
 ) -> None:
     """Run the retrain flow: DVC data stages, train candidates, evaluate, register, package."""
     project = _project(project_dir)
+    _check_plugins(project)
     from mmops import pipeline
 
     started = time.perf_counter()
@@ -259,7 +274,8 @@ def run(
 
     config = _runner(project, runner, workers, address)
     console.print(f"[bold]retrain[/] flow on {project.root} (registry: {project.db_url}, runner: {config.kind})")
-    out = retrain(str(project.root), build_bento=bento, force=force, runner=config.model_dump())
+    with epoch_progress(console, project.params.select_metric):
+        out = retrain(str(project.root), build_bento=bento, force=force, runner=config.model_dump())
     _print_stages(out["stages"])
     print_leaderboard(out["results"], out["best"], project.params.select_metric)
     console.print(f"best candidate: [bold]{out['best']}[/]   model version: [bold]{out['model_version']}[/]")
@@ -282,13 +298,15 @@ def sweep_cmd(
 ) -> None:
     """Train every candidate (listed and swept in params.yaml) as Prefect tasks and rank them on val."""
     project = _project(project_dir)
+    _check_plugins(project)
     from mmops_flows import sweep
 
     started = time.perf_counter()
     config = _runner(project, runner, workers, address)
     console.print(f"[bold]sweep[/] of {len(project.params.all_candidates())} candidates on {config.kind} "
                   f"({config.address or f'{config.max_workers} local workers'})")
-    out = sweep.sweep.with_options(task_runner=sweep.task_runner(config))(str(project.root), force=force)
+    with epoch_progress(console, project.params.select_metric):
+        out = sweep.sweep.with_options(task_runner=sweep.task_runner(config))(str(project.root), force=force)
     _print_stages(out["stages"])
     print_leaderboard(out["results"], out["best"]["candidate"], project.params.select_metric)
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
@@ -306,8 +324,10 @@ def train(
     chosen = [c for c in project.params.candidates if not candidate or c.name in candidate]
     if not chosen:
         raise _fail(f"no candidate named {candidate}; params.yaml has {[c.name for c in project.params.candidates]}")
-    results = [pipeline.train_one(project, c) for c in chosen]
-    best = pipeline.select_best(results, project.params.select_metric)
+    with epoch_progress(console, project.params.select_metric):
+        results = [pipeline.train_one(project, c) for c in chosen]
+    best = pipeline.select_best(results, project.params.select_metric,
+                                 project.params.metric_sign(project.params.select_metric))
     pipeline.write_metrics(project, results, best)
     print_leaderboard(results, best["candidate"], project.params.select_metric)
 
@@ -334,7 +354,7 @@ def evaluate(
     name = candidate or _best_result(project)["candidate"]
     model = MultimodalModel.load(project.models_dir / name)
     data = Dataset.load(project.prepared_dir, project.features_dir, project.params)
-    table = Table(title=f"{name} ({model.task['type']})")
+    table = Table(title=f"{name} ({model.task_name})")
     table.add_column("split")
     rows = {split: evaluate_split(model, data, split, project.params.train.batch_size)[0] for split in ("val", "test")}
     keys = [k for k, v in rows["val"].items() if isinstance(v, float)]
@@ -406,7 +426,56 @@ def serve(
         env.update({"MMOPS_GPU": "1", "MMOPS_DEVICE": "cuda", "MMOPS_AUTOCAST": autocast})
     console.print(f"serving {tag} on http://{host}:{port}" + (f" (GPU, autocast {autocast})" if gpu else ""))
     cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    raise typer.Exit(run_process_group(cmd, env))
+
+
+def run_process_group(cmd: list[str], env: dict[str, str] | None = None, grace: float = 30.0) -> int:
+    """Run ``cmd`` in a process group of its own and return its exit code; SIGTERM and SIGINT sent to
+    this process go to the whole group, which is waited for (SIGKILL after ``grace`` seconds).
+
+    `bentoml serve` starts worker processes of its own: stopping only this process, or only its
+    child, left them running and holding the port.
+    """
+    import contextlib
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    received: list[int] = []
+
+    def signal_group(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        signal_group(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deadline = None
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                signal_group(signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        while True:  # the group outlives its leader while any worker is left
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                signal_group(signal.SIGKILL)
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Metrics for a set of predictions, by task: classification, multi-label, regression.
+"""Metric implementations the built-in task plugins share: classification, multi-label, regression.
 
 Classification also reports calibration (expected calibration error and the reliability bins),
 because a model that is right 90% of the time but says 99% misleads whoever acts on its scores.
@@ -122,13 +122,3 @@ def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict:
         "r2": float(r2_score(targets, predictions)) if len(targets) > 1 else 0.0,
         "n": len(targets),
     }
-
-
-def task_metrics(task: dict, labels: np.ndarray, scores: np.ndarray, names: list[str],
-                 groups: np.ndarray | None = None) -> dict:
-    """Metrics of one split from the model's scores (probabilities, sigmoid scores or values)."""
-    if task["type"] == "regression":
-        return regression_metrics(labels.astype(np.float64), scores[:, 0].astype(np.float64))
-    if task["type"] == "multilabel":
-        return multilabel_metrics(labels, scores, task.get("threshold", 0.5), names)
-    return classification_metrics(labels, scores.argmax(1), len(names), groups, scores, names)

@@ -1,4 +1,4 @@
-"""The model: one encoder per input, a fusion, a classification head; and its on-disk artifact.
+"""The model: one encoder per input, a fusion, the task's head; and its on-disk artifact.
 
 Only model code lives here (the loop, devices and checkpoints policy are in :mod:`mmops.training.loop`).
 The artifact is a folder: ``spec.json`` (everything needed to rebuild the modules), ``model.safetensors``
@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmops.core.interfaces import Encoder, Fusion
-from mmops.core.plugin_registry import get_encoder, get_fusion
+from mmops.core.interfaces import Encoder, Fusion, Tokens, as_tokens
+from mmops.core.plugin_registry import discover, get_encoder, get_fusion
+from mmops.core.tasks import Task, task_from_spec
 
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "model.safetensors"
 
@@ -106,31 +107,25 @@ class MultimodalModel(nn.Module):
         self.missing = nn.ParameterDict({
             n: nn.Parameter(torch.zeros(dims[n])) for n, i in spec["inputs"].items() if i.get("missing") == "learn"
         })
+        self.task: Task = task_from_spec(spec)
         fusion_cls = get_fusion(spec["fusion"]["name"])
-        hidden, n_classes = spec["head"]["hidden"], self.n_outputs
-        extra = {"num_classes": n_classes} if fusion_cls.produces_logits else {}
+        extra = {"num_classes": self.task.output_dim} if fusion_cls.produces_logits else {}
         try:
             self.fusion: Fusion = fusion_cls(dims, **spec["fusion"]["params"], **extra)
         except TypeError as exc:
             raise ValueError(f"fusion '{spec['fusion']['name']}': bad parameters: {exc}") from exc
-        # A late fusion already ends in per-modality classifiers: its output is the logits.
-        self.head = nn.Identity() if fusion_cls.produces_logits else nn.Sequential(
-            nn.Linear(self.fusion.output_dim, hidden), nn.ReLU(), nn.Dropout(spec["head"]["dropout"]),
-            nn.Linear(hidden, n_classes),
-        )
+        # A late fusion already ends in per-modality classifiers: its output is the task's output.
+        self.head = nn.Identity() if fusion_cls.produces_logits else \
+            self.task.head(self.fusion.output_dim, spec["head"]["hidden"], spec["head"]["dropout"])
 
     @property
     def labels(self) -> list[str]:
         return self.spec["labels"]
 
     @property
-    def task(self) -> dict[str, Any]:
-        return self.spec.get("task") or {"type": "classification"}
-
-    @property
-    def n_outputs(self) -> int:
-        """One logit per class or label; one value for regression."""
-        return 1 if self.task["type"] == "regression" else len(self.spec["labels"])
+    def task_name(self) -> str:
+        entry = self.spec.get("task") or {}
+        return entry.get("name") or entry.get("type") or "classification"
 
     def forward(
         self,
@@ -141,39 +136,62 @@ class MultimodalModel(nn.Module):
         """Logits for a batch of rows.
 
         ``inputs[name]`` holds preprocessed distinct values, or their features when ``name`` is in
-        ``precomputed`` (a frozen encoder's cached output). ``index[name]`` maps each row to its
+        ``precomputed`` (a frozen encoder's cached output: a ``(n, dim)`` vector per value, or
+        :class:`Tokens` when the fusion ``needs_sequences``). ``index[name]`` maps each row to its
         distinct value, -1 where the row lacks the input (``inputs[name]`` is None when every row
         does); without it, inputs are already one per row.
 
-        For a fusion that ``needs_sequences``, trainable encoders give ``forward_sequence``; frozen
-        ones always give their vector as one token, because that vector is all the feature cache
-        holds, and a model must compute the same thing whether or not its features were cached.
+        For a fusion that ``needs_sequences`` every encoder, frozen or not, gives
+        ``forward_sequence`` (the feature cache keeps frozen encoders' token sequences too, so a
+        model computes the same thing whether or not its features were cached); a missing input is
+        its learned embedding as one token.
         """
         sequences = self.fusion.needs_sequences
-        features = {}
+        features: dict[str, Any] = {}
         for name, encoder in self.encoders.items():
             if inputs[name] is None:
-                rows = len(index[name])
-                features[name] = self.missing[name].expand(rows, 1, -1) if sequences else \
-                    self.missing[name].expand(rows, -1)
+                vector = self.missing[name].expand(len(index[name]), -1)
+                features[name] = Tokens.from_vector(vector) if sequences else vector
                 continue
             if name in precomputed:
                 feats = inputs[name]
-            elif sequences and not encoder.frozen:
-                feats = encoder.forward_sequence(inputs[name])
+                if hasattr(feats, "features_for"):  # a lazy view of the feature cache (mmops.data.cache.CachedRows)
+                    feats = feats.features_for(sequences)
+                if sequences:
+                    if isinstance(feats, torch.Tensor) and feats.dim() == 2:  # one token would silently mislead
+                        raise ValueError(f"cached features of '{name}' are pooled vectors, but fusion "
+                                         f"{self._plugin('fusion')} attends over token sequences")
+                    feats = as_tokens(feats, f"cached features of '{name}'")
+            elif sequences:
+                feats = as_tokens(encoder.forward_sequence(inputs[name]), f"encoder {self._plugin('encoder', name)}")
             else:
                 feats = encoder(inputs[name])
-            if sequences and feats.dim() == 2:
-                feats = feats.unsqueeze(1)
             if index is None:
                 features[name] = feats
                 continue
             idx = index[name]
+            if sequences:
+                features[name] = feats.select(idx.clamp(min=0))
+                if name in self.missing:
+                    features[name] = _absent_as_one_token(features[name], idx < 0, self.missing[name])
+                continue
             features[name] = feats[idx.clamp(min=0)]
             if name in self.missing:
-                absent = (idx < 0).view(-1, *([1] * (feats.dim() - 1)))
+                absent = (idx < 0).view(-1, 1)
                 features[name] = torch.where(absent, self.missing[name].to(feats.dtype), features[name])
-        return self.head(self.fusion(features))
+        fused = self.fusion(features)
+        rows = len(next(iter(index.values()))) if index else _rows(next(iter(features.values())))
+        if not isinstance(fused, torch.Tensor) or tuple(fused.shape) != (rows, self.fusion.output_dim):
+            got = tuple(fused.shape) if isinstance(fused, torch.Tensor) else type(fused).__name__
+            raise ValueError(f"fusion {self._plugin('fusion')} returned {got}; the contract is (batch, output_dim) "
+                             f"= ({rows}, {self.fusion.output_dim})")
+        return self.head(fused)
+
+    def _plugin(self, kind: str, name: str | None = None) -> str:
+        """A plugin's name and the package it comes from, for error messages."""
+        plugin = self.spec["inputs"][name]["encoder"] if kind == "encoder" else self.spec["fusion"]["name"]
+        info = discover(kind).get(plugin)
+        return f"'{plugin}' (package {info.origin})" if info else f"'{plugin}'"
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Weights that travel in safetensors: all but those of encoders frozen by their own config,
@@ -217,3 +235,16 @@ class MultimodalModel(nn.Module):
         if unexpected or set(missing) - expected_missing:
             raise ValueError(f"{directory}: weights do not match spec (missing {missing}, unexpected {unexpected})")
         return model.eval()
+
+
+def _rows(features: Any) -> int:
+    return features.batch if isinstance(features, Tokens) else len(features)
+
+
+def _absent_as_one_token(tokens: Tokens, absent: torch.Tensor, vector: torch.Tensor) -> Tokens:
+    """Rows lacking the input become one real token, the learned "missing" embedding, then padding."""
+    first = torch.zeros_like(tokens.mask)
+    first[:, 0] = True
+    values = torch.where(absent.view(-1, 1, 1), torch.where(first.unsqueeze(-1), vector.to(tokens.values.dtype), 0.0),
+                         tokens.values)
+    return Tokens(values, torch.where(absent.view(-1, 1), first, tokens.mask))

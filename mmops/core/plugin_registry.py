@@ -1,4 +1,4 @@
-"""Find encoders and fusions through entry points, exactly as third-party packages provide them.
+"""Find encoders, fusions and tasks through entry points, exactly as third-party packages provide them.
 
 Discovery lists names without importing anything; a plugin is imported on first use. A plugin that
 fails to import, is not a subclass of the right base class, or clashes with another package's name
@@ -7,13 +7,27 @@ is reported with its package and version and never takes the other plugins down.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
-from mmops.core.interfaces import Encoder, Fusion
+if TYPE_CHECKING:
+    from mmops.core.interfaces import Encoder, Fusion
+    from mmops.core.tasks import Task
 
-GROUPS = {"encoder": ("mmops.encoders", Encoder), "fusion": ("mmops.fusions", Fusion)}
+# Base classes by import path: reading a config checks task names without importing torch.
+GROUPS = {
+    "encoder": ("mmops.encoders", "mmops.core.interfaces:Encoder"),
+    "fusion": ("mmops.fusions", "mmops.core.interfaces:Fusion"),
+    "task": ("mmops.tasks", "mmops.core.tasks:Task"),
+}
+
+
+def _base(kind: str) -> type:
+    module, _, name = GROUPS[kind][1].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class PluginError(LookupError):
@@ -44,7 +58,7 @@ def _dist(ep: EntryPoint) -> tuple[str, str]:
 @cache
 def discover(kind: str) -> dict[str, PluginInfo]:
     """All plugins of ``kind`` by name, without importing them."""
-    group, _ = GROUPS[kind]
+    group = GROUPS[kind][0]
     found: dict[str, list[tuple[EntryPoint, str, str]]] = {}
     for ep in entry_points(group=group):
         package, version = _dist(ep)
@@ -62,7 +76,7 @@ def discover(kind: str) -> dict[str, PluginInfo]:
 
 @cache
 def _load(kind: str, name: str) -> type:
-    group, base = GROUPS[kind]
+    group, base = GROUPS[kind][0], _base(kind)
     infos = discover(kind)
     if name not in infos:
         known = ", ".join(sorted(infos)) or "none installed"
@@ -86,7 +100,7 @@ def _load(kind: str, name: str) -> type:
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise PluginError(
             f"{kind} '{name}' from {info.origin} ({info.target}) is not a subclass of "
-            f"mmops.core.interfaces.{base.__name__}"
+            f"{base.__module__}.{base.__name__}"
         )
     return obj
 
@@ -97,6 +111,10 @@ def get_encoder(name: str) -> type[Encoder]:
 
 def get_fusion(name: str) -> type[Fusion]:
     return _load("fusion", name)
+
+
+def get_task(name: str) -> type[Task]:
+    return _load("task", name)
 
 
 def check_all(kind: str) -> dict[str, str | None]:

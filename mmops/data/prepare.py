@@ -27,6 +27,7 @@ from rich.progress import track
 from sklearn.model_selection import StratifiedGroupKFold
 
 from mmops.config import InputConfig, Params
+from mmops.core.tasks import Task, build_task, task_params
 from mmops.data.audio import BadAudioError, load_audio
 from mmops.data.images import BadImageError, load_image
 
@@ -48,10 +49,15 @@ class BadFileError(ValueError):
 
 
 def _resolve_inside(root: Path, rel: str) -> Path:
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
+    try:
+        path = (root / rel).resolve()
+        inside = path.is_relative_to(root.resolve())
+        found = inside and path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a symlink loop
+        raise BadFileError(f"cannot use path '{rel}': {exc}") from exc
+    if not inside:
         raise BadFileError(f"path '{rel}' escapes the data root {root}")
-    if not path.is_file():
+    if not found:
         raise BadFileError(f"file '{rel}' not found under {root}")
     return path
 
@@ -130,15 +136,6 @@ class _Chunk:
         self.bad |= mask
 
 
-def _parse_number(value: str) -> float | None:
-    """A finite float, or None (the target of a regression)."""
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _input_index(chunk: _Chunk, name: str, params: Params, store: _Values, root: np.ndarray) -> np.ndarray:
     """Each row's index into ``store`` for one input (-1: missing, kept when ``missing: learn``)."""
     spec, df = store.spec, chunk.df
@@ -185,26 +182,30 @@ def _decode_files(store: _Values, name: str, path: Path, params: Params, roots: 
                 out[i] = load_audio(file, rate, params.data.audio_seconds)
         except (BadFileError, BadImageError, BadAudioError) as exc:
             broken[i] = str(exc)
+        except Exception as exc:  # any other decoder failure is still one bad file, never a failed stage
+            broken[i] = f"cannot decode this {store.spec.kind} file ({type(exc).__name__}: {exc})"
     out.flush()
     del out
     return np.array([broken.get(i, "") for i in range(len(store.values))], dtype=object)
 
 
-def _target(chunk: _Chunk, params: Params) -> pd.Series:
-    """The target of each row in its task's form (label string, label tuple, or float)."""
-    target = params.target
-    values = chunk.df[target.column].str.strip()
-    chunk.flag((values == "").to_numpy(), target.column, "empty target")
-    if target.type == "regression":
-        parsed = values.map(_parse_number)
-        chunk.flag(parsed.isna().to_numpy(), target.column, "the target must be a number (regression)")
-        return parsed
-    if target.type == "multilabel":
-        sets = values.map(lambda v: tuple(sorted({p.strip() for p in v.split(target.separator) if p.strip()})))
-        chunk.flag((sets.map(len) == 0).to_numpy(), target.column,
-                   f"no labels (separate them with '{target.separator}')")
-        return sets
-    return values
+def _target(chunk: _Chunk, column: str, task: Task) -> pd.Series:
+    """The target of each row as the task parses it (a label, a label set, a number...)."""
+    values = chunk.df[column].str.strip()
+    empty = (values == "").to_numpy()
+    chunk.flag(empty, column, "empty target")
+    parsed: list[Any] = [None] * len(values)
+    reasons = [""] * len(values)
+    bad = np.zeros(len(values), dtype=bool)
+    for i, cell in enumerate(values):
+        if empty[i]:
+            continue
+        try:
+            parsed[i] = task.parse(cell)
+        except ValueError as exc:
+            bad[i], reasons[i] = True, str(exc) or "the task cannot read this target"
+    chunk.flag(bad, column, reasons)
+    return pd.Series(parsed, index=values.index, dtype=object)
 
 
 def _carve(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, group: str | None) -> np.ndarray:
@@ -236,6 +237,7 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
     sources += [(m, f"appended/{m.parent.name}/{MANIFEST}", m.parent.name) for m in batches]
     roots = {"": raw_dir, **{m.parent.name: m.parent for m in batches}}
     target = params.target
+    task = build_task(target.type, task_params(target.type, target))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     problems: list[Problem] = []
@@ -257,7 +259,7 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
             chunk = _Chunk(df, source, problems)
             if has_split:
                 chunk.flag(~df["split"].isin(["train", "test"]).to_numpy(), "split", "split must be 'train' or 'test'")
-            labels = _target(chunk, params)
+            labels = _target(chunk, target.column, task)
             root = np.full(len(df), batch, dtype=object)
             part = pd.DataFrame({"line": df["line"], "source": source})
             for name in params.inputs:
@@ -292,27 +294,25 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
 
     # Labels are those of the train split; a test label never seen in training cannot be predicted.
     train_mask = (rows["split"] == "train").to_numpy()
-    if target.type == "regression":
-        label_names: list[str] = []
-        rows["label"] = rows["label"].astype(np.float64)
-    else:
-        seen = rows.loc[train_mask, "label"]
-        label_names = sorted(set(seen) if target.type == "classification" else {x for s in seen for x in s})
-        known = set(label_names)
-        unseen = ~rows["label"].map(
-            lambda v: v in known if target.type == "classification" else set(v) <= known).to_numpy()
-        for source, line in rows.loc[unseen, ["source", "line"]].itertuples(index=False):
-            problems.append(Problem(source, int(line), target.column,
-                                    "label never seen in the train split, so no model can predict it"))
-        if unseen.any():
-            bad_rows.append(_original_rows(sources, rows.loc[unseen, ["source", "line"]], params.data.chunk_rows))
-        rows = rows[~unseen].reset_index(drop=True)
-        label_of = {label: i for i, label in enumerate(label_names)}
-        rows["label"] = (rows["label"].map(label_of).astype(np.int64) if target.type == "classification"
-                         else rows["label"].map(lambda s: [label_of[x] for x in s]))
+    label_names = task.vocabulary(rows.loc[train_mask, "label"])
+    index = {label: i for i, label in enumerate(label_names)}
+    encoded: list[Any] = []
+    unseen = np.zeros(len(rows), dtype=bool)
+    for i, value in enumerate(rows["label"]):
+        try:
+            encoded.append(task.encode(value, index))
+        except KeyError:
+            unseen[i] = True
+    for source, line in rows.loc[unseen, ["source", "line"]].itertuples(index=False):
+        problems.append(Problem(source, int(line), target.column,
+                                "label never seen in the train split, so no model can predict it"))
+    if unseen.any():
+        bad_rows.append(_original_rows(sources, rows.loc[unseen, ["source", "line"]], params.data.chunk_rows))
+    rows = rows[~unseen].reset_index(drop=True)
+    rows["label"] = pd.Series(encoded, dtype=None if encoded else object)
 
     group = next((f"{n}_idx" for n, s in params.inputs.items() if s.kind == "image"), None)
-    stratify = target.type == "classification"
+    stratify = task.stratify
     if not has_split and len(rows):
         rows.loc[_carve(rows, params.data.test_fraction, params.seed, stratify, group), "split"] = "test"
     train = (rows["split"] == "train").to_numpy()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmops.config import PromotionConfig, metric_sign
+from mmops.config import PromotionConfig
 from mmops.project import Project
 from mmops.registry.store import NotComparable, Registry, parse_ref
 
@@ -49,14 +49,15 @@ def _below_minimum(metrics: dict, rule: PromotionConfig) -> str | None:
     return None
 
 
-def decide(challenger: dict, champion: dict | None, rule: PromotionConfig) -> tuple[bool, str]:
-    """The rule alone, on two metric dicts (``champion`` None: no production version yet)."""
+def decide(challenger: dict, champion: dict | None, rule: PromotionConfig, sign: float = 1.0) -> tuple[bool, str]:
+    """The rule alone, on two metric dicts (``champion`` None: no production version yet); ``sign`` is
+    the task's direction for ``rule.metric`` (-1: lower is better)."""
     below = _below_minimum(challenger, rule)
     if below:
         return False, below
     if champion is None:
         return True, "first model to meet the minimums"
-    gain = metric_sign(rule.metric) * (challenger[rule.metric] - champion[rule.metric])
+    gain = sign * (challenger[rule.metric] - champion[rule.metric])
     if gain > rule.margin:
         return True, f"beats the champion by {gain:+.4f} (margin {rule.margin})"
     return False, f"does not beat the champion by more than the margin {rule.margin} ({gain:+.4f})"
@@ -70,6 +71,7 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
     import bentoml
 
     rule = project.params.promotion
+    sign = project.params.metric_sign(rule.metric)
     registry = Registry(project.db_url)
     version = registry.get_version(*parse_ref(ref))
     champion = registry.production(version.name)
@@ -83,7 +85,7 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
     challenger_metrics = evaluate(challenger_dir, project)
     champion_metrics = None
     if champion is None:
-        promote, reason = decide(challenger_metrics, None, rule)
+        promote, reason = decide(challenger_metrics, None, rule, sign)
     else:
         try:
             if not champion.model_tag:
@@ -93,7 +95,7 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
             promote, reason = False, f"champion {champion.ref} could not be evaluated on the current test data " \
                                      f"({exc}); kept it — promote by hand if intended"
         else:
-            promote, reason = decide(challenger_metrics, champion_metrics, rule)
+            promote, reason = decide(challenger_metrics, champion_metrics, rule, sign)
     outcome = Outcome(
         decision="promoted" if promote else "staged", challenger=version.ref,
         champion=champion.ref if champion else None, metric=rule.metric,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmops.core.interfaces import Tokens, as_tokens
 from mmops.core.model import MultimodalModel
 from mmops.data.audio import BadAudioError, load_audio
 from mmops.data.cache import content_hash
@@ -50,25 +52,64 @@ def _env_int(name: str, default: int) -> int:
     return parsed
 
 
-class Limits:
-    """Request limits; each is overridden by its ``MMOPS_MAX_*`` environment variable.
+# Limits that follow the model (each overridden by its ``MMOPS_MAX_*`` variable). A model resizes every
+# image to ``image_size``; accepting far larger ones only costs memory and decode time. An image may be
+# up to ``PIXEL_SCALE`` times the model's side in each direction (a photo for a 32-px model: 1024x1024).
+PIXEL_SCALE = 32
+MAX_DEFAULT_PIXELS = 16_000_000
+MIN_DEFAULT_PIXELS = 1_000_000
+# A clip may be this many times the model's length (it is cut to audio_seconds), at 48 kHz stereo float32.
+AUDIO_SLACK = 4
+# Decoded rows of one batch are held together in both service processes: their total is capped.
+BATCH_DECODED_BYTES = 64 * 1024 * 1024
+MAX_DEFAULT_BATCH = 64
+MAX_DEFAULT_REQUEST = 64 * 1024 * 1024
+MIB = 1024 * 1024
 
-    The defaults are far above any easy-VQA input (64x64 PNGs of about 400 bytes) yet keep one request
-    small enough that a few concurrent ones cannot exhaust a serving container's memory.
+
+class Limits:
+    """Request limits, derived from the model's spec where one is given.
+
+    Without a spec the limits are generic (16 Mpx images, 64 rows); with one, image pixels follow
+    ``image_size`` (``PIXEL_SCALE`` times its side), image bytes follow pixels (4 bytes a pixel is
+    above any lossless RGB(A) 8-bit encoding), audio bytes follow ``audio_seconds``, the batch limit
+    keeps one batch's decoded rows under ``BATCH_DECODED_BYTES``, and the request limit is a full batch
+    of maximum-size items (base64 in JSON), capped at 64 MiB. An environment variable always wins.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spec: Mapping[str, Any] | None = None) -> None:
+        spec = spec or {}
+        kinds = [i.get("kind") or i.get("modality") for i in (spec.get("inputs") or {}).values()]
+        image_size = spec.get("image_size") if "image" in kinds else None
+        pixels = (min(MAX_DEFAULT_PIXELS, max(MIN_DEFAULT_PIXELS, (PIXEL_SCALE * image_size) ** 2))
+                  if image_size else MAX_DEFAULT_PIXELS)
         self.text_chars = _env_int("MMOPS_MAX_TEXT_CHARS", 1000)
-        self.image_bytes = _env_int("MMOPS_MAX_IMAGE_BYTES", 10 * 1024 * 1024)
         # Pillow refuses more than MAX_PIXELS in every code path (see mmops.data.images).
-        self.image_pixels = min(_env_int("MMOPS_MAX_IMAGE_PIXELS", 16_000_000), MAX_PIXELS)
-        self.audio_bytes = _env_int("MMOPS_MAX_AUDIO_BYTES", 20 * 1024 * 1024)
-        self.batch_size = _env_int("MMOPS_MAX_BATCH", 64)
-        # Whole request body (checked on Content-Length before it is read): a full batch of images.
-        self.request_bytes = _env_int("MMOPS_MAX_REQUEST_BYTES", 64 * 1024 * 1024)
+        self.image_pixels = min(_env_int("MMOPS_MAX_IMAGE_PIXELS", pixels), MAX_PIXELS)
+        self.image_bytes = _env_int("MMOPS_MAX_IMAGE_BYTES", min(10 * MIB, 4 * self.image_pixels + 64 * 1024))
+        seconds = float(spec.get("audio_seconds") or 0) if "audio" in kinds else 0
+        audio = int(AUDIO_SLACK * seconds * 48_000 * 2 * 4) if seconds else 20 * MIB
+        self.audio_bytes = _env_int("MMOPS_MAX_AUDIO_BYTES", min(20 * MIB, max(MIB, audio)))
+        row = _decoded_row_bytes(spec, kinds)
+        self.batch_size = _env_int("MMOPS_MAX_BATCH", max(1, min(MAX_DEFAULT_BATCH, BATCH_DECODED_BYTES // row)))
+        item = 4 * self.text_chars * max(1, len(kinds)) + (
+            sum(self.image_bytes if k == "image" else self.audio_bytes if k == "audio" else 0 for k in kinds)
+            if kinds else self.image_bytes
+        ) * 4 // 3
+        # Whole request body (checked on Content-Length before it is read): a full batch of items.
+        self.request_bytes = _env_int("MMOPS_MAX_REQUEST_BYTES",
+                                      min(MAX_DEFAULT_REQUEST, self.batch_size * item + 64 * 1024))
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
+
+
+def _decoded_row_bytes(spec: Mapping[str, Any], kinds: list[str | None]) -> int:
+    """Bytes of one decoded row: the arrays the front pickles to the model process."""
+    size = int(spec.get("image_size") or 0)
+    samples = round(float(spec.get("sample_rate") or 16000) * float(spec.get("audio_seconds") or 1.0))
+    total = sum(size * size * 3 if k == "image" else 4 * samples if k == "audio" else 64 for k in kinds)
+    return max(1, total)
 
 
 class _LRU:
@@ -86,11 +127,14 @@ class _LRU:
         first = {k: v for k, v in reversed(list(zip(keys, values, strict=True)))}
         missing = [k for k in dict.fromkeys(keys) if k not in self.data]
         if missing:
-            for key, row in zip(missing, compute([first[k] for k in missing]), strict=True):
+            computed = compute([first[k] for k in missing])
+            rows = computed.split() if isinstance(computed, Tokens) else computed  # token sequences: one per value
+            for key, row in zip(missing, rows, strict=True):
                 self.data[key] = row
         for key in keys:
             self.data.move_to_end(key)
-        out = torch.stack([self.data[k] for k in keys])
+        picked = [self.data[k] for k in keys]
+        out = Tokens.cat(picked) if isinstance(picked[0], Tokens) else torch.stack(picked)
         while len(self.data) > self.size:
             self.data.popitem(last=False)
         return out
@@ -137,7 +181,7 @@ class RowDecoder:
         self.optional = frozenset(n for n, i in items.items() if i.get("missing") == "learn")
         # What a request sends: field -> its kind (text, image, audio, number, category).
         self.inputs: dict[str, str] = {c: self.kinds[n] for n in items for c in self.columns[n]}
-        self.limits = limits or Limits()
+        self.limits = limits or Limits(spec)
 
     def _decode(self, name: str, value: Any) -> Any:
         kind = self.inputs[name]
@@ -177,6 +221,12 @@ class RowDecoder:
                 value = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise InputError(name, "is not valid base64") from exc
+        if hasattr(value, "read") and hasattr(value, "seek"):  # an uploaded part, spooled to disk when large
+            size = value.seek(0, io.SEEK_END)
+            if size > limit:
+                raise InputError(name, f"is {size} bytes, over the limit of {limit}")
+            value.seek(0)
+            value = value.read()
         if isinstance(value, Path):
             if value.stat().st_size > limit:
                 raise InputError(name, f"is {value.stat().st_size} bytes, over the limit of {limit}")
@@ -257,6 +307,13 @@ class Predictor:
     def validate(self, record: Mapping[str, Any]) -> dict[str, Any]:
         return self.decoder.validate(record)
 
+    def _frozen_features(self, encoder: Any, values: list[Any]) -> torch.Tensor | Tokens:
+        """What the model takes for a cached input: vectors, or token sequences when its fusion attends."""
+        batch = self._to_device(encoder.preprocess(values))
+        if self.model.fusion.needs_sequences:
+            return as_tokens(encoder.forward_sequence(batch), "forward_sequence").to(torch.float32)
+        return encoder(batch).float()
+
     @torch.inference_mode()
     def forward(self, decoded: Sequence[Mapping[str, Any]], top_k: int = 3) -> list[dict[str, Any]]:
         """Answers for already validated rows (see :meth:`validate`), in one batch."""
@@ -277,7 +334,7 @@ class Predictor:
                     inputs[name] = None
                 elif name in self._caches:
                     inputs[name] = self._caches[name].get_many(
-                        values, lambda vs, e=encoder: e(self._to_device(e.preprocess(vs))).float()
+                        values, lambda vs, e=encoder: self._frozen_features(e, vs)
                     )
                 else:
                     inputs[name] = self._to_device(encoder.preprocess(values))
@@ -285,32 +342,8 @@ class Predictor:
         return self._answers(logits.float().cpu(), top_k)
 
     def _answers(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
-        """Per task: the class and its top k; the labels over the threshold; or the value."""
-        from mmops.training.loop import scores_from_logits
-
-        task, labels = self.model.task, self.model.labels
-        scores = scores_from_logits(task, logits)
-        if task["type"] == "regression":
-            return [{"answer": round(float(v), 6), "top_k": []} for v in scores[:, 0]]
-        k = max(1, min(top_k, scores.shape[1]))
-        top = scores.topk(k, dim=1)
-        if task["type"] == "multilabel":
-            return [
-                {"answer": [labels[j] for j in torch.nonzero(row >= task["threshold"]).flatten().tolist()],
-                 "top_k": [{"answer": labels[int(i)], "probability": round(float(p), 6)}
-                           for p, i in zip(pr, idx, strict=True)]}
-                for row, pr, idx in zip(scores, top.values, top.indices, strict=True)
-            ]
-        return [
-            {
-                "answer": labels[int(idx[0])],
-                "top_k": [
-                    {"answer": labels[int(i)], "probability": round(float(p), 6)}
-                    for p, i in zip(pr, idx, strict=True)
-                ],
-            }
-            for pr, idx in zip(top.values, top.indices, strict=True)
-        ]
+        """The task's answers: the class and its top k, the labels over the threshold, the value..."""
+        return self.model.task.answers(self.model.task.scores(logits), top_k)
 
     def predict(self, records: Sequence[Mapping[str, Any]], top_k: int = 3) -> list[dict[str, Any]]:
         """Validate every record (the first bad one raises :class:`InputError`), then answer them all."""

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from mmops.core.metrics import task_metrics
 from mmops.core.model import MultimodalModel
+from mmops.core.tasks import build_task
 from mmops.data.featurize import load_values
 from mmops.project import Project
 from mmops.registry.store import NotComparable
@@ -39,11 +38,12 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
         if f"{name}_idx" not in rows.columns:
             raise NotComparable(f"the model reads input '{name}', which the current data does not have")
         values[name] = load_values(prepared, name, spec["modality"])
-    task = model.task
-    if task["type"] != project.params.target.type:
+    if model.task_name != project.params.target.type:
         raise NotComparable(
-            f"the model predicts a {task['type']} target, the project now a {project.params.target.type} one"
+            f"the model predicts a {model.task_name} target, the project now a {project.params.target.type} one"
         )
+    # The model's task (its threshold, its scaler) over today's labels: today's rows index those.
+    task = build_task(model.task_name, model.task.config(), labels)
     data = Dataset(rows, values, frozenset(), labels, task)
     test = data.split("test")
     if test.empty:
@@ -53,15 +53,9 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
                               frozenset())
     except Exception as exc:
         raise NotComparable(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
-    if task["type"] != "regression":  # the model's label order to the current data's, by name
-        scores = np.zeros((len(test), len(labels)), dtype=np.float32)
-        mine = {label: i for i, label in enumerate(model.labels)}
-        for j, label in enumerate(labels):
-            if label in mine:
-                scores[:, j] = probs[:, mine[label]]
-        probs = scores
+    probs = model.task.align(probs, labels)  # the model's label order to the current data's, by name
     groups = test["group"].to_numpy() if "group" in test else None
-    metrics = task_metrics(task, data.targets(test), probs, labels, groups)
+    metrics = task.evaluate(data.targets(test), probs, groups)
     for bulky in ("confusion", "per_class", "calibration"):
         metrics.pop(bulky, None)
     metrics["unknown_labels"] = sorted(set(labels) - set(model.labels))

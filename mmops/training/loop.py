@@ -24,10 +24,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmops.config import TASK_METRICS, CandidateConfig, Params, metric_sign
+from mmops.config import CandidateConfig, Params
 from mmops.core.interfaces import Encoder
-from mmops.core.metrics import task_metrics
 from mmops.core.model import ArtifactResolver, MultimodalModel, artifact_folder, build_input_encoder
+from mmops.core.tasks import Task, build_task, task_params
+from mmops.data.cache import CachedFeatures
 from mmops.data.featurize import load_values
 
 log = logging.getLogger("mmops.training.loop")
@@ -41,7 +42,7 @@ class Dataset:
     values: dict[str, Any]
     precomputed: frozenset[str]
     labels: list[str]
-    task: dict[str, Any] = field(default_factory=lambda: {"type": "classification"})
+    task: Task
 
     @classmethod
     def load(cls, prepared_dir: Path, features_dir: Path, params: Params, use_cache: bool = True) -> Dataset:
@@ -55,55 +56,25 @@ class Dataset:
                     entry["config"].get(k) != v for k, v in spec.params.items()
                 ):
                     raise RuntimeError(f"features of '{name}' are stale; run `dvc repro featurize`")
-                values[name] = np.load(features_dir / f"{name}.npy", mmap_mode="r")
+                values[name] = CachedFeatures.load(features_dir, name, entry)  # vectors, and tokens if kept
             else:
                 values[name] = load_values(prepared_dir, name, spec.modality)
         labels = json.loads((prepared_dir / "labels.json").read_text())
-        task: dict[str, Any] = {"type": params.target.type}
-        if task["type"] == "multilabel":
-            task["threshold"] = params.target.threshold
-        if task["type"] == "regression":  # the model learns a standardised target; the spec un-scales it
-            y = rows.loc[rows["split"] == "train", "label"].to_numpy(np.float64)
-            task["mean"], task["std"] = (float(y.mean()), float(y.std() or 1.0)) if len(y) else (0.0, 1.0)
+        task = build_task(params.target.type, task_params(params.target.type, params.target), labels)
+        task.fit(task.targets(rows.loc[rows["split"] == "train", "label"].tolist()))
         return cls(rows, values, frozenset(cached), labels, task)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.rows[self.rows["split"] == name].reset_index(drop=True)
 
     def targets(self, rows: pd.DataFrame) -> np.ndarray:
-        """Labels as the metrics take them: class indices, a 0/1 matrix, or values in target units."""
-        if self.task["type"] == "multilabel":
-            out = np.zeros((len(rows), len(self.labels)), dtype=np.float32)
-            for i, labels in enumerate(rows["label"]):
-                out[i, list(labels)] = 1.0
-            return out
-        return rows["label"].to_numpy()
-
-
-def target_tensor(task: dict[str, Any], targets: np.ndarray) -> torch.Tensor:
-    """What the loss compares the model's output with."""
-    if task["type"] == "regression":
-        return torch.from_numpy(((targets - task["mean"]) / task["std"]).astype(np.float32)).unsqueeze(1)
-    return torch.from_numpy(targets)
-
-
-def loss_for(task: dict[str, Any]) -> nn.Module:
-    return {"classification": nn.CrossEntropyLoss(), "multilabel": nn.BCEWithLogitsLoss(),
-            "regression": nn.MSELoss()}[task["type"]]
-
-
-def scores_from_logits(task: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
-    """Probabilities (classification), per-label scores (multi-label) or values in target units."""
-    if task["type"] == "multilabel":
-        return torch.sigmoid(logits)
-    if task["type"] == "regression":
-        return logits * task["std"] + task["mean"]
-    return torch.softmax(logits, dim=1)
+        """The rows' targets as the task's loss and metrics take them."""
+        return self.task.targets(rows["label"].tolist())
 
 
 @dataclass
 class Batcher:
-    """Yields ``(inputs, index, labels, row_positions)`` batches over one split."""
+    """Yields ``(inputs, index, targets, row_positions)`` batches over one split (targets as the task takes them)."""
 
     data: Dataset
     rows: pd.DataFrame
@@ -147,14 +118,13 @@ class Batcher:
                 values = self.data.values[name]
                 if not len(uniq):
                     inputs[name] = None
-                elif name in self.data.precomputed:
-                    inputs[name] = torch.from_numpy(np.asarray(values[uniq]))
+                elif name in self.data.precomputed:  # read as vectors or tokens, as the model's fusion takes them
+                    inputs[name] = values.rows(uniq)
                 elif isinstance(values, list):
                     inputs[name] = encoder.preprocess([values[i] for i in uniq])
                 else:
                     inputs[name] = encoder.preprocess(np.asarray(values[uniq]))
-            labels = target_tensor(self.data.task, self.targets[pos])
-            yield inputs, index, labels, pos
+            yield inputs, index, self.targets[pos], pos
 
 
 def set_determinism(seed: int) -> None:
@@ -165,12 +135,15 @@ def set_determinism(seed: int) -> None:
 
 @torch.inference_mode()
 def predict_split(model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str]) -> np.ndarray:
-    """Scores of every row of the batcher's split (see :func:`scores_from_logits`)."""
+    """Scores of every row of the batcher's split (the task's :meth:`~mmops.core.tasks.Task.scores`)."""
     model.eval()
-    out = np.zeros((len(batcher.rows), model.n_outputs), dtype=np.float32)
+    out: np.ndarray | None = None
     for inputs, index, _, pos in batcher:
-        out[pos] = scores_from_logits(model.task, model(inputs, index, precomputed)).numpy()
-    return out
+        scores = model.task.scores(model(inputs, index, precomputed)).float().numpy()
+        if out is None:
+            out = np.zeros((len(batcher.rows), *scores.shape[1:]), dtype=np.float32)
+        out[pos] = scores
+    return out if out is not None else np.zeros((0, model.task.output_dim), dtype=np.float32)
 
 
 def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size: int) -> tuple[dict, np.ndarray]:
@@ -179,41 +152,20 @@ def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size
     batcher = Batcher(data, rows, model.encoders, batch_size, _group_key(model))
     scores = predict_split(model, batcher, data.precomputed)
     groups = rows["group"].to_numpy() if "group" in rows else None
-    return task_metrics(model.task, batcher.targets, scores, data.labels, groups), scores
+    return model.task.evaluate(batcher.targets, scores, groups), scores
 
 
 def predictions_table(data: Dataset, rows: pd.DataFrame, scores: np.ndarray, metrics: dict) -> pd.DataFrame:
     """One row per example: what it was, what the model said, how sure it was. The report's mistakes."""
-    task, names = data.task, data.labels
     out = rows[["line", "source", *[c for c in rows.columns if c.endswith("_idx")]]].copy()
-    if task["type"] == "regression":
-        error = np.abs(scores[:, 0] - rows["label"].to_numpy())
-        out["target"] = rows["label"].map(lambda v: f"{v:.6g}")
-        out["prediction"] = [f"{v:.6g}" for v in scores[:, 0]]
-        out["confidence"] = np.nan
-        out["correct"] = error <= metrics.get("mae", 0.0)
-        out["error"] = error
-        return out
-    if task["type"] == "multilabel":
-        threshold = task["threshold"]
-        predicted = scores >= threshold
-        targets = data.targets(rows).astype(bool)
-        out["target"] = ["|".join(names[j] for j in np.flatnonzero(t)) for t in targets]
-        out["prediction"] = ["|".join(names[j] for j in np.flatnonzero(p)) for p in predicted]
-        out["confidence"] = np.abs(scores - threshold).mean(1)
-        out["correct"] = (predicted == targets).all(1)
-    else:
-        out["target"] = [names[i] for i in rows["label"]]
-        out["prediction"] = [names[i] for i in scores.argmax(1)]
-        out["confidence"] = scores.max(1)
-        out["correct"] = rows["label"].to_numpy() == scores.argmax(1)
-    out["error"] = np.nan
+    for column, values in data.task.describe(data.targets(rows), scores, metrics).items():
+        out[column] = values
     return out
 
 
 def select_key(params: Params) -> tuple[str, float]:
     """The validation metric training keeps the best epoch by, and its sign (+1: higher is better)."""
-    return params.select_metric.removeprefix("val_"), metric_sign(params.select_metric)
+    return params.select_metric.removeprefix("val_"), params.metric_sign(params.select_metric)
 
 
 def _group_key(model: MultimodalModel) -> str | None:
@@ -221,7 +173,7 @@ def _group_key(model: MultimodalModel) -> str | None:
     return trainable[0] if trainable else None
 
 
-def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], task: dict | None = None) -> dict:
+def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], task: Task | None = None) -> dict:
     train = params.train_for(candidate)
     return {
         "candidate": candidate.name,
@@ -236,7 +188,8 @@ def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], ta
         "sample_rate": params.data.sample_rate,
         "audio_seconds": params.data.audio_seconds,
         "target": params.target.column,
-        "task": task or {"type": "classification"},
+        "task": {"name": params.target.type,
+                 "params": task.config() if task else task_params(params.target.type, params.target)},
         "seed": params.seed,
     }
 
@@ -281,7 +234,6 @@ def train_candidate(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_b), pct_start=0.25
     )
-    loss_fn = loss_for(data.task)
     rng = np.random.default_rng(params.seed)
     metric, sign = select_key(params)
     best_score, best_state, best_epoch, history = -np.inf, None, 0, []
@@ -289,19 +241,19 @@ def train_candidate(
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         total, count, t0 = 0.0, 0, time.perf_counter()
-        for inputs, index, labels, _ in train_b.batches(rng):
-            loss = loss_fn(model(inputs, index, data.precomputed), labels)
+        for inputs, index, targets, _ in train_b.batches(rng):
+            loss = data.task.loss(model(inputs, index, data.precomputed), targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"candidate '{candidate.name}': loss diverged at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total, count = total + loss.item() * len(labels), count + len(labels)
+            total, count = total + loss.item() * len(targets), count + len(targets)
         scores = predict_split(model, val_b, data.precomputed)
-        val = task_metrics(data.task, val_b.targets, scores, data.labels)
+        val = data.task.evaluate(val_b.targets, scores)
         record = {"epoch": epoch, "train_loss": total / count,
-                  **{f"val_{k}": val[k] for k in TASK_METRICS[data.task["type"]]},
+                  **{f"val_{k}": val[k] for k in data.task.metrics},
                   "seconds": time.perf_counter() - t0}
         history.append(record)
         if on_epoch:
@@ -324,7 +276,7 @@ def train_candidate(
     result = {
         "candidate": candidate.name,
         "fusion": candidate.fusion,
-        "task": data.task["type"],
+        "task": params.target.type,
         "labels": data.labels,
         "select_metric": params.select_metric,
         "model_dir": str(out_dir),

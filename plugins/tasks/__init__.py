@@ -1,0 +1,1 @@
+"""Built-in task plugins: classification, multi-label and regression, registered like any third-party task."""
