@@ -45,9 +45,16 @@ class EpochProgress:
         self.lock = threading.Lock()
         self.candidates: dict[str, _Candidate] = {}
         self.progress = (
-            Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                     TextColumn("{task.fields[stats]}"), console=console, transient=False)
-            if self.live else None
+            Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}", markup=False),
+                console=console,
+                transient=False,
+            )
+            if self.live
+            else None
         )
 
     def __enter__(self) -> EpochProgress:
@@ -78,8 +85,10 @@ class EpochProgress:
         epoch, value = record["epoch"], record.get(self.metric)
         state.seconds.append(record.get("seconds", 0.0))
         metric = f"{self.metric} {value:.4f}" if value is not None else f"{self.metric} -"
-        stats = (f"loss {record['train_loss']:.4f}  {metric}  {state.seconds[-1]:.1f} s/epoch  "
-                 f"<= {seconds_left(state, epoch):.0f} s left")
+        stats = (
+            f"loss {record['train_loss']:.4f}  {metric}  {state.seconds[-1]:.1f} s/epoch  "
+            f"<= {seconds_left(state, epoch):.0f} s left"
+        )
         if self.progress and state.task is not None:
             self.progress.update(state.task, completed=epoch, stats=stats)
         else:
