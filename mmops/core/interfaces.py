@@ -8,6 +8,7 @@ loop, the feature cache and the service can treat built-ins and add-ons identica
 from __future__ import annotations
 
 import abc
+import inspect
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -100,11 +101,40 @@ class Fusion(nn.Module, abc.ABC):
     needs_sequences: ClassVar[bool] = False
     produces_logits: ClassVar[bool] = False
 
+    # Arguments mmops supplies itself (input sizes, class count): not part of a fusion's config.
+    SUPPLIED: ClassVar[frozenset[str]] = frozenset({"dims", "num_classes"})
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Fusion:
+        self = super().__new__(cls)
+        # Kept for config(): a plugin gets a faithful config without repeating its parameters.
+        object.__setattr__(self, "_init_args", (args, kwargs))
+        return self
+
     def __init__(self, dims: Mapping[str, int]) -> None:
         super().__init__()
         if len(dims) < 2:
             raise ValueError(f"{type(self).__name__} fuses two or more inputs, got {list(dims)}")
         self.dims = dict(dims)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments with its defaults applied (no ``dims``/``num_classes``):
+        what the saved model records, so that a plugin release changing a default cannot silently
+        change an already-registered model. Override it when the arguments are not the whole story.
+        """
+        args, kwargs = getattr(self, "_init_args", ((), {}))
+        signature = inspect.signature(type(self).__init__)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:  # built some other way (a copy): what is known, and the defaults
+            bound = signature.bind_partial(self, **kwargs)
+        bound.apply_defaults()
+        resolved: dict[str, Any] = {}
+        for i, (name, value) in enumerate(bound.arguments.items()):
+            kind = signature.parameters[name].kind
+            if i == 0 or name in self.SUPPLIED or kind is inspect.Parameter.VAR_POSITIONAL:
+                continue
+            resolved.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        return {k: v for k, v in resolved.items() if k not in self.SUPPLIED}
 
     def check_inputs(self, features: Mapping[str, torch.Tensor]) -> None:
         """Fail with the names involved rather than with a shape error deep inside a matmul."""

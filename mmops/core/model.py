@@ -9,6 +9,7 @@ checkpoint). Training, evaluation, ``mmops predict`` and the service all load it
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from torch import nn
 
 from mmops.core.interfaces import Encoder, Fusion, Tokens, as_tokens
 from mmops.core.plugin_registry import discover, get_encoder, get_fusion
+from mmops.core.provenance import check_provenance, record_provenance
 from mmops.core.tasks import Task, task_from_spec
 
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "model.safetensors"
@@ -204,7 +206,10 @@ class MultimodalModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         spec = json.loads(json.dumps(self.spec))
         for name, encoder in self.encoders.items():
-            spec["inputs"][name]["params"] = encoder.export_assets(directory / "assets" / name)
+            # Every parameter, the plugin's defaults included: a plugin release that changes a default
+            # must not change a model already saved (and registered).
+            spec["inputs"][name]["params"] = {**_defaults(type(encoder)),
+                                             **encoder.export_assets(directory / "assets" / name)}
             # The reused weights are in this artifact now: keep where they came from as lineage only.
             if source := spec["inputs"][name].pop("init_from", None):
                 spec["inputs"][name]["initialized_from"] = source
@@ -214,16 +219,22 @@ class MultimodalModel(nn.Module):
             for key, value in params.items():
                 if isinstance(value, str) and value.startswith(str(directory)):
                     params[key] = "@artifact/" + Path(value).relative_to(directory).as_posix()
+        spec["fusion"]["params"] = _jsonable(self.fusion.config())
+        record_provenance(spec)  # the package and version behind every encoder, the fusion, the task
         (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         save_file(self.trainable_state(), str(directory / WEIGHTS_FILE))
         return directory
 
     @classmethod
-    def load(cls, directory: Path, map_location: str = "cpu") -> MultimodalModel:
+    def load(cls, directory: Path, map_location: str = "cpu", plugin_mismatch: str | None = None) -> MultimodalModel:
+        """``plugin_mismatch``: what to do when the installed plugin versions differ from those the model
+        was saved with: ``warn`` (default), ``error`` or ``ignore``; ``$MMOPS_PLUGIN_VERSION_MISMATCH``
+        sets it for a whole process (a service, a worker)."""
         spec_path = directory / SPEC_FILE
         if not spec_path.is_file():
             raise FileNotFoundError(f"{directory}: not a model artifact (no {SPEC_FILE})")
         spec = json.loads(spec_path.read_text())
+        check_provenance(spec, str(directory), plugin_mismatch)
         for item in spec["inputs"].values():
             for key, value in item["params"].items():
                 if isinstance(value, str) and value.startswith("@artifact/"):
@@ -235,6 +246,24 @@ class MultimodalModel(nn.Module):
         if unexpected or set(missing) - expected_missing:
             raise ValueError(f"{directory}: weights do not match spec (missing {missing}, unexpected {unexpected})")
         return model.eval()
+
+
+def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries a spec can hold (a default that is an object, not a value, is left out)."""
+    out = {}
+    for key, value in params.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        out[key] = value
+    return out
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """A plugin constructor's keyword defaults, as a spec can hold them."""
+    return _jsonable({p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                      if p.default is not p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)})
 
 
 def _rows(features: Any) -> int:

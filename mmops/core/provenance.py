@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Iterable
 from importlib.metadata import Distribution, PackageNotFoundError, distribution
 from pathlib import Path
@@ -126,3 +127,72 @@ def code_versions(plugins: Iterable[tuple[str, str]]) -> dict[str, str]:
         if dist is not None:
             dists.setdefault(f"{dist.metadata['Name']} {dist.version}", dist)
     return {key: distribution_code_hash(dist) for key, dist in sorted(dists.items())}
+
+
+# ---------------------------------------------------------------- what a saved model records
+
+MISMATCH_ENV = "MMOPS_PLUGIN_VERSION_MISMATCH"
+MISMATCH_POLICIES = ("warn", "error", "ignore")
+
+
+class PluginVersionWarning(UserWarning):
+    """A model is loaded under other plugin versions than it was saved with."""
+
+
+class PluginVersionError(RuntimeError):
+    """A model is refused because it was saved with other plugin versions (``MMOPS_PLUGIN_VERSION_MISMATCH=error``)."""
+
+
+def _plugins_of(spec: dict) -> list[tuple[str, str, dict]]:
+    """``(kind, name, entry)`` for every plugin a spec names; ``entry`` is the dict its provenance goes in.
+
+    A task is listed only in the plugin form (``{"name": ..., "params": ...}``): the older
+    ``{"type": ...}`` form hands its other keys to the task as parameters.
+    """
+    found = [("encoder", item["encoder"], item) for item in spec.get("inputs", {}).values()]
+    if isinstance(spec.get("fusion"), dict):
+        found.append(("fusion", spec["fusion"]["name"], spec["fusion"]))
+    task = spec.get("task")
+    if isinstance(task, dict) and task.get("name"):
+        found.append(("task", task["name"], task))
+    return found
+
+
+def record_provenance(spec: dict) -> dict:
+    """Add ``"plugin": {"package", "version"}`` to every encoder, the fusion and the task of ``spec``."""
+    for kind, name, entry in _plugins_of(spec):
+        if (found := plugin_provenance(kind, name)) is not None:
+            entry["plugin"] = found
+    return spec
+
+
+def check_provenance(spec: dict, where: str, policy: str | None = None) -> list[str]:
+    """Compare the plugin versions a spec was saved with to those installed now.
+
+    ``policy`` (default: ``$MMOPS_PLUGIN_VERSION_MISMATCH``, else ``warn``): ``warn`` emits a
+    :class:`PluginVersionWarning`, ``error`` raises :class:`PluginVersionError`, ``ignore`` does
+    neither. Specs saved before provenance was recorded are not checked. Returns the differences.
+    """
+    policy = (policy or os.environ.get(MISMATCH_ENV) or "warn").lower()
+    if policy not in MISMATCH_POLICIES:
+        raise ValueError(f"{MISMATCH_ENV}={policy!r}: use one of {', '.join(MISMATCH_POLICIES)}")
+    differences = []
+    for kind, name, entry in _plugins_of(spec):
+        saved, installed = entry.get("plugin"), plugin_provenance(kind, name)
+        if not saved or installed is None:  # an old artifact; an uninstalled plugin fails when built
+            continue
+        if (saved.get("package"), saved.get("version")) != (installed["package"], installed["version"]):
+            differences.append(
+                f"{kind} '{name}' was saved with {saved.get('package')} {saved.get('version')}, "
+                f"installed is {installed['package']} {installed['version']}"
+            )
+    if differences and policy != "ignore":
+        message = (
+            f"{where}: {'; '.join(differences)}. The model is rebuilt from its saved parameters, but the "
+            f"plugin code differs and its answers may too. Install the versions it was saved with, or "
+            f"retrain; {MISMATCH_ENV}=error refuses such models, =ignore loads them silently."
+        )
+        if policy == "error":
+            raise PluginVersionError(message)
+        warnings.warn(message, PluginVersionWarning, stacklevel=3)
+    return differences
