@@ -4,6 +4,6 @@ The classes live in :mod:`mmops.core.interfaces`; this name stays so that packag
 earlier releases keep working unchanged.
 """
 
-from mmops.core.interfaces import MODALITIES, Encoder, Fusion, link_or_copy_tree
+from mmops.core.interfaces import MODALITIES, Encoder, Fusion, Tokens, as_tokens, link_or_copy_tree
 
-__all__ = ["MODALITIES", "Encoder", "Fusion", "link_or_copy_tree"]
+__all__ = ["MODALITIES", "Encoder", "Fusion", "Tokens", "as_tokens", "link_or_copy_tree"]

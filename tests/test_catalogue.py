@@ -13,10 +13,11 @@ from mmops.core import conformance
 from mmops.core.conformance import check_plugin
 from mmops.core.interfaces import Fusion
 from mmops.core.model import MultimodalModel
-from mmops.core.plugin_registry import discover
+from mmops.core.plugin_registry import discover, get_fusion
 
 FUSIONS = ["early_concat", "concat", "product", "weighted_sum", "attention", "cross_attention", "gated", "tensor",
-           "low_rank_tensor", "film", "late"]
+           "low_rank_tensor", "film", "late", "mm_transformer", "mult"]
+ATTENDING = {"attention", "cross_attention", "film", "mm_transformer", "mult"}
 ENCODERS = ["hf_text", "bow_text", "word2vec_text", "gru_text", "cnn_image", "hf_image", "pixels", "mel_audio",
             "numeric", "categorical"]
 
@@ -40,16 +41,20 @@ def test_the_whole_catalogue_is_registered_by_the_mmops_package():
         assert all(found[n].package == "mmops" for n in names)
 
 
-def _assert_passes(name: str, params: dict | None = None) -> None:
+def _assert_passes(name: str, params: dict | None = None, n_checks: int = 7) -> None:
     checks = check_plugin(name, params=params)
     failed = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
     assert not failed, "\n".join(failed)
-    assert len(checks) == 6
+    assert len(checks) == n_checks
+
+
+def test_the_attending_fusions_are_exactly_those_that_need_sequences():
+    assert {n for n in FUSIONS if get_fusion(n).needs_sequences} == ATTENDING
 
 
 @pytest.mark.parametrize("name", FUSIONS)
 def test_fusion_conformance(name):
-    _assert_passes(name)
+    _assert_passes(name, n_checks=7 if name in ATTENDING else 6)  # attending ones: padding changes nothing
 
 
 @pytest.mark.parametrize("name", [e for e in ENCODERS if e != "hf_image"])
@@ -80,8 +85,8 @@ def test_the_check_catches_a_broken_fusion(monkeypatch):
     assert "a wrong input (missing, wrong width) gets a clear error" in failed
 
 
-def test_frozen_encoder_gives_the_same_token_cached_or_not(tiny_vit):
-    """A frozen encoder's features are cached as vectors, so sequence fusions must see one token either way."""
+def test_frozen_encoder_gives_its_tokens_cached_or_not(tiny_vit):
+    """A frozen encoder's cached features for a fusion that attends are its tokens (patches), not one vector."""
     spec = {"candidate": "t", "labels": ["a", "b"], "image_size": 32, "target": "answer", "seed": 0,
             "inputs": {"image": {"modality": "image", "encoder": "hf_image", "params": {"checkpoint": tiny_vit}},
                        "n": {"modality": "tabular", "encoder": "numeric", "params": {"n_features": 3}}},
@@ -91,5 +96,9 @@ def test_frozen_encoder_gives_the_same_token_cached_or_not(tiny_vit):
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     raw = {"image": model.encoders["image"].preprocess(images), "n": torch.zeros(3, 3)}
     with torch.no_grad():
-        cached = {**raw, "image": model.encoders["image"](raw["image"])}
-        assert torch.equal(model(raw), model(cached, None, frozenset({"image"})))
+        tokens = model.encoders["image"].forward_sequence(raw["image"])
+        assert tokens.length == 17  # 16 patches and the class token
+        assert torch.equal(model(raw), model({**raw, "image": tokens}, None, frozenset({"image"})))
+        pooled = {**raw, "image": model.encoders["image"](raw["image"])}
+        with pytest.raises(ValueError, match="pooled vectors, but fusion 'cross_attention'"):
+            model(pooled, None, frozenset({"image"}))  # never silently one token

@@ -27,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help=__doc__.splitlines()[0]
 )
 data_app = typer.Typer(no_args_is_help=True, help="Import, validate and featurize data (the DVC stages).")
-plugins_app = typer.Typer(no_args_is_help=True, help="Encoders and fusions installed through entry points.")
+plugins_app = typer.Typer(no_args_is_help=True, help="Encoders, fusions and tasks installed through entry points.")
 app.add_typer(data_app, name="data")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(runs_app, name="runs", rich_help_panel="Registry and lifecycle")
@@ -526,11 +526,11 @@ def predict(
 
 @plugins_app.command("list")
 def plugins_list(as_json: JsonOpt = False) -> None:
-    """Every installed encoder and fusion, with the package that provides it."""
+    """Every installed encoder, fusion and task, with the package that provides it."""
     from mmops.core.plugin_registry import check_all, discover, get_encoder
 
     rows = []
-    for kind in ("encoder", "fusion"):
+    for kind in ("encoder", "fusion", "task"):
         status = check_all(kind)
         for name, info in sorted(discover(kind).items()):
             problem = status[name]
@@ -551,15 +551,15 @@ def plugins_list(as_json: JsonOpt = False) -> None:
 
 @plugins_app.command("check")
 def plugins_check(
-    name: Annotated[str, typer.Argument(help="encoder or fusion name, as in `mmops plugins list`")],
-    kind: Annotated[str | None, typer.Option(help="encoder or fusion, when a name is both")] = None,
+    name: Annotated[str, typer.Argument(help="encoder, fusion or task name, as in `mmops plugins list`")],
+    kind: Annotated[str | None, typer.Option(help="encoder, fusion or task, when a name is more than one")] = None,
     params: Annotated[str, typer.Option(help='constructor parameters as JSON, e.g. \'{"checkpoint": "dir"}\'')] = "{}",
 ) -> None:
     """Conformance run on random inputs: shapes, gradients, determinism, save/load, bad inputs."""
     from mmops.core.conformance import check_plugin
 
-    if kind not in (None, "encoder", "fusion"):
-        raise _fail(f"--kind must be 'encoder' or 'fusion', got '{kind}'", 2)
+    if kind not in (None, "encoder", "fusion", "task"):
+        raise _fail(f"--kind must be encoder, fusion or task, got '{kind}'", 2)
     try:
         parsed = json.loads(params)
     except json.JSONDecodeError as exc:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmops.core.interfaces import MODALITIES, Encoder, Fusion
+from mmops.core.interfaces import MODALITIES, Encoder, Fusion, Tokens, as_tokens
 from mmops.core.model import MultimodalModel
 from mmops.core.plugin_registry import PluginError, discover, get_encoder, get_fusion
 
@@ -31,6 +31,7 @@ WORDS = ("what", "color", "is", "the", "shape", "there", "a", "red", "blue", "gr
          "rectangle", "in", "image", "not", "does", "contain")
 FUSION_DIMS = {"a": 6, "b": 5, "c": 4}
 SEQUENCE_LENGTHS = {"a": 1, "b": 4, "c": 3}  # a sequence-consuming fusion must take unequal lengths
+EXTRA_PADDING = 3  # positions appended to check that padding changes nothing
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,63 @@ def _spec(inputs: dict[str, tuple[str, str, dict]], fusion: str, fusion_params: 
             "fusion": {"name": fusion, "params": fusion_params}, "head": {"hidden": 8, "dropout": 0.0}}
 
 
+def example_tokens(batch: int, length: int, dim: int, grad: bool = False) -> Tokens:
+    """Random tokens whose rows have unequal lengths (row i has ``length - i``, at least one)."""
+    values = torch.randn(batch, length, dim, requires_grad=grad)
+    lengths = torch.tensor([max(1, length - i) for i in range(batch)])
+    return Tokens(values, torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1))
+
+
+def check_sequence(enc: Encoder, x: Any, b: int) -> Tokens:
+    """``forward_sequence``'s contract: Tokens (or a plain 3-D tensor), a (batch, tokens) bool mask, no
+    row without a real token (attention over nothing is NaN)."""
+    raw = enc.forward_sequence(x)
+    if isinstance(raw, Tokens) and (raw.mask.dtype != torch.bool or raw.mask.shape != raw.values.shape[:2]):
+        raise AssertionError(f"forward_sequence: mask must be bool {tuple(raw.values.shape[:2])}, "
+                             f"got {raw.mask.dtype} {tuple(raw.mask.shape)}")
+    tokens = as_tokens(raw, "forward_sequence")
+    if tokens.batch != b or tokens.dim != enc.output_dim:
+        raise AssertionError(f"forward_sequence: expected ({b}, T, {enc.output_dim}), got {tuple(tokens.values.shape)}")
+    if not tokens.mask.any(1).all():
+        raise AssertionError("forward_sequence: a row has no real token (its mask is all False)")
+    if not torch.isfinite(tokens.values[tokens.mask]).all():
+        raise AssertionError("forward_sequence: real tokens are not finite")
+    return tokens
+
+
+def with_padding(tokens: Tokens, extra: int = EXTRA_PADDING) -> Tokens:
+    """The same tokens with ``extra`` positions appended, filled with large random values (padding can hold
+    anything), and the existing padding scrambled too."""
+    padded = tokens.pad_to(tokens.length + extra)
+    noise = torch.randn(padded.values.shape, generator=torch.Generator().manual_seed(7)) * 100
+    return Tokens(torch.where(padded.mask.unsqueeze(-1), padded.values, noise), padded.mask)
+
+
+def assert_padding_invariant(fusion: Fusion, features: Mapping[str, Tokens], what: str) -> None:
+    with torch.no_grad():
+        before = fusion(features)
+        for name in features:
+            after = fusion({**features, name: with_padding(features[name])})
+            if not torch.allclose(before, after, rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"{what}: padding appended to input '{name}' changed the output "
+                                     f"(max diff {(before - after).abs().max():.3g}): is the mask honoured?")
+
+
+def padding_invariant(tokens: Tokens) -> list[str]:
+    """Every built-in fusion that attends gives the same output on ``tokens`` with padding appended."""
+    names = sorted(n for n, info in discover("fusion").items() if info.package == "mmops")
+    checked = []
+    for name in names:
+        cls = get_fusion(name)
+        if not cls.needs_sequences:
+            continue
+        torch.manual_seed(0)
+        fusion = cls({"x": tokens.dim, "y": 5}).eval()
+        assert_padding_invariant(fusion, {"x": tokens, "y": example_tokens(tokens.batch, 3, 5)}, f"fusion '{name}'")
+        checked.append(name)
+    return checked
+
+
 def check_encoder(name: str, params: Mapping[str, Any] | None = None, batch: int = BATCH) -> list[Check]:
     params, checks, rng = dict(params or {}), [], np.random.default_rng(0)
     cls = get_encoder(name)
@@ -127,21 +185,26 @@ def check_encoder(name: str, params: Mapping[str, Any] | None = None, batch: int
     def shapes() -> str:
         enc.eval()
         seq = type(enc).forward_sequence is not Encoder.forward_sequence
+        lengths = set()
         with torch.no_grad():
             for b in (1, batch):
                 x = enc.preprocess(values[:b])
                 out = enc(x)
                 if tuple(out.shape) != (b, enc.output_dim) or not torch.isfinite(out).all():
                     raise AssertionError(f"batch {b}: expected finite ({b}, {enc.output_dim}), got {tuple(out.shape)}")
-                if seq:
-                    s = enc.forward_sequence(x)
-                    if s.dim() != 3 or s.shape[0] != b or s.shape[2] != enc.output_dim:
-                        raise AssertionError(
-                            f"forward_sequence: expected ({b}, T, {enc.output_dim}), got {tuple(s.shape)}"
-                        )
-        return "and forward_sequence" if seq else ""
+                lengths.add(check_sequence(enc, x, b).length)
+        return f"and forward_sequence ({'/'.join(map(str, sorted(lengths)))} tokens)" if seq else ""
 
     _run(checks, f"output shape for batch 1 and {batch}", shapes)
+
+    def padding() -> str:
+        enc.eval()
+        with torch.no_grad():
+            tokens = check_sequence(enc, enc.preprocess(values[:batch]), batch)
+        names = padding_invariant(tokens)
+        return f"{', '.join(names)} unchanged by {EXTRA_PADDING} appended padding tokens"
+
+    _run(checks, "padding tokens change no built-in attending fusion", padding)
 
     def gradients() -> str:
         trainable = [(n, p) for n, p in enc.named_parameters() if p.requires_grad]
@@ -196,12 +259,18 @@ def check_encoder(name: str, params: Mapping[str, Any] | None = None, batch: int
 def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int = BATCH) -> list[Check]:
     params, checks = dict(params or {}), []
     cls = get_fusion(name)
+    info = discover("fusion").get(name)
+    origin = f"'{name}' (package {info.origin})" if info else f"'{name}'"
     extra = {"num_classes": len(LABELS)} if cls.produces_logits else {}
     dim_sets = [dict(list(FUSION_DIMS.items())[:k]) for k in (2, 3)]
 
-    def features(dims: Mapping[str, int], b: int, grad: bool = False) -> dict[str, torch.Tensor]:
-        shape = (lambda n: (b, SEQUENCE_LENGTHS[n], dims[n])) if cls.needs_sequences else (lambda n: (b, dims[n]))
-        return {n: torch.randn(*shape(n), requires_grad=grad) for n in dims}
+    def features(dims: Mapping[str, int], b: int, grad: bool = False) -> dict[str, Any]:
+        if cls.needs_sequences:
+            return {n: example_tokens(b, SEQUENCE_LENGTHS[n], dims[n], grad) for n in dims}
+        return {n: torch.randn(b, dims[n], requires_grad=grad) for n in dims}
+
+    def leaf(value: Any) -> torch.Tensor:
+        return value.values if isinstance(value, Tokens) else value
 
     def build(dims: Mapping[str, int], seed: int = 0) -> Fusion:
         torch.manual_seed(seed)
@@ -223,9 +292,11 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
             with torch.no_grad():
                 for b in (1, batch):
                     out = f(features(dims, b))
-                    if tuple(out.shape) != (b, f.output_dim) or not torch.isfinite(out).all():
-                        raise AssertionError(f"{len(dims)} inputs, batch {b}: expected finite ({b}, {f.output_dim}), "
-                                             f"got {tuple(out.shape)}")
+                    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, f.output_dim) \
+                            or not torch.isfinite(out).all():
+                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                        raise AssertionError(f"fusion {origin}, {len(dims)} inputs, batch {b}: expected finite "
+                                             f"({b}, {f.output_dim}), got {got}")
 
     _run(checks, f"output shape for batch 1 and {batch} (2 and 3 inputs)", shapes)
 
@@ -240,7 +311,7 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
                        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
             if missing:
                 raise AssertionError(f"{len(dims)} inputs: no (finite) gradient for {missing[:5]}")
-            unused = [n for n, t in feats.items() if t.grad is None or not t.grad.abs().sum()]
+            unused = [n for n, t in feats.items() if leaf(t).grad is None or not leaf(t).grad.abs().sum()]
             if unused:
                 raise AssertionError(f"{len(dims)} inputs: the output does not depend on input(s) {unused}")
 
@@ -255,6 +326,13 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
                     raise AssertionError(f"{len(dims)} inputs: two eval-mode forwards differ")
 
     _run(checks, "eval mode is deterministic", deterministic)
+
+    if cls.needs_sequences:
+        def padding() -> None:
+            for f, dims in zip(fusions, dim_sets, strict=True):
+                assert_padding_invariant(f.eval(), features(dims, batch), f"{len(dims)} inputs")
+
+        _run(checks, f"{EXTRA_PADDING} appended padding tokens do not change the output", padding)
 
     def round_trip() -> None:
         for f, dims in zip(fusions, dim_sets, strict=True):
@@ -288,13 +366,15 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
         f, dims = fusions[0], dim_sets[0]
         feats = features(dims, batch)
         messages = []
-        for bad in ({"a": feats["a"]}, {**feats, "a": torch.randn(batch, *feats["a"].shape[1:-1], 99)}):
+        wide = example_tokens(batch, 2, 99) if cls.needs_sequences else torch.randn(batch, 99)
+        for bad in ({"a": feats["a"]}, {**feats, "a": wide}):
             try:
                 f(bad)
             except (ValueError, TypeError) as exc:
                 messages.append(str(exc))
                 continue
-            raise AssertionError(f"accepted inputs {({k: tuple(v.shape) for k, v in bad.items()})} without an error")
+            shapes = {k: tuple(leaf(v).shape) for k, v in bad.items()}
+            raise AssertionError(f"accepted inputs {shapes} without an error")
         return messages[-1][:100]
 
     _run(checks, "a wrong input (missing, wrong width) gets a clear error", wrong_input)
@@ -302,12 +382,12 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
 
 
 def plugin_kind(name: str) -> str:
-    kinds = [k for k in ("encoder", "fusion") if name in discover(k)]
+    kinds = [k for k in ("encoder", "fusion", "task") if name in discover(k)]
     if not kinds:
-        known = sorted({*discover("encoder"), *discover("fusion")})
+        known = sorted({*discover("encoder"), *discover("fusion"), *discover("task")})
         raise PluginError(f"no plugin named '{name}'. Installed: {', '.join(known)}")
     if len(kinds) > 1:
-        raise PluginError(f"'{name}' is both an encoder and a fusion: choose one with --kind")
+        raise PluginError(f"'{name}' is more than one kind of plugin ({', '.join(kinds)}): choose one with --kind")
     return kinds[0]
 
 
@@ -315,6 +395,96 @@ def check_plugin(name: str, kind: str | None = None, params: Mapping[str, Any] |
     """Run every check; a plugin that cannot even be loaded is one failed check, not an exception."""
     try:
         kind = kind or plugin_kind(name)
-        return (check_encoder if kind == "encoder" else check_fusion)(name, params)
+        checker = {"encoder": check_encoder, "fusion": check_fusion, "task": check_task}[kind]
+        return checker(name, params)
     except PluginError as exc:
         return [Check("loads through its entry point", False, str(exc))]
+
+
+def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = BATCH) -> list[Check]:
+    """A task on its own example targets and a random fused vector: everything training, selection and
+    the service call, in the order they call it."""
+    from mmops.core.plugin_registry import get_task
+    from mmops.core.tasks import HIGHER, LOWER, build_task
+
+    checks: list[Check] = []
+    cls = get_task(name)
+    checks.append(Check("loads through its entry point", True))
+    state: dict[str, Any] = {}
+
+    def directions() -> str | None:
+        metrics = dict(getattr(cls, "metrics", {}) or {})
+        if not metrics:
+            raise AssertionError("declares no metrics (class attribute `metrics = {name: 'max' | 'min'}`)")
+        wrong = {k: v for k, v in metrics.items() if v not in (HIGHER, LOWER)}
+        if wrong:
+            raise AssertionError(f"metric directions must be 'max' or 'min', got {wrong}")
+        return None
+
+    def targets() -> str | None:
+        probe = build_task(name, dict(params or {}))
+        cells = list(cls.example_targets)
+        parsed = [probe.parse(c) for c in cells]
+        labels = probe.vocabulary(parsed)
+        index = {label: i for i, label in enumerate(labels)}
+        stored = [probe.encode(v, index) for v in parsed]
+        task = build_task(name, dict(params or {}), labels)
+        task.fit(task.targets(stored))
+        json.dumps(task.config())
+        state.update(task=task, labels=labels, stored=stored)
+        return None
+
+    def loss() -> str | None:
+        task = state["task"]
+        torch.manual_seed(0)
+        head = task.head(8, 16, 0.0)
+        features = torch.randn(len(state["stored"]), 8, requires_grad=True)
+        outputs = head(features)
+        value = task.loss(outputs, task.targets(state["stored"]))
+        if value.dim() != 0 or not torch.isfinite(value):
+            raise AssertionError(f"loss must be a finite scalar, got {value}")
+        value.backward()
+        if features.grad is None or not torch.isfinite(features.grad).all() or features.grad.abs().sum() == 0:
+            raise AssertionError("the loss does not send gradients back to the fused vector")
+        state["outputs"] = outputs.detach()
+        return None
+
+    def judged() -> str | None:
+        task, outputs = state["task"], state["outputs"]
+        scores = task.scores(outputs).numpy()
+        metrics = task.evaluate(task.targets(state["stored"]), scores)
+        missing = [m for m in cls.metrics if not isinstance(metrics.get(m), int | float)]
+        if missing:
+            raise AssertionError(f"evaluate() must report every declared metric as a number; "
+                                 f"missing or not numeric: {missing}")
+        described = task.describe(task.targets(state["stored"]), scores, metrics)
+        columns = {"target", "prediction", "confidence", "correct", "error"}
+        if set(described) != columns or any(len(v) != len(scores) for v in described.values()):
+            raise AssertionError(f"describe() must give one value per row for exactly {sorted(columns)}, "
+                                 f"got {sorted(described)}")
+        return None
+
+    def answers() -> str | None:
+        task, outputs = state["task"], state["outputs"]
+        out = task.answers(task.scores(outputs), 2)
+        if len(out) != len(outputs) or not all(isinstance(a, dict) and {"answer", "top_k"} <= set(a) for a in out):
+            raise AssertionError("answers() must give one dict per row with at least 'answer' and 'top_k'")
+        json.dumps(out)
+        state["answers"] = out
+        return None
+
+    def round_trip() -> str | None:
+        task = state["task"]
+        again = build_task(name, json.loads(json.dumps(task.config())), state["labels"])
+        if again.answers(again.scores(state["outputs"]), 2) != state["answers"]:
+            raise AssertionError("a task rebuilt from config() answers differently: "
+                                 "config() must carry all learned state")
+        return None
+
+    _run(checks, "metrics declare their direction", directions)
+    if _run(checks, "targets parse, encode and fit (example_targets)", targets) and \
+            _run(checks, "loss is a finite scalar with gradients", loss):
+        _run(checks, "scores give every declared metric and the predictions columns", judged)
+        if _run(checks, "outputs decode to JSON answers", answers):
+            _run(checks, "config() round-trips (save/load)", round_trip)
+    return checks

@@ -1,4 +1,4 @@
-"""The two contracts every plugin implements: :class:`Encoder` and :class:`Fusion`.
+"""The two contracts every plugin implements: :class:`Encoder` and :class:`Fusion`; and :class:`Tokens`.
 
 They are deliberately small (scikit-learn style ``fit``/``preprocess``, TorchMultimodal style
 ``forward``) so that a third-party package can provide one in a single short file and the training
@@ -12,6 +12,7 @@ import inspect
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +20,114 @@ import torch
 from torch import nn
 
 from mmops.config import MODALITIES  # noqa: F401  (re-exported: plugins import it from here)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A batch of token sequences of unequal lengths: ``values`` ``(batch, tokens, dim)`` and ``mask``
+    ``(batch, tokens)`` bool, True for a real token, False for padding.
+
+    What an encoder's :meth:`Encoder.forward_sequence` returns and what a fusion that attends
+    (``needs_sequences``) receives per input: word pieces, image patches, CNN feature-map positions,
+    audio frames. Padding carries no meaning: a fusion must give the same output whatever the padded
+    positions hold and however many there are (``mmops plugins check`` appends some to make sure). Every
+    row has at least one real token, so attention never has nothing to attend to.
+    """
+
+    values: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.values.dim() != 3:
+            raise ValueError(f"Tokens: values must be (batch, tokens, dim), got {tuple(self.values.shape)}")
+        if self.mask.dtype != torch.bool or tuple(self.mask.shape) != tuple(self.values.shape[:2]):
+            raise ValueError(f"Tokens: mask must be bool (batch, tokens) = {tuple(self.values.shape[:2])}, "
+                             f"got {self.mask.dtype} {tuple(self.mask.shape)}")
+
+    @classmethod
+    def full(cls, values: torch.Tensor) -> Tokens:
+        """Every position real (a CNN feature map, ViT patches: all images give the same count)."""
+        return cls(values, torch.ones(values.shape[:2], dtype=torch.bool, device=values.device))
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor) -> Tokens:
+        """A ``(batch, dim)`` vector as one token: how a sequence-less encoder reaches a fusion that attends."""
+        return cls.full(vector.unsqueeze(1))
+
+    @classmethod
+    def cat(cls, parts: Sequence[Tokens]) -> Tokens:
+        """Batches of different lengths stacked along the batch, padded to the longest."""
+        length = max(p.length for p in parts)
+        padded = [p.pad_to(length) for p in parts]
+        return cls(torch.cat([p.values for p in padded]), torch.cat([p.mask for p in padded]))
+
+    @property
+    def batch(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[2]
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """True where padding: what ``nn.MultiheadAttention``'s ``key_padding_mask`` and
+        ``nn.TransformerEncoder``'s ``src_key_padding_mask`` take."""
+        return ~self.mask
+
+    def mean(self) -> torch.Tensor:
+        """``(batch, dim)``: the mean of the real tokens of each row (padding ignored)."""
+        weights = self.mask.unsqueeze(-1).to(self.values.dtype)
+        return (self.values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def map(self, fn: Any) -> Tokens:
+        """``fn`` applied to the values (a projection), same mask."""
+        return Tokens(fn(self.values), self.mask)
+
+    def select(self, index: torch.Tensor) -> Tokens:
+        """Rows by index (repeats allowed): from distinct values to the rows of a batch."""
+        return Tokens(self.values[index], self.mask[index])
+
+    def pad_to(self, length: int) -> Tokens:
+        """Append padding positions (zeros, masked out) up to ``length`` tokens."""
+        extra = length - self.length
+        if extra < 0:
+            raise ValueError(f"Tokens: cannot pad {self.length} tokens to {length}")
+        if not extra:
+            return self
+        values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
+        return Tokens(values, torch.nn.functional.pad(self.mask, (0, extra), value=False))
+
+    def split(self) -> list[Tokens]:
+        """One ``(1, n, dim)`` Tokens per row, cut after its last real token: what a cache keeps per value."""
+        ends = torch.where(self.mask, torch.arange(1, self.length + 1, device=self.mask.device), 0).amax(1)
+        return [Tokens(self.values[i : i + 1, : max(1, int(n))], self.mask[i : i + 1, : max(1, int(n))])
+                for i, n in enumerate(ends.tolist())]
+
+    def to(self, *args: Any, **kwargs: Any) -> Tokens:
+        """Values moved or cast like a tensor; the mask is only moved (it stays bool)."""
+        values = self.values.to(*args, **kwargs)
+        return Tokens(values, self.mask.to(values.device))
+
+
+def as_tokens(output: Any, who: str) -> Tokens:
+    """What ``forward_sequence`` returned, as :class:`Tokens`.
+
+    A plain ``(batch, tokens, dim)`` tensor (encoders written before masks existed) is all real
+    tokens; a ``(batch, dim)`` vector is one token.
+    """
+    if isinstance(output, Tokens):
+        return output
+    if isinstance(output, torch.Tensor) and output.dim() == 3:
+        return Tokens.full(output)
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return Tokens.from_vector(output)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    raise ValueError(f"{who}: forward_sequence must return Tokens or a (batch, tokens, dim) tensor, got {shape}")
 
 
 class Encoder(nn.Module, abc.ABC):
@@ -60,15 +169,16 @@ class Encoder(nn.Module, abc.ABC):
     def forward(self, batch: Any) -> torch.Tensor:
         """A preprocessed batch to a ``(batch, output_dim)`` tensor."""
 
-    def forward_sequence(self, batch: Any) -> torch.Tensor:
-        """A preprocessed batch to ``(batch, tokens, output_dim)`` for fusions that attend.
+    def forward_sequence(self, batch: Any) -> Tokens:
+        """A preprocessed batch to :class:`Tokens` ``(batch, tokens, output_dim)`` for fusions that attend.
 
-        Encoders with spatial or temporal structure (CNN feature maps, ViT patches, spectrogram
-        frames) override this; the default is the pooled vector as a single token, so every encoder
-        works with every fusion. Tokens have the same width as the vector, so a fusion is sized by
-        ``output_dim`` alone.
+        Encoders with structure (word pieces, CNN feature maps, ViT patches, spectrogram frames)
+        override this, masking what is padding; the default is the pooled vector as a single token, so
+        every encoder works with every fusion. Tokens have the same width as the vector, so a fusion is
+        sized by ``output_dim`` alone. A frozen encoder's tokens are cached like its vectors. (Returning
+        a plain ``(batch, tokens, dim)`` tensor still works: every position counts as real.)
         """
-        return self.forward(batch).unsqueeze(1)
+        return Tokens.from_vector(self.forward(batch))
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -84,15 +194,16 @@ class Encoder(nn.Module, abc.ABC):
 
 
 class Fusion(nn.Module, abc.ABC):
-    """Combines per-input feature vectors into one vector for the classification head.
+    """Combines per-input features into one vector for the head.
 
     Built from ``{input_name: dim}`` and its own keyword parameters; ``forward`` takes
     ``{input_name: Tensor}`` of shape ``(batch, dim)`` and returns ``(batch, output_dim)``.
 
     Two class attributes change what the model hands over and expects back:
 
-    * ``needs_sequences``: inputs are ``(batch, tokens, dim)`` from :meth:`Encoder.forward_sequence`
-      (a frozen encoder's cached vector arrives as one token);
+    * ``needs_sequences``: inputs are :class:`Tokens` from :meth:`Encoder.forward_sequence` (cached
+      ones for frozen encoders; one token for an encoder without structure or a missing input), and
+      the fusion must ignore padding (``Tokens.mean``, ``key_padding_mask=tokens.padding_mask``);
     * ``produces_logits``: the constructor also gets ``num_classes`` and the output is used as the
       logits directly, with no classification head (late fusion).
     """
@@ -136,19 +247,21 @@ class Fusion(nn.Module, abc.ABC):
             resolved.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
         return {k: v for k, v in resolved.items() if k not in self.SUPPLIED}
 
-    def check_inputs(self, features: Mapping[str, torch.Tensor]) -> None:
+    def check_inputs(self, features: Mapping[str, Any]) -> None:
         """Fail with the names involved rather than with a shape error deep inside a matmul."""
         if set(features) != set(self.dims):
             raise ValueError(
                 f"{type(self).__name__} was built for inputs {sorted(self.dims)}, got {sorted(features)}"
             )
-        rank, shape = (3, "(batch, tokens, {})") if self.needs_sequences else (2, "(batch, {})")
-        for name, tensor in features.items():
-            if tensor.dim() != rank or tensor.shape[-1] != self.dims[name]:
-                raise ValueError(
-                    f"{type(self).__name__}: input '{name}' must be {shape.format(self.dims[name])}, "
-                    f"got {tuple(tensor.shape)}"
-                )
+        for name, value in features.items():
+            if self.needs_sequences:
+                if not isinstance(value, Tokens) or value.dim != self.dims[name]:
+                    got = f"Tokens of width {value.dim}" if isinstance(value, Tokens) else type(value).__name__
+                    raise ValueError(f"{type(self).__name__}: input '{name}' must be Tokens (batch, tokens, "
+                                     f"{self.dims[name]}), got {got}")
+            elif not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[-1] != self.dims[name]:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{type(self).__name__}: input '{name}' must be (batch, {self.dims[name]}), got {got}")
 
 
 def link_or_copy_tree(source: Path, destination: Path) -> None:

@@ -44,6 +44,8 @@ class Task(abc.ABC):
     metrics: ClassVar[Mapping[str, str]]
     #: Whether splits are stratified by the target (class labels), or only grouped (numbers, sets).
     stratify: ClassVar[bool] = False
+    #: Raw target cells this task accepts, for ``mmops plugins check`` (no data set needed there).
+    example_targets: ClassVar[tuple[str, ...]] = ("cat", "dog", "bird", "cat", "dog")
 
     def __init__(self, labels: Sequence[str] = ()) -> None:
         self.labels = list(labels)
@@ -165,11 +167,17 @@ def task_params(name: str, target: Any) -> dict[str, Any]:
 
 
 def build_task(name: str, params: Mapping[str, Any], labels: Sequence[str] = ()) -> Task:
+    """The task plugin ``name`` built with ``params``; any failure of plugin code names the plugin and
+    its package, the way a broken import does."""
+    from mmops.core.plugin_registry import discover
+
     cls = task_class(name)
     try:
         return cls(labels=labels, **params)
-    except TypeError as exc:
-        raise ValueError(f"task '{name}': bad parameters {dict(params)}: {exc}") from exc
+    except Exception as exc:  # third-party constructor code: report it, whatever it raised
+        info = discover("task")[name]
+        raise ValueError(f"task '{name}' from {info.origin} could not be built with parameters "
+                         f"{dict(params)}: {type(exc).__name__}: {exc}") from exc
 
 
 def task_from_spec(spec: Mapping[str, Any]) -> Task:

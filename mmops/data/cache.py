@@ -7,20 +7,27 @@ new or changed data computes only the values the store has not seen.
 
 Layout: ``<root>/<encoder key>/meta.json`` plus append-only shards ``shard-NNNNN.npy`` (float32 rows)
 with ``shard-NNNNN.keys`` (one content hash per row). Shards are memory-mapped, never loaded whole.
+
+Token sequences (for fusions that attend) live under their own key (``<encoder>-tokens-<hash>``):
+values of unequal lengths are ragged, so each shard is one float16 array of every token of every
+value (``shard-NNNNN.npy``, ``(tokens, dim)``), its mask (``.mask.npy``) and where each value starts
+(``.offsets.npy``). float16 halves the disk and page cache a ViT's 197 patches per image cost; the
+models compute in float32 from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmops.core.interfaces import Encoder
+from mmops.core.interfaces import Encoder, Tokens, as_tokens
 
 
 def content_hash(value: Any) -> str:
@@ -35,14 +42,15 @@ def content_hash(value: Any) -> str:
     return h.hexdigest()
 
 
-def encoder_key(name: str, encoder: Encoder) -> str:
-    """Name + config + weights: two encoders with this key produce the same features."""
+def encoder_key(name: str, encoder: Encoder, kind: str = "pooled") -> str:
+    """Name + config + weights (+ what is kept, pooled vectors or tokens): same key, same features."""
     h = hashlib.blake2b(digest_size=12)
-    h.update(json.dumps({"name": name, "config": encoder.config()}, sort_keys=True, default=str).encode())
+    meta = {"name": name, "config": encoder.config(), **({"kind": kind} if kind != "pooled" else {})}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for key, tensor in sorted(encoder.state_dict().items()):
         h.update(key.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"{name}-{h.hexdigest()}"
+    return f"{name}-{h.hexdigest()}" if kind == "pooled" else f"{name}-{kind}-{h.hexdigest()}"
 
 
 class FeatureStore:
@@ -101,3 +109,175 @@ def cached_features(
     stats = {"key": key, "values": len(values), "distinct": len(set(hashes)), "computed": len(missing),
              "reused": len(set(hashes)) - len(missing)}
     return store.gather(hashes), stats
+
+
+@dataclass(frozen=True)
+class RaggedTokens:
+    """Token sequences of unequal lengths, one after another: ``values`` ``(total tokens, dim)``, ``mask``
+    ``(total tokens,)`` and ``offsets`` (value i is ``offsets[i]:offsets[i + 1]``). Arrays may be memory-mapped."""
+
+    values: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_tokens(cls, tokens: Tokens) -> RaggedTokens:
+        """Each row cut after its last real token (:meth:`Tokens.split`), stored as float16."""
+        rows = tokens.split()
+        lengths = [r.length for r in rows]
+        values = np.concatenate([r.values[0].detach().float().cpu().numpy() for r in rows]).astype(np.float16)
+        mask = np.concatenate([r.mask[0].cpu().numpy() for r in rows])
+        return cls(values, mask, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[RaggedTokens], dim: int) -> RaggedTokens:
+        if not parts:
+            return cls(np.zeros((0, dim), np.float16), np.zeros(0, bool), np.zeros(1, np.int64))
+        starts = np.cumsum([0] + [len(p.values) for p in parts[:-1]])
+        offsets = np.concatenate([[0], *[p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)]])
+        return cls(np.concatenate([p.values for p in parts]), np.concatenate([p.mask for p in parts]),
+                   offsets.astype(np.int64))
+
+    def save(self, prefix: Path) -> None:
+        np.save(f"{prefix}.npy", self.values)
+        np.save(f"{prefix}.mask.npy", self.mask)
+        np.save(f"{prefix}.offsets.npy", self.offsets)
+
+    @classmethod
+    def load(cls, prefix: Path) -> RaggedTokens:
+        return cls(np.load(f"{prefix}.npy", mmap_mode="r"), np.load(f"{prefix}.mask.npy", mmap_mode="r"),
+                   np.load(f"{prefix}.offsets.npy"))
+
+    def batch(self, rows: Sequence[int] | np.ndarray) -> Tokens:
+        """Values ``rows`` as float32 :class:`Tokens`, padded to the longest (one fancy-indexed read)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+        width = max(1, int(lengths.max())) if len(rows) else 1
+        positions = np.arange(width)
+        real = positions[None, :] < lengths[:, None]
+        where = np.where(real, starts[:, None] + positions[None, :], 0)
+        values = np.where(real[..., None], np.asarray(self.values[where.reshape(-1)]).reshape(*where.shape, -1), 0)
+        mask = real & np.asarray(self.mask[where.reshape(-1)]).reshape(where.shape)
+        return Tokens(torch.from_numpy(values.astype(np.float32)), torch.from_numpy(mask))
+
+
+class TokenStore:
+    """The ragged counterpart of :class:`FeatureStore`: token sequences by content hash."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.dir = root / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, tuple[int, int]] = {}
+        self._shards: list[RaggedTokens] = []
+        for i, keys_file in enumerate(sorted(self.dir.glob("shard-*.keys"))):
+            self._shards.append(RaggedTokens.load(keys_file.with_suffix("")))
+            for row, h in enumerate(keys_file.read_text().split()):
+                self._index[h] = (i, row)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def missing(self, hashes: Sequence[str]) -> list[str]:
+        return [h for h in dict.fromkeys(hashes) if h not in self._index]
+
+    def add(self, hashes: Sequence[str], tokens: RaggedTokens) -> None:
+        if not len(hashes):
+            return
+        n = len(self._shards)
+        prefix = self.dir / f"shard-{n:05d}"
+        tokens.save(prefix)
+        (self.dir / f"shard-{n:05d}.keys").write_text("\n".join(hashes) + "\n")
+        self._shards.append(RaggedTokens.load(prefix))
+        self._index.update({h: (n, row) for row, h in enumerate(hashes)})
+
+    def write(self, hashes: Sequence[str], prefix: Path, dim: int) -> RaggedTokens:
+        """The sequences of ``hashes``, in order, written to ``prefix`` (``.npy``, ``.mask.npy``,
+        ``.offsets.npy``) without holding them all in memory, and memory-mapped back."""
+        where = [self._index[h] for h in hashes]
+        lengths = np.array([self._shards[s].offsets[r + 1] - self._shards[s].offsets[r] for s, r in where], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        values = np.lib.format.open_memmap(f"{prefix}.npy", mode="w+", dtype=np.float16, shape=(int(offsets[-1]), dim))
+        mask = np.lib.format.open_memmap(f"{prefix}.mask.npy", mode="w+", dtype=bool, shape=(int(offsets[-1]),))
+        for i, (s, r) in enumerate(where):
+            shard = self._shards[s]
+            a, b = shard.offsets[r], shard.offsets[r + 1]
+            values[offsets[i] : offsets[i + 1]] = shard.values[a:b]
+            mask[offsets[i] : offsets[i + 1]] = shard.mask[a:b]
+        values.flush()
+        mask.flush()
+        del values, mask
+        np.save(f"{prefix}.offsets.npy", offsets)
+        return RaggedTokens.load(prefix)
+
+
+def encode_sequences(encoder: Encoder, values: Sequence[Any], batch_size: int = 64) -> Iterator[RaggedTokens]:
+    """``forward_sequence`` over ``values`` in batches (so a ViT's patches never all sit in memory)."""
+    encoder.eval()
+    with torch.inference_mode():
+        for start in range(0, len(values), batch_size):
+            batch = encoder.preprocess(values[start : start + batch_size])
+            yield RaggedTokens.from_tokens(as_tokens(encoder.forward_sequence(batch), "forward_sequence"))
+
+
+def cached_sequences(
+    store_root: Path, name: str, encoder: Encoder, values: Sequence[Any], prefix: Path,
+) -> tuple[RaggedTokens, dict[str, Any]]:
+    """:func:`cached_features` for token sequences: computes only unseen values, writes ``values``' sequences
+    (one per row, ragged) to ``prefix`` and returns them memory-mapped."""
+    key = encoder_key(name, encoder, "tokens")
+    store = TokenStore(store_root, key)
+    hashes = [content_hash(v) for v in values]
+    missing = store.missing(hashes)
+    if missing:
+        first = {h: i for i, h in reversed(list(enumerate(hashes)))}
+        chunk = 1024  # a shard per chunk: bounded memory for large frozen image encoders
+        for start in range(0, len(missing), chunk):
+            todo_hashes = missing[start : start + chunk]
+            todo = [values[first[h]] for h in todo_hashes]
+            if isinstance(values, np.ndarray):
+                todo = np.stack(todo)
+            parts = list(encode_sequences(encoder, todo))
+            store.add(todo_hashes, RaggedTokens.concatenate(parts, encoder.output_dim))
+    (store.dir / "meta.json").write_text(json.dumps({"encoder": name, "kind": "tokens", "config": encoder.config()},
+                                                    default=str))
+    tokens = store.write(hashes, prefix, encoder.output_dim)
+    stats = {"tokens_key": key, "tokens_computed": len(missing), "tokens": int(tokens.offsets[-1])}
+    return tokens, stats
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    """A frozen input's features for the distinct values of the data: pooled vectors, and token sequences
+    when the featurize stage kept them (a candidate's fusion attends)."""
+
+    name: str
+    vectors: np.ndarray
+    tokens: RaggedTokens | None = None
+
+    @classmethod
+    def load(cls, features_dir: Path, name: str, entry: dict[str, Any]) -> CachedFeatures:
+        tokens = RaggedTokens.load(features_dir / f"{name}.tokens") if entry.get("tokens") else None
+        return cls(name, np.load(features_dir / f"{name}.npy", mmap_mode="r"), tokens)
+
+    def rows(self, rows: np.ndarray) -> CachedRows:
+        return CachedRows(self, rows)
+
+
+@dataclass(frozen=True)
+class CachedRows:
+    """Some values' cached features, read only once the model says which form its fusion takes."""
+
+    cache: CachedFeatures
+    index: np.ndarray
+
+    def features_for(self, sequences: bool) -> torch.Tensor | Tokens:
+        if not sequences:
+            return torch.from_numpy(np.asarray(self.cache.vectors[self.index]))
+        if self.cache.tokens is None:
+            raise RuntimeError(f"features of '{self.cache.name}' were cached as pooled vectors only, and this "
+                               "model's fusion attends over token sequences; run `mmops data featurize` (or "
+                               "`dvc repro featurize`) with the candidate in params.yaml")
+        return self.cache.tokens.batch(self.index)

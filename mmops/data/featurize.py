@@ -3,6 +3,10 @@
 A frozen encoder's output depends on its input alone, so recomputing it every epoch (or for every one
 of the ~360 questions that share each easy-VQA question string) is pure waste. Features are written
 as ``.npy`` files that training memory-maps. Trainable encoders are skipped: they must see gradients.
+
+When a candidate's fusion attends (``needs_sequences``, read from the candidates and the sweep in
+params), each frozen input's token sequences are kept too (``<input>.tokens*.npy``, ragged, float16),
+so word pieces and patches reach the fusion without running the encoder during training.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from mmops.data.cache import cached_features
 from mmops.config import Params
 from mmops.core.model import ArtifactResolver, artifact_folder, build_input_encoder
+from mmops.core.plugin_registry import PluginError, get_fusion
+from mmops.data.cache import cached_features, cached_sequences
 
 
 def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarray:
@@ -43,6 +48,17 @@ def encode_all(encoder, values, batch_size: int = 256) -> np.ndarray:
     return out
 
 
+def needs_sequences(params: Params) -> bool:
+    """Whether any candidate (listed, or from the sweep) has a fusion that attends over token sequences."""
+    found = False
+    for candidate in params.all_candidates():
+        try:
+            found = found or get_fusion(candidate.fusion).needs_sequences
+        except PluginError as exc:  # reported where the candidate trains; it must not stop the others' features
+            log.warning("candidate %s: %s", candidate.name, exc)
+    return found
+
+
 def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None,
               resolve: ArtifactResolver = artifact_folder) -> dict:
     """Write ``out_dir/<input>.npy`` (one row per distinct value of this data) for every frozen input.
@@ -54,6 +70,7 @@ def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path
     cache_dir = cache_dir or out_dir.parent / "feature-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when no input is frozen
     torch.manual_seed(params.seed)
+    sequences = needs_sequences(params)
     written = {}
     for name, spec in params.inputs.items():
         encoder = build_input_encoder(spec.model_dump(), resolve)
@@ -65,5 +82,11 @@ def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path
         features, stats = cached_features(cache_dir, spec.encoder, encoder, values, encode_all)
         np.save(out_dir / f"{name}.npy", features)
         written[name] = {"encoder": spec.encoder, "config": encoder.config(), "dim": encoder.output_dim, **stats}
+        if sequences:
+            _, token_stats = cached_sequences(cache_dir, spec.encoder, encoder, values, out_dir / f"{name}.tokens")
+            written[name].update(token_stats)  # "tokens": how many were kept (ragged, float16)
+        else:
+            for stale in out_dir.glob(f"{name}.tokens*.npy"):  # never read tokens another params wrote
+                stale.unlink()
     (out_dir / "features.json").write_text(json.dumps(written, indent=2))
     return written

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmops.core.interfaces import Encoder
+from mmops.core.interfaces import Encoder, Tokens
 
 
 class CNNImageEncoder(Encoder):
@@ -48,9 +48,9 @@ class CNNImageEncoder(Encoder):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.net(batch)
 
-    def forward_sequence(self, batch: torch.Tensor) -> torch.Tensor:
-        """The last feature map before pooling, one token per position: ``(B, H*W, channels)``."""
-        return self.net[:-2](batch).flatten(2).transpose(1, 2)
+    def forward_sequence(self, batch: torch.Tensor) -> Tokens:
+        """The last feature map before pooling, one token per position: ``(B, H*W, channels)``, none padding."""
+        return Tokens.full(self.net[:-2](batch).flatten(2).transpose(1, 2))
 
     def config(self) -> dict[str, Any]:
         return {"channels": self.channels}

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from mmops_plugins.encoders._text import PAD, build_vocabulary, texts, token_ids, word_index
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from mmops.core.interfaces import Encoder
+from mmops.core.interfaces import Encoder, Tokens
 
 
 class GRUTextEncoder(Encoder):
@@ -50,11 +50,21 @@ class GRUTextEncoder(Encoder):
             raise ValueError("gru_text: not fitted; it learns its vocabulary from the training texts")
         return token_ids(texts(values, "gru_text"), self.index, self.max_length)
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        lengths = (batch != PAD).sum(1).clamp(min=1).cpu()
+    def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths = (batch != PAD).sum(1).clamp(min=1).cpu()  # an empty text is one padding word
         packed = pack_padded_sequence(self.embedding(batch), lengths, batch_first=True, enforce_sorted=False)
-        _, last = self.gru(packed)  # (directions, B, hidden)
-        return last.transpose(0, 1).flatten(1)
+        states, last = self.gru(packed)  # last: (directions, B, hidden)
+        return states, last, lengths
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._run(batch)[1].transpose(0, 1).flatten(1)
+
+    def forward_sequence(self, batch: torch.Tensor) -> Tokens:
+        """The GRU's state at every word (both directions concatenated); positions past a text's end masked."""
+        states, _, lengths = self._run(batch)
+        values, _ = pad_packed_sequence(states, batch_first=True, total_length=batch.shape[1])
+        mask = torch.arange(batch.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        return Tokens(values, mask.to(values.device))
 
     def config(self) -> dict[str, Any]:
         return {"embedding_dim": self.embedding_dim, "hidden": self.hidden, "bidirectional": self.bidirectional,

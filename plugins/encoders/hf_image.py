@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmops.core.interfaces import Encoder, link_or_copy_tree
+from mmops.core.interfaces import Encoder, Tokens, link_or_copy_tree
 
 
 class HFImageEncoder(Encoder):
@@ -99,8 +99,9 @@ class HFImageEncoder(Encoder):
         tokens = self._tokens(batch)
         return tokens[:, 0] if self.pooling == "cls" else tokens.mean(1)
 
-    def forward_sequence(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._tokens(batch)
+    def forward_sequence(self, batch: torch.Tensor) -> Tokens:
+        """Every patch token (and the class token): all images have the same count, none is padding."""
+        return Tokens.full(self._tokens(batch))
 
     def config(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "pooling": self.pooling, "frozen": self.frozen,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mmops.core.interfaces import Encoder, link_or_copy_tree
+from mmops.core.interfaces import Encoder, Tokens, link_or_copy_tree
 
 DEFAULT_CHECKPOINT = "default"
 
@@ -73,13 +73,20 @@ class HFTextEncoder(Encoder):
                            return_tensors="pt")
         )
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.model(**batch).last_hidden_state
+            return self.model(**batch).last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self._hidden(batch)
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def forward_sequence(self, batch: dict[str, torch.Tensor]) -> Tokens:
+        """One token per word piece ([CLS] and [SEP] included), padding masked by the attention mask."""
+        return Tokens(self._hidden(batch), batch["attention_mask"].bool())
 
     def config(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "pooling": self.pooling, "frozen": self.frozen,

@@ -14,9 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from mmops.core.interfaces import Encoder
+from mmops.core.interfaces import Encoder, Tokens
 from mmops.data.audio import BadAudioError, load_audio
+
+FLOOR = 1e-6
+SILENCE = torch.log(torch.tensor(FLOOR))  # the log-mel value of a frame of digital silence
 
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
@@ -74,14 +78,25 @@ class MelAudioEncoder(Encoder):
             waves[i, : len(wave)] = wave
         spec = torch.stft(torch.from_numpy(waves), self.n_fft, self.hop, window=self.window, return_complex=True)
         mel = (spec.abs() ** 2).transpose(1, 2) @ self.filters  # (batch, frames, n_mels)
-        return torch.log(mel + 1e-6).transpose(1, 2).unsqueeze(1)
+        return torch.log(mel + FLOOR).transpose(1, 2).unsqueeze(1)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.features(batch).mean(dim=(2, 3))
 
-    def forward_sequence(self, batch: torch.Tensor) -> torch.Tensor:
-        """One token per (pooled) time frame: ``(batch, frames, channels)``."""
-        return self.features(batch).mean(dim=2).transpose(1, 2)
+    def forward_sequence(self, batch: torch.Tensor) -> Tokens:
+        """One token per (pooled) time frame: ``(batch, frames, channels)``.
+
+        Clips shorter than ``seconds`` are padded with silence, so their trailing frames are exactly
+        the log floor in every mel band; pooled frames made only of those are masked. The first frame
+        always counts, so a silent clip still has a token.
+        """
+        frames = self.features(batch).mean(dim=2).transpose(1, 2)
+        real = (batch[:, 0] != SILENCE.to(batch.device)).any(dim=1, keepdim=True).float()  # (B, 1, frames)
+        for _ in self.channels:  # the CNN's max-pools, on the mask
+            real = F.max_pool1d(real, 2, ceil_mode=True)
+        mask = real[:, 0, : frames.shape[1]].bool()
+        mask[:, 0] = True
+        return Tokens(frames, mask)
 
     def config(self) -> dict[str, Any]:
         return {"sample_rate": self.sample_rate, "seconds": self.seconds, "n_fft": self.n_fft, "hop": self.hop,

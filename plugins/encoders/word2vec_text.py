@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from mmops_plugins.encoders._text import UNK, texts, token_ids, tokenize, word_index
 
-from mmops.core.interfaces import Encoder
+from mmops.core.interfaces import Encoder, Tokens
 
 
 def _stable_hash(text: str) -> int:
@@ -65,6 +65,13 @@ class Word2VecTextEncoder(Encoder):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         mask = (batch > UNK).unsqueeze(-1).float()  # padding and unknown words carry nothing
         return (self.vectors[batch] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward_sequence(self, batch: torch.Tensor) -> Tokens:
+        """Each word's vector; padding and unknown words masked, as in the mean. A text with no known
+        word keeps its first (zero) position, so every row has a token and its mean is the vector's."""
+        mask = batch > UNK
+        mask[:, 0] |= ~mask.any(1)
+        return Tokens(self.vectors[batch], mask)
 
     def config(self) -> dict[str, Any]:
         return {"dim": self.dim, "window": self.window, "epochs": self.epochs, "negative": self.negative,

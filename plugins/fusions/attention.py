@@ -1,9 +1,11 @@
-"""Attention fusion: each modality becomes one token; multi-head self-attention mixes the tokens.
+"""Attention fusion: the tokens of every modality, together, go through one self-attention layer.
 
 Scaled dot-product attention with learned query, key and value projections, a residual connection
 and layer norm, followed by a position-wise feed-forward block, as in one Transformer encoder layer
 (Vaswani et al., "Attention Is All You Need", 2017). A learned modality embedding tells the tokens
-apart, and the attended tokens are concatenated so the head still knows which is which.
+apart; padding is masked out of the attention (``key_padding_mask``) and out of the per-modality
+means, which are concatenated so the head still knows which is which. A modality without structure
+(or a missing input) is one token.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmops.core.interfaces import Fusion
+from mmops.core.interfaces import Fusion, Tokens
 
 
 class AttentionFusion(Fusion):
+    needs_sequences = True
+
     def __init__(self, dims: Mapping[str, int], hidden: int = 128, heads: int = 4, dropout: float = 0.1) -> None:
         super().__init__(dims)
         if hidden % heads:
@@ -30,10 +34,17 @@ class AttentionFusion(Fusion):
                                  nn.Linear(2 * hidden, hidden))
         self.output_dim = hidden * len(self.names)
 
-    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Mapping[str, Tokens]) -> torch.Tensor:
         self.check_inputs(features)
-        tokens = torch.stack([self.proj[n](features[n]) for n in self.names], dim=1) + self.modality
-        attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        parts = [features[n].map(lambda v, n=n, i=i: self.proj[n](v) + self.modality[i])
+                 for i, n in enumerate(self.names)]
+        tokens = torch.cat([p.values for p in parts], dim=1)
+        mask = torch.cat([p.mask for p in parts], dim=1)
+        attended, _ = self.attn(tokens, tokens, tokens, key_padding_mask=~mask, need_weights=False)
         tokens = self.norm1(tokens + attended)
         tokens = self.norm2(tokens + self.ffn(tokens))
-        return tokens.flatten(1)
+        out, start = [], 0
+        for p in parts:  # each modality's mean over its own real tokens
+            out.append(Tokens(tokens[:, start : start + p.length], p.mask).mean())
+            start += p.length
+        return torch.cat(out, dim=1)

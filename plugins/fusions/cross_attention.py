@@ -6,8 +6,9 @@ takes the weighted sum of what it finds. Multi-head scaled dot-product attention
 projections. With ``query`` unset every modality queries all the others in turn, which covers two and
 three inputs without configuration; ``query: question`` makes only the question ask.
 
-Inputs are sequences (``needs_sequences``): CNN feature maps and ViT patches arrive as tokens; a
-frozen (cached) or sequence-less encoder arrives as one token.
+Inputs are sequences (``needs_sequences``): word pieces, CNN feature maps and ViT patches arrive as
+tokens, an encoder without structure as one token. The query is the masked mean of its modality's
+tokens; the padding of the others is masked out of the attention (``key_padding_mask``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmops.core.interfaces import Fusion
+from mmops.core.interfaces import Fusion, Tokens
 
 
 class CrossAttentionFusion(Fusion):
@@ -41,13 +42,15 @@ class CrossAttentionFusion(Fusion):
         self.norm = nn.LayerNorm(hidden)
         self.output_dim = 2 * hidden * len(self.queries)
 
-    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Mapping[str, Tokens]) -> torch.Tensor:
         self.check_inputs(features)
-        tokens = {n: self.proj[n](features[n]) for n in self.names}
+        tokens = {n: features[n].map(self.proj[n]) for n in self.names}
         out = []
         for q in self.queries:
-            question = tokens[q].mean(1, keepdim=True)  # (B, 1, H)
-            context = torch.cat([tokens[n] for n in self.names if n != q], dim=1)  # (B, T, H)
-            attended, _ = self.attn[q](question, context, context, need_weights=False)
+            question = tokens[q].mean().unsqueeze(1)  # (B, 1, H)
+            others = [tokens[n] for n in self.names if n != q]
+            context = torch.cat([t.values for t in others], dim=1)  # (B, T, H)
+            padding = ~torch.cat([t.mask for t in others], dim=1)
+            attended, _ = self.attn[q](question, context, context, key_padding_mask=padding, need_weights=False)
             out += [question.squeeze(1), self.norm(attended.squeeze(1))]
         return torch.relu(torch.cat(out, dim=1))

@@ -6,7 +6,8 @@ The conditioning modalities (e.g. the question) predict a per-channel scale ``ga
 encoder rather than FiLM inside every residual block of the paper, so any image encoder can be used.
 
 ``target`` names the modulated input (default: ``image`` when there is one, else the first name);
-all other inputs, pooled and concatenated, condition it.
+all other inputs, mean-pooled over their real tokens and concatenated, condition it. The target's
+modulated positions are averaged over its real tokens only: padding never enters.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmops.core.interfaces import Fusion
+from mmops.core.interfaces import Fusion, Tokens
 
 
 class FiLMFusion(Fusion):
@@ -36,10 +37,10 @@ class FiLMFusion(Fusion):
         self.dropout = nn.Dropout(dropout)
         self.output_dim = hidden
 
-    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Mapping[str, Tokens]) -> torch.Tensor:
         self.check_inputs(features)
-        condition = torch.cat([features[n].mean(1) for n in self.conditions], dim=1)
+        condition = torch.cat([features[n].mean() for n in self.conditions], dim=1)
         gamma, beta = self.film(condition).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, H) each
         # 1 + gamma: starts as the identity, so early training does not zero the image out.
-        maps = torch.relu((1 + gamma) * self.features(features[self.target]) + beta)  # (B, T, H)
-        return self.dropout(maps.mean(1))
+        maps = features[self.target].map(lambda v: torch.relu((1 + gamma) * self.features(v) + beta))  # (B, T, H)
+        return self.dropout(maps.mean())

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 class MultilabelTask(Task):
     metrics: ClassVar[Mapping[str, str]] = {"micro_f1": HIGHER, "macro_f1": HIGHER, "map": HIGHER}
+    example_targets = ("a|b", "b", "c|a", "a", "b|c")
 
     def __init__(self, labels=(), threshold: float = 0.5, separator: str = "|") -> None:
         super().__init__(labels)

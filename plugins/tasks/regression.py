@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class RegressionTask(Task):
     metrics: ClassVar[Mapping[str, str]] = {"mae": LOWER, "mse": LOWER, "r2": HIGHER}
+    example_targets = ("1.5", "-2", "0.25", "3", "10")
 
     def __init__(self, labels=(), mean: float = 0.0, std: float = 1.0) -> None:
         super().__init__(labels)
