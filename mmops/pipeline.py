@@ -62,6 +62,8 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
     """``dvc repro`` of the data stages; reports each as ``ran`` or ``skipped`` (unchanged)."""
     from dvc.repo import Repo
 
+    from mmops.data.featurize import lacks_sequences
+
     _dvc_env()
     # prepare depends on data/appended; DVC refuses a missing dependency, so an empty one must exist.
     project.appended_dir.mkdir(parents=True, exist_ok=True)
@@ -71,9 +73,12 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
     with Repo(str(project.root)) as repo:
         for stage in stages:
             changed = bool(repo.status(targets=[stage]))
+            # Features without the token sequences a candidate's fusion now attends over: run it again.
+            force = stage == "featurize" and not changed and lacks_sequences(project.features_dir, project.params)
+            changed = changed or force
             # run_cache=False: an unchanged stage is skipped, a changed one really runs (never restored
             # silently from a cache that may hold another machine's outputs).
-            repo.reproduce(targets=stage, single_item=True, run_cache=False)
+            repo.reproduce(targets=stage, single_item=True, run_cache=False, force=force)
             outcome[stage] = "ran" if changed else "skipped"
     return outcome
 
@@ -199,6 +204,7 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
         if isinstance(exc, TRANSIENT):
             raise
         return {"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
+                "inputs": candidate.input_names(list(params.inputs)),
                 "error": f"{type(exc).__name__}: {exc}", "run_id": run_id}
     final = {f"{split}_{key}": value for split, m in result["metrics"].items()
              for key, value in m.items() if isinstance(value, float)}
@@ -245,13 +251,18 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
     done = [r for r in results if r.get("status") == "completed"]
     keys = [f"{split}_{m}" for split in ("val", "test") for m in project.params.task_metrics]
     leaderboard = [
-        {"candidate": r["candidate"], "fusion": r.get("fusion"), "status": r["status"],
+        {"candidate": r["candidate"], "fusion": r.get("fusion"), "inputs": r.get("inputs"), "status": r["status"],
          **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
          "train_seconds": r.get("train_seconds"), "run_id": r.get("run_id"),
          **({"params": int(n) if (n := model_size(r)) != math.inf else None} if r["status"] == "completed" else {})}
         for r in results
     ]
     (out / "leaderboard.json").write_text(json.dumps(leaderboard, indent=2))
+    params = project.params
+    modalities = modality_table(results, params.select_metric, params.metric_sign(params.select_metric),
+                                list(params.inputs))
+    if modalities:
+        (out / "modalities.json").write_text(json.dumps(modalities, indent=2))
     summary = {"best": best["candidate"], "selected_by": project.params.select_metric, "ties": TIE_BREAK,
                "val": _scalars(best["metrics"]["val"]), "test": _scalars(best["metrics"]["test"])}
     (out / "best.json").write_text(json.dumps(summary, indent=2))
@@ -268,6 +279,24 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
             f"{h['epoch']},{h['train_loss']:.6f},{h[metric]:.6f}" for h in r["history"]
         ]
         (out / "history" / f"{r['candidate']}.csv").write_text("\n".join(lines) + "\n")
+
+
+def modality_table(results: list[dict], select_metric: str, sign: float, all_inputs: list[str]) -> list[dict]:
+    """Per set of inputs, its best completed candidate on val, with its test figure: does fusion beat
+    the best single modality, and what does leaving each input out cost? Empty when every candidate
+    reads the same inputs (nothing to compare)."""
+    done = [r for r in results if r.get("status") == "completed"]
+    sets = {tuple(r.get("inputs") or all_inputs) for r in done}
+    if len(sets) < 2:
+        return []
+    test_metric = "test_" + select_metric.removeprefix("val_")
+    rows = []
+    for inputs in sorted(sets, key=lambda s: (len(s), s)):
+        group = [r for r in done if tuple(r.get("inputs") or all_inputs) == inputs]
+        best = max(group, key=lambda r: sign * r["final"][select_metric])
+        rows.append({"inputs": list(inputs), "candidate": best["candidate"], "fusion": best.get("fusion"),
+                     select_metric: best["final"][select_metric], test_metric: best["final"].get(test_metric)})
+    return rows
 
 
 def _scalars(metrics: dict) -> dict:

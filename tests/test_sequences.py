@@ -284,7 +284,7 @@ def test_frozen_minilm_tokens_are_cached_and_give_the_same_model_output(prepared
 
 
 def test_tokens_are_cached_only_when_a_candidate_attends(prepared, tmp_path):
-    from mmops.data.featurize import featurize
+    from mmops.data.featurize import featurize, lacks_sequences
     from mmops.training.loop import Batcher, Dataset, build_spec, fit_encoders
 
     root, base = prepared
@@ -293,6 +293,8 @@ def test_tokens_are_cached_only_when_a_candidate_attends(prepared, tmp_path):
     assert "tokens" not in info and not list((tmp_path / "features").glob("*.tokens*"))
     # Features written for pooled vectors only, read by a model whose fusion attends: a clear error.
     attending = _with_fusion(base, "attention", {"hidden": 8, "heads": 2})
+    assert lacks_sequences(tmp_path / "features", attending)  # so `mmops run` re-runs the stage
+    assert not lacks_sequences(tmp_path / "features", params)
     data = Dataset.load(root / "prepared", tmp_path / "features", attending)
     spec = build_spec(attending, attending.candidates[0], data.labels, data.task)
     model = MultimodalModel(spec, fit_encoders(spec, data, data.split("train"))).eval()

@@ -59,6 +59,19 @@ def needs_sequences(params: Params) -> bool:
     return found
 
 
+def lacks_sequences(features_dir: Path, params: Params) -> bool:
+    """Features written before a candidate's fusion started attending: pooled vectors only.
+
+    DVC cannot see this (the stage tracks ``inputs``, and a sweep may be absent from params.yaml), so
+    the pipeline re-runs the stage when it is true.
+    """
+    try:
+        written = json.loads((features_dir / "features.json").read_text())
+    except (OSError, ValueError):
+        return False  # never featurized: DVC runs the stage anyway
+    return any(not entry.get("tokens") for entry in written.values()) and needs_sequences(params)
+
+
 def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path | None = None,
               resolve: ArtifactResolver = artifact_folder) -> dict:
     """Write ``out_dir/<input>.npy`` (one row per distinct value of this data) for every frozen input.
