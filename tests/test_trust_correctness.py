@@ -199,3 +199,46 @@ def test_a_rerun_whose_new_candidates_all_fail_leaves_production_untouched(tmp_p
     production = registry.production(name)
     assert production is not None and production.ref == shipped["model_version"]
     assert len(registry.events(name)) == events  # nothing moved, nothing to record
+
+
+# ---------------------------------------------------------------- 20. rare labels never become silent classes
+
+
+def test_a_label_seen_once_or_only_outside_train_is_quarantined_or_warned_by_name(tmp_path, caplog):
+    import json
+    import logging
+
+    import pandas as pd
+
+    from mmops.config import Params
+    from mmops.data.prepare import prepare
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [{"text": f"item {i}", "width": str(i), "label": "ab"[i % 2]} for i in range(60)]
+    singletons = [f"once{i}" for i in range(8)]  # one row each: the split puts some in val or test
+    rows += [{"text": f"odd {s}", "width": "7", "label": s} for s in singletons]
+    pd.DataFrame(rows).to_csv(raw / "manifest.csv", index=False)
+    params = Params.model_validate(
+        {
+            "inputs": {"text": {"modality": "text", "encoder": "bow_text"}, "width": {"modality": "number"}},
+            "target": "label",
+            "candidates": [{"name": "c", "fusion": "concat"}],
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="mmops.data.prepare"):
+        summary = prepare(raw, tmp_path / "out", params)
+    labels = json.loads((tmp_path / "out" / "labels.json").read_text())
+    prepared = pd.read_parquet(tmp_path / "out" / "rows.parquet")
+    quarantine = pd.read_csv(tmp_path / "out" / "quarantine.csv")
+    # Never a class without a train row: every label the model gets has one.
+    assert set(prepared.loc[prepared.split == "train", "label"]) == set(range(len(labels)))
+    kept = [s for s in singletons if s in labels]
+    dropped = [s for s in singletons if s not in labels]
+    assert kept and dropped  # both paths taken (the split is seeded)
+    assert summary["rare_labels"] == sorted(kept)
+    assert all(s in caplog.text for s in kept)
+    for s in dropped:
+        [reason] = quarantine.loc[quarantine.label == s, "reason"]
+        assert f"label '{s}' never seen in the train split" in reason and "unknown target" in reason
+    assert summary["kept"] + summary["quarantined"] == len(rows)

@@ -136,6 +136,8 @@ def data_validate(
         problems = pd.read_csv(quarantine, dtype=str, keep_default_na=False)
     console.print(f"{summary['rows']} rows: {summary['kept']} usable {summary['splits']}, "
                   f"{summary['quarantined']} bad; task {summary['task']}, {summary['labels']} labels")
+    if summary.get("rare_labels"):
+        err.print(f"[yellow]labels with a single row[/] (a typo?): {', '.join(summary['rare_labels'])}")
     if problems.empty:
         console.print("[green]every row is usable[/]")
         return

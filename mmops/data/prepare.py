@@ -15,6 +15,7 @@ and a small per-row index, never with the size of the manifest or of the files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from mmops.config import InputConfig, Params
 from mmops.core.tasks import Task, build_task, task_params
 from mmops.data.audio import BadAudioError, load_audio
 from mmops.data.images import BadImageError, load_image
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 MANIFEST_FORMATS = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
@@ -292,25 +295,9 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
         else:
             (out_dir / f"{name}.json").write_text(json.dumps(store.values))
 
-    # Labels are those of the train split; a test label never seen in training cannot be predicted.
-    train_mask = (rows["split"] == "train").to_numpy()
-    label_names = task.vocabulary(rows.loc[train_mask, "label"])
-    index = {label: i for i, label in enumerate(label_names)}
-    encoded: list[Any] = []
-    unseen = np.zeros(len(rows), dtype=bool)
-    for i, value in enumerate(rows["label"]):
-        try:
-            encoded.append(task.encode(value, index))
-        except KeyError:
-            unseen[i] = True
-    for source, line in rows.loc[unseen, ["source", "line"]].itertuples(index=False):
-        problems.append(Problem(source, int(line), target.column,
-                                "label never seen in the train split, so no model can predict it"))
-    if unseen.any():
-        bad_rows.append(_original_rows(sources, rows.loc[unseen, ["source", "line"]], params.data.chunk_rows))
-    rows = rows[~unseen].reset_index(drop=True)
-    rows["label"] = pd.Series(encoded, dtype=None if encoded else object)
-
+    # Split first, then learn the labels from the final train split: a label whose rows all ended up in
+    # val or test (a label seen once, or only in the test part of the manifest) would otherwise become a
+    # class no model can learn. Such rows are quarantined, naming the label.
     group = next((f"{n}_idx" for n, s in params.inputs.items() if s.kind == "image"), None)
     stratify = task.stratify
     if not has_split and len(rows):
@@ -319,6 +306,29 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
     if train.sum() > 1:
         val = _carve(rows[train].reset_index(drop=True), params.data.val_fraction, params.seed, stratify, group)
         rows.loc[np.flatnonzero(train)[val], "split"] = "val"
+
+    train_mask = (rows["split"] == "train").to_numpy()
+    label_names = task.vocabulary(rows.loc[train_mask, "label"])
+    index = {label: i for i, label in enumerate(label_names)}
+    counts = _label_counts(rows["label"])
+    encoded: list[Any] = []
+    unseen = np.zeros(len(rows), dtype=bool)
+    targets = rows[["label", "split", "source", "line"]].itertuples(index=False)
+    for i, (value, split, source, line) in enumerate(targets):
+        try:
+            encoded.append(task.encode(value, index))
+        except KeyError:
+            unseen[i] = True
+            problems.append(Problem(source, int(line), target.column, _unseen_reason(value, index, counts, split)))
+    if unseen.any():
+        bad_rows.append(_original_rows(sources, rows.loc[unseen, ["source", "line"]], params.data.chunk_rows))
+    rows = rows[~unseen].reset_index(drop=True)
+    rows["label"] = pd.Series(encoded, dtype=None if encoded else object)
+    # A label with a single row is kept (it is in train) but can be neither learned well nor evaluated:
+    # often a typo of another label. Say so by name.
+    rare = sorted(str(label) for label in label_names if counts.get(label, 0) == 1)
+    if rare:
+        log.warning("labels with a single row (a typo of another label?): %s", ", ".join(rare))
 
     rows.to_parquet(out_dir / "rows.parquet", index=False)
     (out_dir / "labels.json").write_text(json.dumps(label_names))
@@ -334,12 +344,34 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
         "quarantined": int(quarantine[["source", "line"]].drop_duplicates().shape[0]),
         "splits": {k: int(v) for k, v in rows["split"].value_counts().sort_index().items()},
         "labels": len(label_names),
+        "rare_labels": rare,
         "task": target.type,
         "appended_batches": len(batches),
         "manifest": manifest_path.name,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _label_counts(labels: pd.Series) -> dict[Any, int]:
+    """Rows per label over every kept row (a multi-label row counts for each of its labels)."""
+    counts: dict[Any, int] = {}
+    for value in labels:
+        for label in value if isinstance(value, tuple | list) else (value,):
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def _unseen_reason(value: Any, index: dict, counts: dict[Any, int], split: str) -> str:
+    """Why a row's target is outside the train split's labels, naming the label(s)."""
+    missing = [x for x in value if x not in index] if isinstance(value, tuple | list) else [value]
+    parts = []
+    for label in missing or [value]:
+        n = counts.get(label, 0)
+        parts.append(f"label '{label}' never seen in the train split ({'its only row' if n == 1 else f'{n} rows'}"
+                     f" in val/test)")
+    return (f"{'; '.join(parts)}: unknown target, no model can learn it (this row is in {split}); "
+            "add train rows with it or fix the label")
 
 
 def _original_rows(sources: list[tuple[Path, str, str]], wanted: pd.DataFrame, chunk_rows: int) -> pd.DataFrame:
