@@ -124,9 +124,21 @@ class TrainConfig(_Strict):
 
 class CandidateConfig(_Strict):
     name: str
-    fusion: str
+    fusion: str | None = Field(None, description="a fusion plugin; not needed (and not used) with one input")
     params: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the train section")
+    inputs: list[str] | None = Field(
+        None, min_length=1, description="the inputs this candidate reads (default: all); one input trains a "
+        "unimodal baseline with no fusion, the first question of any multimodal project")
+
+    @model_validator(mode="after")
+    def _check(self) -> CandidateConfig:
+        if self.fusion is None and (self.inputs is None or len(self.inputs) != 1):
+            raise ValueError(f"candidate '{self.name}': name a fusion (only a one-input candidate has none)")
+        return self
+
+    def input_names(self, all_inputs: list[str]) -> list[str]:
+        return list(self.inputs) if self.inputs else list(all_inputs)
 
 
 class SweepConfig(_Strict):
@@ -135,9 +147,11 @@ class SweepConfig(_Strict):
     method: Literal["grid", "random"] = "grid"
     samples: int = Field(0, ge=0, description="random: how many grid points to draw")
     seed: int = 0
-    fusion: list[str] = Field(min_length=1)
+    fusion: list[str] = Field(default_factory=list)
     params: dict[str, list[Any]] = Field(default_factory=dict, description="fusion parameters to vary")
     train: dict[str, list[Any]] = Field(default_factory=dict, description="train settings to vary")
+    ablation: bool = Field(False, description="also train every single input and every leave-one-out subset "
+                           "next to the first candidate (the modality table in the leaderboard and report)")
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -146,6 +160,8 @@ class SweepConfig(_Strict):
             raise ValueError(f"train: unknown keys {sorted(unknown)}")
         if self.method == "random" and not self.samples:
             raise ValueError("samples: a random sweep needs samples > 0")
+        if not self.fusion and not self.ablation:
+            raise ValueError("fusion: list the fusions to sweep (or set ablation: true)")
         return self
 
     def expand(self) -> list[CandidateConfig]:
@@ -225,10 +241,17 @@ class Params(_Strict):
             if spec.kind == "audio" and spec.params.get("sample_rate", self.data.sample_rate) != self.data.sample_rate:
                 raise ValueError(f"inputs.{name}.params.sample_rate must equal data.sample_rate "
                                  f"({self.data.sample_rate}): prepare resamples audio to that rate")
-        if len(self.inputs) < 2:
-            raise ValueError("inputs: a multimodal model needs two or more inputs")
-        if not self.candidates and not self.sweep:
+        if not self.inputs:
+            raise ValueError("inputs: declare at least one input")
+        if not self.candidates and not (self.sweep and self.sweep.fusion):
             raise ValueError("candidates: list at least one candidate (name + fusion), or declare a sweep")
+        for c in [*self.candidates, *(self.sweep.expand() if self.sweep else [])]:
+            used = c.input_names(list(self.inputs))
+            unknown = [n for n in used if n not in self.inputs]
+            if unknown:
+                raise ValueError(f"candidates[{c.name}].inputs: unknown {unknown}; the inputs are {list(self.inputs)}")
+            if len(used) > 1 and c.fusion is None:
+                raise ValueError(f"candidates[{c.name}]: {len(used)} inputs need a fusion")
         names = [c.name for c in self.all_candidates()]
         if len(set(names)) != len(names):
             raise ValueError(f"candidates: names must be unique, got {names}")
@@ -258,7 +281,24 @@ class Params(_Strict):
         return task_class(self.target.type).sign(metric)
 
     def all_candidates(self) -> list[CandidateConfig]:
-        return [*self.candidates, *(self.sweep.expand() if self.sweep else [])]
+        listed = [*self.candidates, *(self.sweep.expand() if self.sweep else [])]
+        if self.sweep and self.sweep.ablation and listed:
+            known = {c.name for c in listed}
+            listed += [c for c in self.ablation_candidates(listed[0]) if c.name not in known]
+        return listed
+
+    def ablation_candidates(self, base: CandidateConfig) -> list[CandidateConfig]:
+        """``base`` on every single input and every leave-one-out subset of its inputs (same fusion and
+        training): does fusion beat the best single modality, and what does each input add?"""
+        names = base.input_names(list(self.inputs))
+        subsets = [[n] for n in names]
+        if len(names) > 2:
+            subsets += [[m for m in names if m != n] for n in names]
+        return [base.model_copy(update={
+            "name": f"{base.name}-only-{s[0]}" if len(s) == 1 else f"{base.name}-without-"
+            + next(n for n in names if n not in s),
+            "inputs": s, "fusion": base.fusion if len(s) > 1 else None, "params": base.params if len(s) > 1 else {}})
+            for s in subsets if len(s) < len(names)]
 
     def candidate(self, name: str) -> CandidateConfig:
         for c in self.all_candidates():

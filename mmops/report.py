@@ -305,12 +305,38 @@ def _mistakes_section(view: str, preds: pd.DataFrame, inputs: dict, prepared: Pa
     return shown + _table(["line", "source", "target", "prediction", key, *inputs], rows)
 
 
-def _candidates_section(candidates: list[dict] | None, best: str | None, metric: str) -> str:
+def _modalities(candidates: list[dict], metric: str, sign: float) -> str:
+    """The ablation table: per set of inputs its best candidate on val, and that candidate's test figure."""
+    test_metric = "test_" + metric.removeprefix("val_")
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for c in candidates:
+        if c.get("status") == "completed" and isinstance(c.get(metric), int | float):
+            groups.setdefault(tuple(c.get("inputs") or ()), []).append(c)
+    if len(groups) < 2:
+        return ""
+    rows = []
+    for inputs in sorted(groups, key=lambda s: (len(s), s)):
+        top = max(groups[inputs], key=lambda c: sign * c[metric])
+        rows.append([_fmt(" + ".join(inputs)), _fmt(top.get("candidate")), _fmt(top.get(metric)),
+                     _fmt(top.get(test_metric))])
+    return ("<h3>Modalities</h3><p>Does fusion beat the best single input, and what does each input add? "
+            "Each set of inputs with its best candidate, selected on val.</p>"
+            + _table(["inputs", "candidate", metric, test_metric], rows))
+
+
+def _candidates_section(candidates: list[dict] | None, best: str | None, metric: str, sign: float = 1.0) -> str:
     if not candidates:
         return "<p>No leaderboard: this was a single training run.</p>"
     keys = sorted({k for c in candidates for k in c if k.startswith(("val_", "test_"))}, key=lambda k: k[:4] != "val_")
-    header = ["candidate", "fusion", "status", *keys, "train_seconds", "error"]
-    rows = [[_fmt(str(c[k])[:300] if k == "error" and c.get(k) else c.get(k)) for k in header] for c in candidates]
+    ablation = len({tuple(c.get("inputs") or ()) for c in candidates}) > 1
+    header = ["candidate", "fusion", *(["inputs"] if ablation else []), "status", *keys, "train_seconds", "error"]
+
+    def cell(c: dict, k: str) -> str:
+        if k == "inputs":
+            return _fmt(" + ".join(c.get("inputs") or []))
+        return _fmt(str(c[k])[:300] if k == "error" and c.get(k) else c.get(k))
+
+    rows = [[cell(c, k) for k in header] for c in candidates]
     best_row = next((i for i, c in enumerate(candidates) if c.get("candidate") == best), None)
     scored = [c for c in candidates if isinstance(c.get(metric), int | float) and not math.isnan(c[metric])]
     plot = ""
@@ -323,7 +349,17 @@ def _candidates_section(candidates: list[dict] | None, best: str | None, metric:
         ax.invert_yaxis()
         ax.set_xlabel(metric)
         plot = _png(fig, f"candidates by {metric}")
-    return _table(header, rows, best_row) + plot
+    return _table(header, rows, best_row) + plot + (_modalities(candidates, metric, sign) if ablation else "")
+
+
+def _sign(result: dict, metric: str) -> float:
+    """The direction of ``metric`` for the run's task (+1 when higher is better); +1 if unknown."""
+    from mmops.core.tasks import task_class
+
+    try:
+        return task_class(result.get("task") or "classification").sign(metric)
+    except (LookupError, KeyError):
+        return 1.0
 
 
 def write_report(
@@ -359,7 +395,7 @@ def write_report(
         "per-class": _per_class_section(view, metrics),
         "calibration": _calibration_section(view, metrics.get("test", {}), preds),
         "mistakes": _mistakes_section(view, preds, inputs, prepared_dir),
-        "candidates": _candidates_section(candidates, result.get("candidate"), metric),
+        "candidates": _candidates_section(candidates, result.get("candidate"), metric, _sign(result, metric)),
     }
     titles = dict(SECTIONS)
     if view == "value":

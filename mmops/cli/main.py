@@ -214,8 +214,11 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
     columns = [f"val_{m}" for m in task_class(task).metrics] + [f"test_{metric}"]
     table = Table(title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select; "
                   "ties go to fewer parameters, then name)")
+    ablation = len({tuple(r.get("inputs") or ()) for r in results}) > 1
     table.add_column("candidate")
     table.add_column("fusion")
+    if ablation:
+        table.add_column("inputs")
     for col in [*columns, "train time"]:
         table.add_column(col.replace("_", " "), justify="right")
     table.add_column("status")
@@ -223,12 +226,18 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
         ok = r.get("status") == "completed"
         f = r.get("final", {})
         table.add_row(
-            ("* " if r["candidate"] == best else "") + r["candidate"], r.get("fusion") or "",
+            ("* " if r["candidate"] == best else "") + r["candidate"], r.get("fusion") or "-",
+            *(["+".join(r.get("inputs") or [])] if ablation else []),
             *[f"{f[c]:.4f}" if ok and c in f else "-" for c in columns],
             f"{r['train_seconds']:.0f} s" if ok else "-",
             "ok" if ok else f"[red]failed[/]: {r.get('error', '')[:60]}",
         )
     console.print(table)
+    if ablation:
+        from mmops.pipeline import modality_table
+
+        sign = task_class(task).sign(select_metric)
+        print_modalities(modality_table(results, select_metric, sign, []), select_metric)
 
 
 RunnerOpt = Annotated[str | None, typer.Option("--runner", help="threads | dask | ray (default: params runner.kind)")]
@@ -312,6 +321,40 @@ def sweep_cmd(
     _print_stages(out["stages"])
     print_leaderboard(out["results"], out["best"]["candidate"], project.params.select_metric)
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
+
+
+def print_modalities(rows: list[dict], select_metric: str) -> None:
+    """The ablation's answer in one table: each set of inputs, best on val, with its test figure."""
+    if not rows:
+        return
+    test_metric = "test_" + select_metric.removeprefix("val_")
+    table = Table(title="Modalities (best candidate per set of inputs, selected on val)")
+    for col in ("inputs", "candidate", select_metric, test_metric):
+        table.add_column(col.replace("_", " "), justify="right" if "_" in col else "left")
+    for r in rows:
+        table.add_row(" + ".join(r["inputs"]), r["candidate"], f"{r[select_metric]:.4f}",
+                      "-" if r.get(test_metric) is None else f"{r[test_metric]:.4f}")
+    console.print(table)
+
+
+@app.command()
+def ablate(
+    project_dir: ProjectOpt = Path("."),
+    candidate: Annotated[str | None, typer.Option(help="the full model to ablate (default: the first candidate)")]
+    = None,
+) -> None:
+    """Train a candidate on every single input and every leave-one-out subset next to the full model."""
+    project = _project(project_dir)
+    from mmops import pipeline
+
+    params = project.params
+    base = params.candidate(candidate) if candidate else params.all_candidates()[0]
+    chosen = [base, *params.ablation_candidates(base)]
+    with epoch_progress(console, params.select_metric):
+        results = [pipeline.train_one(project, c) for c in chosen]
+    best = pipeline.select_best(results, params.select_metric, params.metric_sign(params.select_metric))
+    pipeline.write_metrics(project, results, best)
+    print_leaderboard(results, best["candidate"], params.select_metric)
 
 
 @app.command()

@@ -97,6 +97,27 @@ def build_input_encoder(item: Mapping[str, Any], resolve: ArtifactResolver = art
     return encoder
 
 
+class SingleInput(nn.Module):
+    """What stands in for the fusion of a one-input model: the input's vector, unchanged.
+
+    Not a plugin and not a :class:`Fusion` (which fuses two or more inputs by contract): a unimodal
+    baseline is the reference every fusion is measured against, so it must add nothing of its own.
+    """
+
+    needs_sequences = False
+    produces_logits = False
+
+    def __init__(self, dims: Mapping[str, int]) -> None:
+        super().__init__()
+        (self.name, self.output_dim), = dims.items()
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return features[self.name]
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, spec: dict[str, Any], encoders: Mapping[str, Encoder] | None = None) -> None:
         super().__init__()
@@ -110,12 +131,17 @@ class MultimodalModel(nn.Module):
             n: nn.Parameter(torch.zeros(dims[n])) for n, i in spec["inputs"].items() if i.get("missing") == "learn"
         })
         self.task: Task = task_from_spec(spec)
-        fusion_cls = get_fusion(spec["fusion"]["name"])
-        extra = {"num_classes": self.task.output_dim} if fusion_cls.produces_logits else {}
-        try:
-            self.fusion: Fusion = fusion_cls(dims, **spec["fusion"]["params"], **extra)
-        except TypeError as exc:
-            raise ValueError(f"fusion '{spec['fusion']['name']}': bad parameters: {exc}") from exc
+        self.fusion: Fusion | SingleInput
+        if len(dims) == 1:  # a unimodal baseline: nothing to fuse, the head sits on the encoder
+            fusion_cls: type = SingleInput
+            self.fusion = SingleInput(dims)
+        else:
+            fusion_cls = get_fusion(spec["fusion"]["name"])
+            extra = {"num_classes": self.task.output_dim} if fusion_cls.produces_logits else {}
+            try:
+                self.fusion = fusion_cls(dims, **spec["fusion"]["params"], **extra)
+            except TypeError as exc:
+                raise ValueError(f"fusion '{spec['fusion']['name']}': bad parameters: {exc}") from exc
         # A late fusion already ends in per-modality classifiers: its output is the task's output.
         self.head = nn.Identity() if fusion_cls.produces_logits else \
             self.task.head(self.fusion.output_dim, spec["head"]["hidden"], spec["head"]["dropout"])

@@ -150,7 +150,7 @@ def _plugins_of(spec: dict) -> list[tuple[str, str, dict]]:
     ``{"type": ...}`` form hands its other keys to the task as parameters.
     """
     found = [("encoder", item["encoder"], item) for item in spec.get("inputs", {}).values()]
-    if isinstance(spec.get("fusion"), dict):
+    if isinstance(spec.get("fusion"), dict) and spec["fusion"].get("name"):
         found.append(("fusion", spec["fusion"]["name"], spec["fusion"]))
     task = spec.get("task")
     if isinstance(task, dict) and task.get("name"):

@@ -37,14 +37,22 @@ from typing import Annotated, Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from collections.abc import AsyncIterator
+from tempfile import SpooledTemporaryFile
+
 import aiohttp
+import anyio
+import anyio.to_thread
 import bentoml
 from bentoml.exceptions import InvalidArgument
-from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from mmops.core.model import SPEC_FILE
-from mmops.serving.predictor import InputError, Limits, Predictor, RowDecoder
+from mmops.serving.predictor import InputError, Limits, Predictor, RowDecoder, _env_int
 
 log = logging.getLogger("mmops.service")
 
@@ -64,35 +72,89 @@ ADAPTIVE_BATCHING = _flag("MMOPS_ADAPTIVE_BATCHING", "adaptive_batching", True)
 # because BentoML answers 503 to any request queued longer than it.
 BATCH_MAX_SIZE = int(os.environ.get("MMOPS_BATCH_MAX_SIZE", 32))
 BATCH_MAX_LATENCY_MS = int(os.environ.get("MMOPS_BATCH_MAX_LATENCY_MS", 2000))
-LIMITS = Limits()
+LIMITS = Limits()  # generic; the service applies Limits(spec) of the model it serves
 MAX_TOP_K = 20
+# Admission (see _Admission): prediction requests in flight at the front beyond which it answers 503.
+# Two full adaptive batches: enough to keep the model busy, and a bound on every request's wait.
+MAX_QUEUE = _env_int("MMOPS_MAX_QUEUE", 2 * BATCH_MAX_SIZE)
+# Request bodies in flight (declared Content-Length); 0 means twice the model's request limit.
+INFLIGHT_BYTES = int(os.environ.get("MMOPS_MAX_INFLIGHT_BYTES") or 0)
+RETRY_AFTER_S = 1
+ADMITTED_PATHS = frozenset({"/predict", "/predict_batch"})
+# Form parts and other bodies above this stay on disk, not in memory, while a request waits.
+SPOOL_BYTES = _env_int("MMOPS_SPOOL_BYTES", 64 * 1024)
+REPLAY_CHUNK = 256 * 1024
+MAX_FORM_PARTS = 32
+FORM_SCOPE_KEY = "mmops.form"
+FILE_KINDS = frozenset({"image", "audio"})
+# Images decoded at once in the front (each briefly holds its full-size pixels).
+DECODE_THREADS = _env_int("MMOPS_DECODE_THREADS", 2)
 MODEL_HEADER = "x-mmops-model"
 
 # Written once the model is loaded; read by the middleware for headers and /readyz.
-_served: dict[str, str] = {}
+_served: dict[str, Any] = {}
 
 
 class Answer(BaseModel):
-    answer: str | float | list[str] = Field(
-        description="the class; the labels over the threshold (multi-label); or the value (regression)"
+    """What the model's task answers. The built-in tasks fill ``answer`` and ``top_k``; a task plugin may
+    add fields of its own (a ranking, a caption's score), which pass through unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    answer: Any = Field(
+        description="the task's answer: the class; the labels over the threshold (multi-label); the value "
+        "(regression); or what a task plugin answers"
     )
     top_k: list[dict[str, Any]]
     model: str = Field(description="the registry version of the model that answered")
 
 
+class _Admission:
+    """How much the front holds at once: requests in flight and their body bytes.
+
+    Beyond either bound a request is answered 503 with ``Retry-After`` before its body is read, so
+    latency stays bounded by the queue (about ``MAX_QUEUE`` requests ahead) rather than growing with
+    the offered load, and memory by ``MAX_QUEUE`` requests or ``inflight_bytes`` of bodies.
+    """
+
+    def __init__(self, max_requests: int) -> None:
+        self.max_requests, self.requests, self.bytes = max_requests, 0, 0
+
+    def enter(self, size: int, budget: int) -> bool:
+        if self.requests >= self.max_requests or (self.requests and self.bytes + size > budget):
+            return False
+        self.requests, self.bytes = self.requests + 1, self.bytes + size
+        return True
+
+    def leave(self, size: int) -> None:
+        self.requests, self.bytes = self.requests - 1, self.bytes - size
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _SpoolingParser(MultiPartParser):
+    """Starlette's streaming multipart parser, keeping only small parts in memory."""
+
+    spool_max_size = SPOOL_BYTES
+
+
 class ServingMiddleware:
     """Request-level guards, and the model version on every response.
 
-    * Reads the body itself, refusing one over ``MMOPS_MAX_REQUEST_BYTES`` (from Content-Length up
-      front, or by counting a chunked upload) before BentoML spools it to disk.
-    * Parses a form body (multipart or urlencoded) once before BentoML does: BentoML answers 500 to
-      a malformed one, and would fetch a URL given as text in place of a file field.
+    * Admission (:class:`_Admission`): beyond the queue, 503 with ``Retry-After`` at once. Any other
+      503 (the model's batch queue timing out) also gets ``Retry-After``.
+    * Refuses a body over the model's request limit (from Content-Length up front, or by counting a
+      chunked upload) with 413. Bodies are streamed: a form is parsed once, here, with parts above
+      ``MMOPS_SPOOL_BYTES`` spooled to disk, and handed to ``/predict`` through the ASGI scope; any
+      other body is spooled to disk above that size and replayed to BentoML.
     * Adds the ``x-mmops-model`` header to every response, errors included, and answers ``/readyz``
       with JSON ``{"ready": ..., "model": ...}`` around BentoML's own verdict.
     """
 
-    def __init__(self, app: Any, max_request_bytes: int, file_fields: frozenset[str]) -> None:
-        self.app, self.max_request_bytes, self.file_fields = app, max_request_bytes, file_fields
+    def __init__(self, app: Any, max_queue: int = 64) -> None:
+        self.app, self.admission = app, _Admission(max_queue)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -104,64 +166,127 @@ class ServingMiddleware:
         model = _served.get("model", "").encode()
 
         async def send_with_model(message: dict) -> None:
-            if message["type"] == "http.response.start" and model and not any(
-                k == MODEL_HEADER.encode() for k, _ in message.get("headers", [])
-            ):
-                message["headers"] = [*message.get("headers", []), (MODEL_HEADER.encode(), model)]
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                if model and MODEL_HEADER.encode() not in names:
+                    headers.append((MODEL_HEADER.encode(), model))
+                if message["status"] == 503 and b"retry-after" not in names:
+                    headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+                message["headers"] = headers
             await send(message)
 
-        if scope.get("method") in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(scope, receive)
-            error = self._too_large(len(body)) if body is not None else self._too_large(None)
-            if error is None and _is_form(scope):
-                error = await self._check_form(scope, body)
-            if error is not None:
-                log.info("rejected %s: %s", scope.get("path"), error[1])
-                await _send_json(send_with_model, error[0], {"error": error[1]})
-                return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send_with_model)
-
-    def _too_large(self, size: int | None) -> tuple[int, str] | None:
-        if size is not None and size <= self.max_request_bytes:
-            return None
-        shown = f"{size} bytes" if size is not None else "more bytes"
-        return 413, f"request body: {shown}, over the limit of {self.max_request_bytes} (MMOPS_MAX_REQUEST_BYTES)"
-
-    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
-        """The whole body, or None once it passes the limit (declared or counted)."""
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send_with_model)
+            return
+        limits: Limits = _served.get("limits") or LIMITS
         declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_request_bytes:
-            return None
-        chunks, size = [], 0
+        size = int(declared) if declared.isdigit() else None
+        if size is not None and size > limits.request_bytes:
+            await self._reject(send_with_model, scope, *self._too_large(size, limits))
+            return
+        admitted = scope.get("path") in ADMITTED_PATHS
+        reserve = size if size is not None else limits.request_bytes
+        if admitted and not self.admission.enter(reserve, INFLIGHT_BYTES or 2 * limits.request_bytes):
+            await self._reject(
+                send_with_model,
+                scope,
+                503,
+                (
+                    f"overloaded: {self.admission.requests} requests in flight "
+                    f"(MMOPS_MAX_QUEUE={self.admission.max_requests}), retry after {RETRY_AFTER_S} s"
+                ),
+            )
+            return
+        held: Any = None
+        try:
+            form_type = _is_form(scope)
+            if form_type and scope.get("path") != "/predict":
+                await self._reject(
+                    send_with_model,
+                    scope,
+                    415,
+                    f"{scope.get('path')} takes a JSON body (application/json); multipart forms go to /predict",
+                )
+                return
+            if not form_type and scope.get("path") == "/predict":
+                await self._reject(
+                    send_with_model,
+                    scope,
+                    415,
+                    "/predict takes a multipart form "
+                    "(multipart/form-data) of the model's inputs; JSON goes to /predict_batch",
+                )
+                return
+            try:
+                if form_type:
+                    held = await self._parse_form(scope, receive, limits, form_type)
+                    scope[FORM_SCOPE_KEY] = held
+                    receive = _replay(b"", receive)
+                else:
+                    held = await self._spool(receive, limits)
+                    receive = _replay_file(held, receive)
+            except _TooLarge:
+                await self._reject(send_with_model, scope, *self._too_large(None, limits))
+                return
+            except MultiPartException as exc:
+                await self._reject(send_with_model, scope, 400, f"multipart body: {exc.message}")
+                return
+            except ClientDisconnect:
+                return
+            await self.app(scope, receive, send_with_model)
+        finally:
+            if admitted:
+                self.admission.leave(reserve)
+            if isinstance(held, FormData):
+                await held.close()
+            elif held is not None:
+                held.close()
+
+    @staticmethod
+    async def _reject(send: Any, scope: dict, status: int, message: str) -> None:
+        log.info("rejected %s: %s", scope.get("path"), message)
+        # The body may be unread: the connection cannot carry another request.
+        await _send_json(send, status, {"error": message}, close=True)
+
+    @staticmethod
+    def _too_large(size: int | None, limits: Limits) -> tuple[int, str]:
+        shown = f"{size} bytes" if size is not None else "more bytes"
+        return 413, f"request body: {shown}, over the limit of {limits.request_bytes} (MMOPS_MAX_REQUEST_BYTES)"
+
+    @staticmethod
+    async def _chunks(receive: Any, limit: int) -> AsyncIterator[bytes]:
+        size = 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_request_bytes:
-                return None
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge()
+            if chunk:
+                yield chunk
             if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+                return
 
-    async def _check_form(self, scope: dict, body: bytes) -> tuple[int, str] | None:
-        from starlette.datastructures import UploadFile
-        from starlette.requests import Request
+    async def _parse_form(self, scope: dict, receive: Any, limits: Limits, form_type: str) -> FormData:
+        headers = Headers(scope=scope)
+        stream = self._chunks(receive, limits.request_bytes)
+        if form_type == "multipart":
+            return await _SpoolingParser(headers, stream, max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS).parse()
+        return await FormParser(headers, stream, max_fields=MAX_FORM_PARTS).parse()
 
-        request = Request(scope, _replay(body, None))
+    async def _spool(self, receive: Any, limits: Limits) -> SpooledTemporaryFile:
+        spool = SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed once the response is sent)
         try:
-            form = await request.form()
-        except Exception as exc:  # starlette raises HTTPException / MultiPartException for bad framing
-            return 400, f"multipart body: {getattr(exc, 'detail', None) or exc}"
-        try:
-            for name in self.file_fields:
-                if any(not isinstance(v, UploadFile) for v in form.getlist(name)):
-                    return 400, f"{name}: must be an uploaded file (a form part with a filename)"
-        finally:
-            await form.close()
-        return None
+            async for chunk in self._chunks(receive, limits.request_bytes):
+                spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool
 
     async def _readyz(self, scope: dict, receive: Any, send: Any) -> None:
         status: list[int] = []
@@ -182,17 +307,28 @@ def _steady_client(proxy: Any) -> Any:
     every 100 requests or 5 minutes by closing the old one, which kills the requests still in flight
     on it: under 16 concurrent clients that failed about 8% of requests with 500s
     (bentoml/BentoML#5544, #5698). A session to a local socket has no reason to be refreshed.
+
+    This sets private attributes, so it runs once at start-up and refuses to start when they are
+    gone: a BentoML release that renames them would otherwise bring the 500s back silently.
     """
     client = proxy.to_async
     manager = getattr(client, "_session_manager", None)
-    if manager is not None and getattr(manager, "max_requests", None) != sys.maxsize:
-        manager.max_requests, manager.max_age = sys.maxsize, float("inf")
+    if manager is None or not all(hasattr(manager, a) for a in ("max_requests", "max_age")):
+        raise RuntimeError(
+            f"BentoML {bentoml.__version__}: the dependency client has no _session_manager with max_requests "
+            "and max_age, so mmops cannot stop it from closing connections with requests in flight (500s "
+            "under load, bentoml/BentoML#5544). Install the BentoML version mmops was tested with "
+            "(see pyproject.toml) or update mmops.serving.service._steady_client for this one."
+        )
+    manager.max_requests, manager.max_age = sys.maxsize, float("inf")
     return client
 
 
-def _is_form(scope: dict) -> bool:
-    content_type = dict(scope.get("headers") or ()).get(b"content-type", b"")
-    return content_type.startswith((b"multipart/", b"application/x-www-form-urlencoded"))
+def _is_form(scope: dict) -> str | None:
+    content_type = dict(scope.get("headers") or ()).get(b"content-type", b"").lower()
+    if content_type.startswith(b"multipart/"):
+        return "multipart"
+    return "urlencoded" if content_type.startswith(b"application/x-www-form-urlencoded") else None
 
 
 def _replay(body: bytes, receive: Any) -> Any:
@@ -209,13 +345,58 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replay
 
 
-async def _send_json(send: Any, status: int, body: dict) -> None:
+def _replay_file(spool: SpooledTemporaryFile, receive: Any) -> Any:
+    """An ASGI ``receive`` that hands over a spooled body in chunks, then defers to the real one."""
+    done = False
+
+    async def replay() -> dict:
+        nonlocal done
+        if done:
+            return await receive()
+        chunk = spool.read(REPLAY_CHUNK)
+        more = len(chunk) == REPLAY_CHUNK
+        done = not more
+        return {"type": "http.request", "body": chunk, "more_body": more}
+
+    return replay
+
+
+async def _send_json(send: Any, status: int, body: dict, close: bool = False) -> None:
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    if status == 503:
+        headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
     if _served.get("model"):
         headers.append((MODEL_HEADER.encode(), _served["model"].encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+class PredictForm(bentoml.IODescriptor):
+    """One example as a multipart form: one part per model input (``POST /model`` lists them), and
+    ``top_k``. Shown here: the image + question of a VQA model; a model with other inputs takes its
+    own field names (images and audio as file parts, the others as text parts)."""
+
+    # The middleware has already parsed the form (once, streaming, large parts on disk): this hands
+    # its parts to MultimodalService.predict instead of BentoML's form parser, which answers 500 to
+    # a binary part it does not expect and ignores parts it does not know.
+    image: Annotated[Path, Field(description="the image file (PNG, JPEG, ...)")] = None  # type: ignore[assignment]
+    question: Annotated[str | None, Field(description="the question about the image")] = None
+    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 3
+    parts: SkipJsonSchema[list[tuple[str, Any]]] = Field(default_factory=list)
+
+    @classmethod
+    async def from_http_request(cls, request: Any, serde: Any) -> PredictForm:
+        form: FormData | None = request.scope.get(FORM_SCOPE_KEY)
+        if form is None:
+            raise InvalidArgument("/predict takes a multipart form of the model's inputs")
+        top_k = form.getlist("top_k")
+        if len(top_k) > 1:
+            raise InvalidArgument("top_k: given more than once")
+        given = {"top_k": top_k[0]} if top_k else {}
+        return cls.model_validate({**given, "parts": [(k, v) for k, v in form.multi_items() if k != "top_k"]})
 
 
 @bentoml.service(
@@ -230,9 +411,15 @@ class ModelService:
 
     def __init__(self) -> None:
         self.predictor = Predictor(Path(self.model_ref.path))
-        log.info("model %s on %s, autocast %s, adaptive batching %s (max %d rows, %d ms)",
-                 self.model_ref.tag, self.predictor.device, self.predictor.autocast, ADAPTIVE_BATCHING,
-                 BATCH_MAX_SIZE, BATCH_MAX_LATENCY_MS)
+        log.info(
+            "model %s on %s, autocast %s, adaptive batching %s (max %d rows, %d ms)",
+            self.model_ref.tag,
+            self.predictor.device,
+            self.predictor.autocast,
+            ADAPTIVE_BATCHING,
+            BATCH_MAX_SIZE,
+            BATCH_MAX_LATENCY_MS,
+        )
 
     @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
     def infer(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -243,8 +430,11 @@ class ModelService:
     def device(self) -> dict[str, Any]:
         """Where the weights live, for ``/model`` and ``scripts/gpu_check.sh``."""
         params = {str(p.device) for p in self.predictor.model.parameters()}
-        return {"device": str(self.predictor.device), "parameter_devices": sorted(params),
-                "autocast": str(self.predictor.autocast)}
+        return {
+            "device": str(self.predictor.device),
+            "parameter_devices": sorted(params),
+            "autocast": str(self.predictor.autocast),
+        }
 
 
 @bentoml.service(
@@ -258,11 +448,20 @@ class MultimodalService:
 
     def __init__(self) -> None:
         spec = json.loads((Path(self.model_ref.path) / SPEC_FILE).read_text())
-        self.decoder = RowDecoder(spec, LIMITS)
+        self.limits = Limits(spec)
+        self.decoder = RowDecoder(spec, self.limits)
         self.labels: list[str] = spec["labels"]
         self.model_version = self.model_ref.info.labels.get("registry_version", str(self.model_ref.tag))
-        _served["model"] = self.model_version
-        log.info("serving %s (%s), limits %s", self.model_ref.tag, self.model_version, LIMITS.as_dict())
+        self.client = _steady_client(self.model)  # fails start-up loudly if the workaround cannot apply
+        self._decode_limiter: anyio.CapacityLimiter | None = None
+        _served.update(model=self.model_version, limits=self.limits)
+        log.info(
+            "serving %s (%s), limits %s, queue %d",
+            self.model_ref.tag,
+            self.model_version,
+            self.limits.as_dict(),
+            MAX_QUEUE,
+        )
 
     def _decode(self, rows: list[Any], prefix: str) -> list[dict[str, Any]]:
         decoded = []
@@ -270,58 +469,107 @@ class MultimodalService:
             try:
                 decoded.append(self.decoder.validate(row))
             except InputError as exc:
-                message = f"{prefix.format(i=i)}{exc}"
-                log.info("rejected: %s", message)
-                raise InvalidArgument(message) from None
+                raise _invalid(f"{prefix.format(i=i)}{exc}") from None
         return decoded
 
     async def _answer(self, rows: list[Any], top_k: int, prefix: str = "") -> list[Answer]:
-        # Decoding is CPU work (a large JPEG takes tens of ms): keep it off the event loop.
-        decoded = await run_in_threadpool(self._decode, rows, prefix)
-        client = _steady_client(self.model)
+        # Decoding is CPU work (a large JPEG takes tens of ms): off the event loop, and a few at a
+        # time, since each decoded image briefly holds its full-size pixels.
+        if self._decode_limiter is None:
+            self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        decoded = await anyio.to_thread.run_sync(self._decode, rows, prefix, limiter=self._decode_limiter)
         try:
-            results = await client.infer(decoded)
+            results = await self.client.infer(decoded)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError):
             # A pooled keep-alive connection the model process had just closed; the forward pass
             # has no side effects, so one retry on a fresh connection is safe.
-            results = await client.infer(decoded)
-        return [Answer(answer=r["answer"], top_k=r["top_k"][:top_k], model=self.model_version) for r in results]
+            results = await self.client.infer(decoded)
+        return [Answer(**{**r, "top_k": r["top_k"][:top_k], "model": self.model_version}) for r in results]
 
-    @bentoml.api
+    def _form_row(self, parts: list[tuple[str, Any]]) -> dict[str, Any]:
+        """The form's parts as one row of the model's inputs; an unknown, repeated or undecodable
+        part is refused by name."""
+        takes = f"/predict takes {sorted(self.decoder.inputs)} (and top_k)"
+        row: dict[str, Any] = {}
+        for name, value in parts:
+            kind = self.decoder.inputs.get(name)
+            if kind is None:
+                raise _invalid(f"{name}: is not an input of this model; {takes}")
+            if name in row:
+                raise _invalid(f"{name}: is given more than once")
+            if isinstance(value, UploadFile):
+                if kind in FILE_KINDS:
+                    row[name] = value.file
+                    continue
+                value.file.seek(0)
+                data = value.file.read(4 * self.limits.text_chars + 1)
+                try:
+                    value = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _invalid(f"{name}: must be text (UTF-8), got a binary file part") from None
+            elif kind in FILE_KINDS:
+                raise _invalid(f"{name}: must be an uploaded file (a form part with a filename)")
+            row[name] = value
+        return row
+
+    @bentoml.api(input_spec=PredictForm)
     async def predict(
         self,
-        image: Annotated[Path, Field(description="the image file (PNG, JPEG, ...)")],
-        question: Annotated[str, Field(description="the question about the image", max_length=LIMITS.text_chars)],
-        top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 3,
+        image: Path | None = None,
+        question: str | None = None,
+        top_k: int = 3,
+        parts: list[tuple[str, Any]] | None = None,
     ) -> Answer:
-        """Answer one question about one uploaded image (multipart form).
+        """Answer one example sent as a multipart form of the model's own inputs.
 
-        For a model trained on another set of inputs, use ``predict_batch``, which takes any.
+        One part per input (``POST /model`` lists them): images and audio as file parts, text and
+        numbers as text parts; e.g. ``image`` + ``question`` for easy-VQA. An unknown part is a 400
+        naming it. ``predict_batch`` takes the same fields as JSON, many rows at once.
         """
-        return (await self._answer([{"image": image, "question": question}], top_k))[0]
+        return (await self._answer([self._form_row(parts or [])], top_k))[0]
 
     @bentoml.api
     async def predict_batch(
         self,
         items: Annotated[
             list[dict[str, Any]],
-            Field(min_length=1, max_length=LIMITS.batch_size,
-                  description="one object per row: {input name: text, or the image base64-encoded}"),
+            Field(
+                min_length=1,
+                max_length=LIMITS.batch_size,
+                description="one object per row: {input name: text, or the image base64-encoded}",
+            ),
         ],
         top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 3,
     ) -> list[Answer]:
         """Answer a list of rows (JSON), e.g. ``[{"image": "<base64>", "question": "what shape?"}]``."""
+        if len(items) > self.limits.batch_size:
+            raise _invalid(
+                f"items: {len(items)} items, over this model's limit of {self.limits.batch_size} (MMOPS_MAX_BATCH)"
+            )
         return await self._answer(items, top_k, "items[{i}].")
 
     @bentoml.api(route="/model", input_spec=None)
     async def model_info(self) -> dict[str, Any]:
         """The model version served, what it takes, where it runs and the request limits."""
-        return {"model": self.model_version, "tag": str(self.model_ref.tag), "inputs": self.decoder.inputs,
-                "labels": self.labels, **(await self.model.to_async.device()), "limits": LIMITS.as_dict(),
-                "batching": {"adaptive": ADAPTIVE_BATCHING, "max_batch_size": BATCH_MAX_SIZE,
-                             "max_latency_ms": BATCH_MAX_LATENCY_MS}}
+        return {
+            "model": self.model_version,
+            "tag": str(self.model_ref.tag),
+            "inputs": self.decoder.inputs,
+            "labels": self.labels,
+            **(await self.model.to_async.device()),
+            "limits": self.limits.as_dict(),
+            "queue": MAX_QUEUE,
+            "batching": {
+                "adaptive": ADAPTIVE_BATCHING,
+                "max_batch_size": BATCH_MAX_SIZE,
+                "max_latency_ms": BATCH_MAX_LATENCY_MS,
+            },
+        }
 
 
-MultimodalService.add_asgi_middleware(
-    ServingMiddleware, max_request_bytes=LIMITS.request_bytes, file_fields=frozenset({"image"})
-)
+def _invalid(message: str) -> InvalidArgument:
+    log.info("rejected: %s", message)
+    return InvalidArgument(message)
+
+
+MultimodalService.add_asgi_middleware(ServingMiddleware, max_queue=MAX_QUEUE)

@@ -175,13 +175,15 @@ def _group_key(model: MultimodalModel) -> str | None:
 
 def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], task: Task | None = None) -> dict:
     train = params.train_for(candidate)
+    used = candidate.input_names(list(params.inputs))
     return {
         "candidate": candidate.name,
         "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params), "kind": i.kind,
                        "columns": params.columns(n), "missing": i.missing,
                        **({"init_from": i.init_from} if i.init_from else {}), **({"freeze": True} if i.freeze else {})}
-                   for n, i in params.inputs.items()},
-        "fusion": {"name": candidate.fusion, "params": dict(candidate.params)},
+                   for n, i in params.inputs.items() if n in used},
+        "fusion": {"name": candidate.fusion if len(used) > 1 else None,
+                   "params": dict(candidate.params) if len(used) > 1 else {}},
         "head": {"hidden": train.head_hidden, "dropout": train.dropout},
         "labels": labels,
         "image_size": params.data.image_size,
@@ -276,6 +278,7 @@ def train_candidate(
     result = {
         "candidate": candidate.name,
         "fusion": candidate.fusion,
+        "inputs": list(spec["inputs"]),
         "task": params.target.type,
         "labels": data.labels,
         "select_metric": params.select_metric,
