@@ -88,3 +88,11 @@ def test_validate_and_run_reject_a_plugin_parameter_typo_before_any_stage(tmp_pa
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "candidates[1].params.rnak: unknown parameter of fusion 'low_rank_tensor'" in proc.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "dvc.lock").exists()  # nothing ran
+
+
+def test_a_one_input_candidate_needs_no_fusion_in_the_plugin_check(tmp_path):
+    from mmops.core.params import plugin_problems
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["candidates"].append({"name": "only-image", "inputs": ["image"]})
+    assert plugin_problems(load_params(_write(tmp_path, params))) == []

@@ -68,6 +68,8 @@ def plugin_problems(params: Params) -> list[str]:
         problems += check_plugin("encoder", spec.encoder, spec.params, f"inputs.{name}.encoder",
                                  f"inputs.{name}.params")
     for i, candidate in enumerate(params.candidates):
+        if candidate.fusion is None:  # a one-input candidate (a unimodal baseline) has no fusion
+            continue
         problems += check_plugin("fusion", candidate.fusion, candidate.params, f"candidates[{i}].fusion",
                                  f"candidates[{i}].params")
     if params.sweep:
