@@ -64,6 +64,12 @@ def test_the_spec_records_resolved_parameters_and_providers(tmp_path):
     assert all(i["plugin"] == {"package": "mmops", "version": version} for i in spec["inputs"].values())
     fusion = MultimodalModel(json.loads(json.dumps(SPEC))).fusion
     assert fusion.config() == {"hidden": 8, "rank": 4, "dropout": 0.1}
+    # A task in the plugin form records its provider too.
+    with_task = {**json.loads(json.dumps(SPEC)), "task": {"name": "classification", "params": {}}}
+    MultimodalModel(with_task).save(tmp_path / "t")
+    saved = json.loads((tmp_path / "t" / SPEC_FILE).read_text())
+    assert saved["task"]["plugin"] == {"package": "mmops", "version": discover("task")["classification"].version}
+    assert MultimodalModel.load(tmp_path / "t", plugin_mismatch="error").task_name == "classification"
 
 
 def test_a_plugin_release_changing_a_default_does_not_change_a_saved_model(tmp_path, monkeypatch):
