@@ -98,17 +98,19 @@ def _files(wheel: Path) -> set[str]:
         return set(z.namelist())
 
 
-def test_rebuilding_an_init_project_packs_only_its_own_files(tmp_path: Path):
+def test_rebuilding_an_init_project_packs_its_own_files_and_the_plugin_wheels(plugin_site: Path, tmp_path: Path):
     """BENTOML_HOME inside the project (as mmops sets it): an unanchored include copied the store into the bento."""
     from mmops.scaffold import init_project
 
     root = init_project(tmp_path / "proj", "vqa", git=False)
     home = root / ".mmops" / "bentoml"
-    first, second = build(TINY_SPEC, root, home, times=2)
+    spec = {**TINY_SPEC, "fusion": {"name": "mlb", "params": {"rank": 4, "hidden": 8}}}
+    first, second = build(spec, root, home, times=2, site=plugin_site)
     for bento in (first, second):
         src = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
         assert src == {"bentofile.yaml", "params.yaml"}, sorted(src)[:20]
-        assert {w.name for w in (bento / "env" / "python" / "wheels").iterdir()} == {"mmops-0.1.0-py3-none-any.whl"}
+        wheels = {w.name for w in (bento / "env" / "python" / "wheels").iterdir()}
+        assert wheels == {"mmops-0.1.0-py3-none-any.whl", "mmops_mlb-0.1.0-py3-none-any.whl"}
 
 
 def test_plugin_wheels_come_from_the_source_folder_or_the_installed_files(plugin_site: Path, tmp_path: Path):

@@ -63,7 +63,10 @@ def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
     spec = json.loads((Path(bentoml.models.get(model_tag).path) / SPEC_FILE).read_text())
     dist = bentofile.parent / "dist"
     build_wheel(SOURCE_ROOT, dist)
-    plugins = [str(plugin_wheel(name, dist)) for name in plugin_distributions(spec)]
+    # BentoML refuses absolute wheel paths: relative to the bentofile's folder, the working directory below.
+    plugins = [
+        f"./{plugin_wheel(name, dist).relative_to(bentofile.parent).as_posix()}" for name in plugin_distributions(spec)
+    ]
     config = yaml.safe_load(bentofile.read_text())
     python = config.setdefault("python", {}) or {}
     python["wheels"] = [*python.get("wheels", []), *plugins]
