@@ -33,8 +33,11 @@ def build_encoder(name: str, params: Mapping[str, Any]) -> Encoder:
     cls = get_encoder(name)
     try:
         return cls(**params)
-    except TypeError as exc:
-        raise ValueError(f"encoder '{name}': bad parameters {dict(params)}: {exc}") from exc
+    except Exception as exc:  # third-party constructor code: name the plugin and its package, whatever it raised
+        info = discover("encoder").get(name)
+        origin = f" from {info.origin}" if info else ""
+        raise ValueError(f"encoder '{name}'{origin} could not be built with parameters {dict(params)}: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 ArtifactResolver = Callable[[str], Path]
@@ -140,8 +143,9 @@ class MultimodalModel(nn.Module):
             extra = {"num_classes": self.task.output_dim} if fusion_cls.produces_logits else {}
             try:
                 self.fusion = fusion_cls(dims, **spec["fusion"]["params"], **extra)
-            except TypeError as exc:
-                raise ValueError(f"fusion '{spec['fusion']['name']}': bad parameters: {exc}") from exc
+            except Exception as exc:  # third-party constructor code: name the plugin and its package
+                raise ValueError(f"fusion {self._plugin('fusion')} could not be built with parameters "
+                                 f"{spec['fusion']['params']}: {type(exc).__name__}: {exc}") from exc
         # A late fusion already ends in per-modality classifiers: its output is the task's output.
         self.head = nn.Identity() if fusion_cls.produces_logits else \
             self.task.head(self.fusion.output_dim, spec["head"]["hidden"], spec["head"]["dropout"])
