@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 
 EXAMPLE = REPO / "examples" / "fusion-plugin"
@@ -32,7 +33,7 @@ TINY_SPEC = {
     "fusion": {"name": "concat", "params": {"hidden": 8}},
     "head": {"hidden": 8, "dropout": 0.0},
 }
-# Saves a random-weight model of SPEC into the store and builds the project's bento N times.
+# N times in one process: save a random-weight model of SPEC into the store, build the project's bento for it.
 BUILD = """
 import json, sys
 from pathlib import Path
@@ -40,8 +41,8 @@ from mmops.core.model import MultimodalModel
 from mmops.serving.package import build_bento, save_to_store
 spec, root, times = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 MultimodalModel(spec).save(root / "artifact")
-tag = save_to_store(root / "artifact", "tiny", labels={}, metadata={})
-print(json.dumps([build_bento(tag, root / "bentofile.yaml") for _ in range(times)]))
+tags = [save_to_store(root / "artifact", "tiny", labels={}, metadata={}) for _ in range(times)]
+print(json.dumps([[tag, build_bento(tag, root / "bentofile.yaml")] for tag in tags]))
 """
 
 
@@ -54,7 +55,7 @@ def _env(home: Path, site: Path | None = None) -> dict[str, str]:
 
 
 def build(spec: dict, root: Path, home: Path, times: int = 1, site: Path | None = None) -> list[Path]:
-    """Bento folders built from ``root``'s bentofile for a random-weight model of ``spec``."""
+    """Bento folders built from ``root``'s bentofile, each for its own copy of a random-weight model of ``spec``."""
     proc = subprocess.run(
         [sys.executable, "-c", BUILD, json.dumps(spec), str(root), str(times)],
         env=_env(home, site),
@@ -63,8 +64,15 @@ def build(spec: dict, root: Path, home: Path, times: int = 1, site: Path | None 
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    tags = json.loads(proc.stdout.splitlines()[-1])
-    return [home / "bentos" / tag.split(":")[0] / tag.split(":")[1] for tag in tags]
+    built = []
+    for model_tag, tag in json.loads(proc.stdout.splitlines()[-1]):
+        bento = home / "bentos" / tag.split(":")[0] / tag.split(":")[1]
+        info = yaml.safe_load((bento / "bento.yaml").read_text())
+        # The model this bento serves, also where containerize looks for it: never an earlier build's.
+        assert info["args"]["model_tag"] == model_tag
+        assert [m["tag"] for m in info["services"][0]["models"]] == [model_tag]
+        built.append(bento)
+    return built
 
 
 @pytest.fixture(scope="module")

@@ -76,11 +76,14 @@ def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
         # bentofile with the plugin wheels added lives outside the build context, so it is never packed.
         effective = Path(tmp) / "bentofile.yaml"
         effective.write_text(yaml.safe_dump(config, sort_keys=False))
+        # reload: the service module reads the model tag when imported; a second build in this process
+        # would otherwise record the first build's model in bento.yaml.
         bento = bentoml.bentos.build_bentofile(
             str(effective),
             build_ctx=str(bentofile.parent),
             args={"model_tag": model_tag},
             labels={"model": model_tag},
+            reload=True,
         )
     return str(bento.tag)
 
