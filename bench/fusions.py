@@ -1,13 +1,18 @@
 """Train every fusion on easy-VQA with the same encoders and budget; write a table of the results.
 
-    .venv/bin/python bench/fusions.py                      # full data, params.yaml's budget
-    .venv/bin/python bench/fusions.py --epochs 3 --image-size 32 --fusions concat,film
+    .venv/bin/python bench/fusions.py --epochs 5           # the README table: full data, 5 epochs each
+    .venv/bin/python bench/fusions.py --epochs 1 --image-size 32 --limit 2000 --fusions mm_transformer,film \
+        --no-classic --out /tmp/fusions                     # a quick check
 
-Every fusion gets the project's encoders (params.yaml: frozen MiniLM question features, a CNN trained
-end to end) and the same training budget; the classic pipeline (configs/classic.yaml: bag-of-words +
-pixels, early_concat, an MLP) is trained on the same data as one more row. It calls the stage and
-training functions directly (no Prefect, DVC or registry), so the times are training alone. Output:
-bench/results/fusions.md (the table README shows) and fusions.json.
+Every fusion gets the project's encoders (params.yaml: frozen MiniLM, a CNN trained end to end) and
+the same training budget. Fusions that attend (``needs_sequences``: attention, cross_attention, film,
+mm_transformer, mult) see token sequences with their masks: MiniLM's word pieces (frozen, so cached
+by the featurize stage) and the CNN's feature-map positions; the others see one vector per input.
+The classic pipeline (configs/classic.yaml: bag-of-words + pixels, early_concat, an MLP) is trained on
+the same data as one more row. It calls the stage and training functions directly (no Prefect, DVC or
+registry), so the times are training alone. Output: bench/results/fusions.md (the table README shows)
+and fusions.json; the "one token" column is the same fusion's test accuracy from ``--before``, the
+table measured when every input reached a fusion as one pooled vector (fusions_pooled.json).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ FUSIONS: dict[str, dict] = {
     "low_rank_tensor": {"hidden": 128, "rank": 4},
     "film": {"hidden": 128, "target": "image"},
     "late": {"hidden": 128},
+    "mm_transformer": {"width": 128, "layers": 2, "heads": 4},
+    "mult": {"hidden": 64, "heads": 4, "layers": 1},
 }
 
 
@@ -71,6 +78,7 @@ def run_project(work: Path, raw_dir: Path, raw_params: dict) -> list[dict]:
         fusion = sum(p.numel() for p in model.fusion.parameters())
         rows.append({
             "candidate": candidate.name, "fusion": candidate.fusion, "params": candidate.params,
+            "sequences": model.fusion.needs_sequences,
             "encoders": {n: i.encoder for n, i in params.inputs.items()},
             "val_accuracy": result["metrics"]["val"]["accuracy"],
             "test_accuracy": result["metrics"]["test"]["accuracy"],
@@ -84,6 +92,9 @@ def run_project(work: Path, raw_dir: Path, raw_params: dict) -> list[dict]:
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, epochs: int) -> str:
+    before = {}
+    if args.before and args.before.is_file():
+        before = {r["candidate"]: r["test_accuracy"] for r in json.loads(args.before.read_text())}
     lines = [
         "# Fusions on easy-VQA",
         "",
@@ -91,17 +102,22 @@ def write_table(rows: list[dict], args: argparse.Namespace, epochs: int) -> str:
         f"{torch.get_num_threads()} torch threads). Data: easy-VQA, "
         f"{'all' if not args.limit else args.limit} questions per split, images {args.image_size} px; "
         f"{epochs} epochs each, one-cycle schedule, best epoch by val accuracy. Encoders: "
-        "frozen all-MiniLM-L6-v2 question vectors + a CNN trained end to end, except `classic` "
-        "(configs/classic.yaml: bag-of-words + pixels). Test is reported, never used to select.",
+        "frozen all-MiniLM-L6-v2 + a CNN trained end to end, except `classic` "
+        "(configs/classic.yaml: bag-of-words + pixels). Inputs: one vector each, except for the fusions "
+        "marked *tokens*, which see MiniLM's word pieces (cached) and the CNN's positions, padding masked. "
+        "*One token*: the same fusion when it saw one vector per input (before masks; "
+        f"{args.before.name if before else 'not given'}). Test is reported, never used to select.",
         "",
-        "| candidate | fusion | encoders | val acc | test acc | trained params | fusion params | train time |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| candidate | fusion | inputs | encoders | val acc | test acc | one token: test acc | trained params | "
+        "fusion params | train time |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         enc = " + ".join(r["encoders"].values())
-        lines.append(f"| {r['candidate']} | `{r['fusion']}` | {enc} | {r['val_accuracy']:.4f} | "
-                     f"{r['test_accuracy']:.4f} | {r['trained_parameters']:,} | {r['fusion_parameters']:,} | "
-                     f"{r['train_seconds']:.0f} s |")
+        old = f"{before[r['candidate']]:.4f}" if r.get("sequences") and r["candidate"] in before else ""
+        lines.append(f"| {r['candidate']} | `{r['fusion']}` | {'tokens' if r.get('sequences') else 'vectors'} | "
+                     f"{enc} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {old} | "
+                     f"{r['trained_parameters']:,} | {r['fusion_parameters']:,} | {r['train_seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +129,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--no-classic", action="store_true", help="skip the classic pipeline row")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--before", type=Path, default=RESULTS / "fusions_pooled.json",
+                        help="an earlier fusions.json to compare the attending fusions with")
     args = parser.parse_args()
     unknown = [f for f in args.fusions.split(",") if f not in FUSIONS]
     if unknown:

@@ -323,3 +323,24 @@ def test_features_json_records_the_tokens(prepared, tmp_path):
     offsets = np.load(tmp_path / "f" / "question.tokens.offsets.npy")
     assert len(offsets) == entry["distinct"] + 1 and offsets[-1] == entry["tokens"]
     assert np.load(tmp_path / "f" / "question.tokens.npy", mmap_mode="r").dtype == np.float16
+
+
+def test_token_store_keeps_ragged_sequences_across_shards(tmp_path):
+    from mmops.data.cache import RaggedTokens, TokenStore
+
+    rng = np.random.default_rng(0)
+    rows = [Tokens(torch.from_numpy(rng.standard_normal((1, n, 3)).astype(np.float32)),
+                   torch.tensor([[True] * (n - 1) + [n % 2 == 1 or n == 1]])) for n in (1, 4, 2, 5)]
+    store = TokenStore(tmp_path, "k")
+    store.add(["a", "b"], RaggedTokens.from_tokens(Tokens.cat(rows[:2])))
+    store.add(["c", "d"], RaggedTokens.from_tokens(Tokens.cat(rows[2:])))
+    again = TokenStore(tmp_path, "k")  # reopened from disk
+    assert len(again) == 4 and again.missing(["a", "e", "e"]) == ["e"]
+    order = ["d", "a", "c", "d", "b"]
+    written = again.write(order, tmp_path / "out", 3)
+    batch = written.batch(np.arange(len(order)))
+    for i, key in enumerate(order):
+        expected = rows["abcd".index(key)].split()[0]  # cut after its last real token
+        n = expected.length
+        assert torch.equal(batch.mask[i, :n], expected.mask[0]) and not batch.mask[i, n:].any()
+        assert torch.allclose(batch.values[i, :n], expected.values[0].half().float())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +43,28 @@ def content_hash(value: Any) -> str:
     return h.hexdigest()
 
 
+# A frozen encoder's weights never change: hash MiniLM's 90 MB once per instance, not once per key.
+_WEIGHTS: weakref.WeakKeyDictionary[Encoder, bytes] = weakref.WeakKeyDictionary()
+
+
+def weights_digest(encoder: Encoder) -> bytes:
+    if encoder.frozen and encoder in _WEIGHTS:
+        return _WEIGHTS[encoder]
+    h = hashlib.blake2b(digest_size=16)
+    for key, tensor in sorted(encoder.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if encoder.frozen:
+        _WEIGHTS[encoder] = h.digest()
+    return h.digest()
+
+
 def encoder_key(name: str, encoder: Encoder, kind: str = "pooled") -> str:
     """Name + config + weights (+ what is kept, pooled vectors or tokens): same key, same features."""
     h = hashlib.blake2b(digest_size=12)
     meta = {"name": name, "config": encoder.config(), **({"kind": kind} if kind != "pooled" else {})}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for key, tensor in sorted(encoder.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(weights_digest(encoder))
     return f"{name}-{h.hexdigest()}" if kind == "pooled" else f"{name}-{kind}-{h.hexdigest()}"
 
 
@@ -201,11 +216,15 @@ class TokenStore:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         values = np.lib.format.open_memmap(f"{prefix}.npy", mode="w+", dtype=np.float16, shape=(int(offsets[-1]), dim))
         mask = np.lib.format.open_memmap(f"{prefix}.mask.npy", mode="w+", dtype=bool, shape=(int(offsets[-1]),))
-        for i, (s, r) in enumerate(where):
-            shard = self._shards[s]
-            a, b = shard.offsets[r], shard.offsets[r + 1]
-            values[offsets[i] : offsets[i + 1]] = shard.values[a:b]
-            mask[offsets[i] : offsets[i + 1]] = shard.mask[a:b]
+        shards, shard_rows = np.array([s for s, _ in where], np.int64), np.array([r for _, r in where], np.int64)
+        for s in np.unique(shards):  # one fancy-indexed copy per shard, not one per value
+            sel = np.flatnonzero(shards == s)
+            shard, n = self._shards[s], lengths[sel]
+            within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            source = np.repeat(shard.offsets[shard_rows[sel]], n) + within
+            target = np.repeat(offsets[sel], n) + within
+            values[target] = shard.values[source]
+            mask[target] = shard.mask[source]
         values.flush()
         mask.flush()
         del values, mask
