@@ -204,7 +204,7 @@ def test_a_rerun_whose_new_candidates_all_fail_leaves_production_untouched(tmp_p
 # ---------------------------------------------------------------- 20. rare labels never become silent classes
 
 
-def test_a_label_seen_once_or_only_outside_train_is_quarantined_or_warned_by_name(tmp_path, caplog):
+def _prepare_labels(tmp_path, rows: list[dict], caplog):
     import json
     import logging
 
@@ -215,9 +215,6 @@ def test_a_label_seen_once_or_only_outside_train_is_quarantined_or_warned_by_nam
 
     raw = tmp_path / "raw"
     raw.mkdir()
-    rows = [{"text": f"item {i}", "width": str(i), "label": "ab"[i % 2]} for i in range(60)]
-    singletons = [f"once{i}" for i in range(8)]  # one row each: the split puts some in val or test
-    rows += [{"text": f"odd {s}", "width": "7", "label": s} for s in singletons]
     pd.DataFrame(rows).to_csv(raw / "manifest.csv", index=False)
     params = Params.model_validate(
         {
@@ -227,18 +224,32 @@ def test_a_label_seen_once_or_only_outside_train_is_quarantined_or_warned_by_nam
         }
     )
     with caplog.at_level(logging.WARNING, logger="mmops.data.prepare"):
-        summary = prepare(raw, tmp_path / "out", params)
+        summary = prepare(raw, tmp_path / "out", params, appended_dir=tmp_path / "none")
     labels = json.loads((tmp_path / "out" / "labels.json").read_text())
     prepared = pd.read_parquet(tmp_path / "out" / "rows.parquet")
-    quarantine = pd.read_csv(tmp_path / "out" / "quarantine.csv")
     # Never a class without a train row: every label the model gets has one.
     assert set(prepared.loc[prepared.split == "train", "label"]) == set(range(len(labels)))
-    kept = [s for s in singletons if s in labels]
-    dropped = [s for s in singletons if s not in labels]
-    assert kept and dropped  # both paths taken (the split is seeded)
-    assert summary["rare_labels"] == sorted(kept)
-    assert all(s in caplog.text for s in kept)
-    for s in dropped:
-        [reason] = quarantine.loc[quarantine.label == s, "reason"]
-        assert f"label '{s}' never seen in the train split" in reason and "unknown target" in reason
-    assert summary["kept"] + summary["quarantined"] == len(rows)
+    return summary, labels, pd.read_csv(tmp_path / "out" / "quarantine.csv", dtype=str)
+
+
+def test_a_label_seen_once_stays_in_train_and_is_warned_about_by_name(tmp_path, caplog):
+    rows = [{"text": f"item {i}", "width": str(i), "label": "ab"[i % 2]} for i in range(60)]
+    singletons = [f"once{i}" for i in range(8)]  # one row each: carved at random, most would leave train
+    rows += [{"text": f"odd {s}", "width": "7", "label": s} for s in singletons]
+    summary, labels, quarantine = _prepare_labels(tmp_path, rows, caplog)
+    assert set(singletons) <= set(labels) and summary["rare_labels"] == singletons
+    assert all(s in caplog.text for s in singletons)
+    assert summary["kept"] == len(rows) and quarantine.empty
+    assert summary["splits"]["test"] > 0 and summary["splits"]["val"] > 0
+
+
+def test_a_label_only_outside_train_is_quarantined_by_name(tmp_path, caplog):
+    rows = [{"text": f"item {i}", "width": str(i), "label": "ab"[i % 2], "split": "train"} for i in range(40)]
+    rows += [{"text": f"test {i}", "width": str(i), "label": "ab"[i % 2], "split": "test"} for i in range(10)]
+    rows += [{"text": f"new {i}", "width": "3", "label": "purple", "split": "test"} for i in range(2)]
+    summary, labels, quarantine = _prepare_labels(tmp_path, rows, caplog)
+    assert "purple" not in labels and summary["kept"] == 50 and summary["quarantined"] == 2
+    assert list(quarantine["label"]) == ["purple", "purple"]
+    for reason in quarantine["reason"]:
+        assert "label 'purple' never seen in the train split (2 rows in val/test)" in reason
+        assert "unknown target" in reason

@@ -295,16 +295,19 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
         else:
             (out_dir / f"{name}.json").write_text(json.dumps(store.values))
 
-    # Split first, then learn the labels from the final train split: a label whose rows all ended up in
-    # val or test (a label seen once, or only in the test part of the manifest) would otherwise become a
-    # class no model can learn. Such rows are quarantined, naming the label.
+    # Split first, then learn the labels from the final train split. A label's only row never leaves
+    # train (it is kept, and warned about); a label whose rows are all outside train (only in the
+    # manifest's test part, or carved away together) would otherwise become a class no model can learn:
+    # such rows are quarantined, naming the label.
     group = next((f"{n}_idx" for n, s in params.inputs.items() if s.kind == "image"), None)
     stratify = task.stratify
+    labelled = bool(task.vocabulary(rows["label"]))  # classes or labels, not numbers
     if not has_split and len(rows):
-        rows.loc[_carve(rows, params.data.test_fraction, params.seed, stratify, group), "split"] = "test"
+        rows.loc[_hold_out(rows, params.data.test_fraction, params.seed, stratify, group, labelled), "split"] = "test"
     train = (rows["split"] == "train").to_numpy()
     if train.sum() > 1:
-        val = _carve(rows[train].reset_index(drop=True), params.data.val_fraction, params.seed, stratify, group)
+        val = _hold_out(rows[train].reset_index(drop=True), params.data.val_fraction, params.seed, stratify, group,
+                        labelled)
         rows.loc[np.flatnonzero(train)[val], "split"] = "val"
 
     train_mask = (rows["split"] == "train").to_numpy()
@@ -351,6 +354,21 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _hold_out(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, group: str | None,
+              labelled: bool) -> np.ndarray:
+    """:func:`_carve` over the rows that may leave the train split: with labels, a row holding the only
+    row of a label stays in train (and is warned about), so no label loses its only training example."""
+    movable = np.ones(len(rows), dtype=bool)
+    if labelled:
+        counts = _label_counts(rows["label"])
+        movable = np.array([all(counts[x] > 1 for x in (v if isinstance(v, tuple | list) else (v,)))
+                            for v in rows["label"]], dtype=bool)
+    held = np.zeros(len(rows), dtype=bool)
+    if movable.any():
+        held[np.flatnonzero(movable)] = _carve(rows[movable].reset_index(drop=True), fraction, seed, stratify, group)
+    return held
 
 
 def _label_counts(labels: pd.Series) -> dict[Any, int]:
