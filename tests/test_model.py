@@ -79,3 +79,36 @@ def test_predictor_caches_frozen_features_and_validates(tmp_path):
         predictor.predict([{"question": "is it red?"}])
     with pytest.raises(InputError, match="audio: is not an input"):
         predictor.predict([{"image": buf.getvalue(), "question": "q", "audio": b""}])
+
+
+def test_a_model_whose_fusion_attends_round_trips_and_serves_word_pieces_from_its_memo(tmp_path):
+    """Frozen MiniLM feeding mm_transformer: the service memoises token sequences, not one vector."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from mmops.core.interfaces import Tokens
+
+    spec = {**SPEC, "fusion": {"name": "mm_transformer", "params": {"width": 16, "layers": 1, "heads": 2}}}
+    torch.manual_seed(0)
+    model = MultimodalModel(spec).eval()
+    model.save(tmp_path / "m")
+    predictor = Predictor(tmp_path / "m")
+    images = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    pngs = []
+    for img in images:
+        buf = BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    questions = ["is it red?", "what shape is in the image?"]
+    out = predictor.predict([{"image": p, "question": q} for p, q in zip(pngs, questions, strict=True)], top_k=3)
+    memo = predictor._caches["question"].data
+    assert len(memo) == 2 and all(isinstance(t, Tokens) and t.length > 3 for t in memo.values())
+    inputs = {"question": model.encoders["question"].preprocess(questions),
+              "image": model.encoders["image"].preprocess(images)}
+    loaded = MultimodalModel.load(tmp_path / "m")
+    with torch.no_grad():
+        probs = torch.softmax(loaded(inputs), dim=1)
+    for row, answer in zip(probs, out, strict=True):
+        assert answer["answer"] == SPEC["labels"][int(row.argmax())]
+        assert abs(answer["top_k"][0]["probability"] - float(row.max())) < 1e-5
