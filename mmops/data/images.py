@@ -45,6 +45,10 @@ def load_image(source: bytes | Path | str, size: int, max_pixels: int = MAX_PIXE
             raise BadImageError("not a decodable image (unknown or unsupported format)") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImageError(f"corrupt or truncated image ({exc})") from exc
+        except Exception as exc:  # Pillow's decoders fail on corrupt files in many other ways, all one bad file
+            raise BadImageError(f"corrupt image ({type(exc).__name__}: {exc})") from exc
+    if rgb.width == 0 or rgb.height == 0:
+        raise BadImageError(f"image has {rgb.width}x{rgb.height} pixels")
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)

@@ -14,9 +14,9 @@ and a small per-row index, never with the size of the manifest or of the files.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,10 +216,7 @@ def _carve(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, group
     that no image is seen on both sides."""
     n_splits = max(2, round(1 / fraction))
     groups = rows[group].to_numpy() if group else np.arange(len(rows))
-    if stratify and rows["label"].nunique() > 1:
-        y = rows["label"].to_numpy()
-    else:
-        y = np.zeros(len(rows), dtype=np.int64)
+    y = rows["label"].to_numpy() if stratify and rows["label"].nunique() > 1 else np.zeros(len(rows), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     held = np.zeros(len(rows), dtype=bool)
     try:
@@ -340,7 +337,8 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
         original = pd.concat(bad_rows, ignore_index=True).drop_duplicates(["source", "line"])
         quarantine = quarantine.merge(original, on=["source", "line"], how="left")
     quarantine = quarantine.sort_values(["source", "line"], kind="stable")
-    quarantine.to_csv(out_dir / "quarantine.csv", index=False)
+    # Every cell quoted: a bad row's own cells may hold a bare CR, which unquoted would split the row in two.
+    quarantine.to_csv(out_dir / "quarantine.csv", index=False, quoting=csv.QUOTE_NONNUMERIC)
     summary = {
         "rows": total,
         "kept": len(rows),
