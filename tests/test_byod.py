@@ -100,6 +100,20 @@ def test_files_to_served_model(tmp_path: Path, kind: str) -> None:
         missing = {k: v for k, v in items[0].items() if k != "image"}
         bad = httpx.post(f"{url}/predict_batch", json={"items": [missing]}, timeout=30)
         assert bad.status_code == 400 and "image" in bad.text
+        # /predict takes this model's own fields as a form, the audio as a file part (it was a 500).
+        first = test_rows.iloc[0]
+        files = {"image": ("x.png", (incoming / first["image"]).read_bytes(), "image/png"),
+                 "audio": ("x.wav", (incoming / first["audio"]).read_bytes(), "audio/wav")}
+        fields = {c: first[c] for c in ("text", "width", "height", "shop")}
+        form = httpx.post(f"{url}/predict", files=files, data=fields, timeout=30)
+        assert form.status_code == 200, form.text
+        if kind == "regression":
+            assert abs(form.json()["answer"] - answers[0]["answer"]) < 1e-3
+        else:
+            assert form.json()["answer"] == answers[0]["answer"]
+        extra = {**files, "extra": ("x.bin", bytes(range(256)), "application/octet-stream")}
+        bad = httpx.post(f"{url}/predict", files=extra, data=fields, timeout=30)
+        assert bad.status_code == 400 and "extra: is not an input of this model" in bad.text, bad.text
 
 
 @pytest.mark.parametrize("template", ["vqa", "retrieval"])

@@ -295,7 +295,10 @@ class ServingMiddleware:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
 
-        await self.app(scope, receive, capture)
+        try:
+            await self.app(scope, receive, capture)
+        except Exception:  # BentoML raises while the model is loading: not ready, not a 500
+            status.clear()
         code = status[0] if status else 503
         await _send_json(send, code, {"ready": code == 200, "model": _served.get("model")})
 
