@@ -7,17 +7,20 @@ on the PYTHONPATH those subprocesses get (the project's environment is never mod
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port, make_project
 
 EXAMPLE = REPO / "examples" / "fusion-plugin"
 TINY_SPEC = {
@@ -174,3 +177,185 @@ def test_a_plugin_the_environment_lacks_is_named_before_building():
 
     with pytest.raises(PluginError, match=r"fusion 'mlb'.*install the package"):
         plugin_distributions({**TINY_SPEC, "fusion": {"name": "mlb", "params": {}}})
+
+
+# Trains the default candidate and the third-party one on a little easy-VQA (no flow, no DVC: the bentos are
+# the point here), then builds a bento for each in this one process.
+TRAIN_AND_BUILD = """
+import json, sys
+from pathlib import Path
+from mmops.data.easyvqa import import_easy_vqa
+from mmops.data.featurize import featurize
+from mmops.data.prepare import prepare
+from mmops.pipeline import train_one
+from mmops.project import Project, configure_environment
+from mmops.serving.package import build_bento, save_to_store
+project = Project.at(sys.argv[1])
+configure_environment(project)
+params, data = project.params, project.root / "data"
+import_easy_vqa(data / "raw", limit=params.data.limit)
+prepare(data / "raw", project.prepared_dir, params)
+featurize(project.prepared_dir, project.features_dir, params)
+built = {}
+for candidate in params.candidates:
+    result = train_one(project, candidate)
+    assert result["status"] == "completed", result
+    tag = save_to_store(Path(result["model_dir"]), "easy-vqa", labels={"registry_version": candidate.name}, metadata={})
+    built[candidate.name] = [tag, build_bento(tag)]
+print(json.dumps(built))
+"""
+# Run by the fresh environment's python: the service's own model process answers a decoded request, and
+# nothing of training (the flow, DVC, Prefect, the registry, the training loop) was imported on the way.
+CHECK = """
+import json, sys
+from pathlib import Path
+import mmops
+import mmops.serving.service as service
+from mmops.serving.predictor import Limits, RowDecoder
+model = service.ModelService()
+spec = json.loads((Path(model.model_ref.path) / "spec.json").read_text())
+row = RowDecoder(spec, Limits(spec)).validate({"image": Path(sys.argv[1]).read_bytes(), "question": sys.argv[2]})
+[answer] = model.infer([row])
+training = sorted(m for m in sys.modules if m.split(".")[0] in {"prefect", "dvc", "mmops_flows"}
+                  or m.startswith(("mmops.training", "mmops.pipeline", "mmops.registry")))
+print(json.dumps({"mmops": mmops.__file__, "answer": answer["answer"], "training_modules": training,
+                  "fusion": type(model.predictor.model.fusion).__module__}))
+"""
+
+
+def _clean_env(venv: Path, home: Path) -> dict[str, str]:
+    """Only the fresh environment: its bin first, no PYTHONPATH, no project, the relocated BentoML home."""
+    keep = {k: v for k, v in os.environ.items() if k.startswith("PIP_") or k in ("HOME", "LANG", "TMPDIR")}
+    return {
+        **keep,
+        "PATH": f"{venv / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "VIRTUAL_ENV": str(venv),
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def _relocate(store: Path, home: Path, model_tag: str, bento_tag: str) -> Path:
+    """What `bentoml export` + `import` (or containerize) carries to another machine: the bento and its model."""
+    for kind, tag in (("models", model_tag), ("bentos", bento_tag)):
+        name, version = tag.split(":")
+        shutil.copytree(store / kind / name / version, home / kind / name / version)
+    return home / "bentos" / bento_tag.replace(":", "/")
+
+
+def _serve_and_ask(venv: Path, home: Path, bento_tag: str, image: Path, question: str) -> dict:
+    port = free_port()
+    log = home / f"serve-{port}.log"
+    proc = subprocess.Popen(
+        [venv / "bin" / "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=home,
+        env=_clean_env(venv, home),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise AssertionError(log.read_text()[-4000:])
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        r = httpx.post(
+            f"{url}/predict",
+            files={"image": ("q.png", image.read_bytes(), "image/png")},
+            data={"question": question},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_bentos_serve_from_an_environment_made_of_their_own_files_only(plugin_site: Path, tmp_path: Path):
+    """The default model and one with a third-party fusion, each served from a bento in a fresh virtual environment
+    that has only what the bento's env/python installs (requirements.txt from the local index, then its wheels)."""
+    root = make_project(
+        tmp_path / "proj",
+        {
+            "data": {"limit": 150, "image_size": 16},
+            "train": {"epochs": 1, "patience": 1, "batch_size": 64},
+            "candidates": [
+                {"name": "concat", "fusion": "concat", "params": {"hidden": 16}},
+                {"name": "mlb", "fusion": "mlb", "params": {"rank": 8, "hidden": 16}},
+            ],
+        },
+    )
+    store = root / ".mmops" / "bentoml"
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_AND_BUILD, str(root)],
+        env=_env(store, plugin_site),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    built = json.loads(proc.stdout.splitlines()[-1])
+    row = next(r for r in csv.DictReader((root / "data" / "raw" / "manifest.csv").open()) if r["split"] == "test")
+    image, question = root / "data" / "raw" / row["image"], row["question"]
+
+    home, venv = tmp_path / "elsewhere", tmp_path / "venv"
+    default, plugin = (_relocate(store, home, *built[name]) for name in ("concat", "mlb"))
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)  # no system site-packages
+
+    def install(bento: Path) -> None:  # what the bento's container runs
+        done = subprocess.run(
+            ["bash", str(bento / "env" / "python" / "install.sh")],
+            env=_clean_env(venv, home),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def check(model_tag: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [venv / "bin" / "python", "-c", CHECK, str(image), question],
+            cwd=home,
+            env={**_clean_env(venv, home), "MMOPS_MODEL_TAG": model_tag},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    install(default)
+    first = check(built["concat"][0])
+    assert first.returncode == 0, first.stderr[-4000:]
+    answer = json.loads(first.stdout.splitlines()[-1])
+    assert answer["mmops"].startswith(str(venv)) and answer["training_modules"] == []
+    assert answer["fusion"] == "mmops_plugins.fusions.concat"
+    served = _serve_and_ask(venv, home, built["concat"][1], image, question)
+    assert served["model"] == "concat" and served["answer"] == answer["answer"]
+
+    # Without the plugin bento's own wheels the plugin model cannot load: its fusion is nowhere.
+    lacking = check(built["mlb"][0])
+    assert lacking.returncode != 0 and "unknown fusion 'mlb'" in lacking.stderr
+    # The plugin bento's env/python is the default one plus the plugin's wheel: installing it over this
+    # environment gives the environment it would make from nothing (the same requirements, the same mmops wheel).
+    env_files = [b / "env" / "python" for b in (default, plugin)]
+    assert (env_files[0] / "requirements.txt").read_text() == (env_files[1] / "requirements.txt").read_text()
+    assert {w.name for w in (env_files[1] / "wheels").iterdir()} == {
+        "mmops-0.1.0-py3-none-any.whl",
+        "mmops_mlb-0.1.0-py3-none-any.whl",
+    }
+    assert _files(env_files[0] / "wheels" / "mmops-0.1.0-py3-none-any.whl") == _files(
+        env_files[1] / "wheels" / "mmops-0.1.0-py3-none-any.whl"
+    )
+    install(plugin)
+    second = check(built["mlb"][0])
+    assert second.returncode == 0, second.stderr[-4000:]
+    answer = json.loads(second.stdout.splitlines()[-1])
+    assert answer["fusion"] == "mmops_mlb.fusion" and answer["training_modules"] == []
+    served = _serve_and_ask(venv, home, built["mlb"][1], image, question)
+    assert served["model"] == "mlb" and served["answer"] == answer["answer"]
