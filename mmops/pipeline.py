@@ -69,8 +69,12 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
     project.appended_dir.mkdir(parents=True, exist_ok=True)
     # DVC prints its own progress; don't let it reach the root handler a second time (Prefect's).
     logging.getLogger("dvc").propagate = False
+    _quiet_known_notices(project)
     outcome = {}
     with Repo(str(project.root)) as repo:
+        # "To track the changes with git, run: git add dvc.lock ..." after every stage of every run is
+        # noise here: dvc.lock is versioned by the user's own commits, and the registry records it.
+        repo.scm_context.quiet = True
         for stage in stages:
             changed = bool(repo.status(targets=[stage]))
             # Features without the token sequences a candidate's fusion now attends over: run it again.
@@ -81,6 +85,37 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
             repo.reproduce(targets=stage, single_item=True, run_cache=False, force=force)
             outcome[stage] = "ran" if changed else "skipped"
     return outcome
+
+
+class _DropEmptyAppended(logging.Filter):
+    """DVC warns "'data/appended' is empty." on every run until the first ``mmops data append``; mmops
+    creates that folder empty on purpose (a missing dependency would fail the stage)."""
+
+    def __init__(self, appended: Path) -> None:
+        super().__init__()
+        self.appended = appended
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "'%s' is empty." or not record.args:
+            return True
+        arg = record.args[0] if isinstance(record.args, tuple) else record.args
+        return Path(str(arg)).name != self.appended.name
+
+
+def _drop_cuda_fallback(record: logging.LogRecord) -> bool:
+    """BentoML warns on every build that ``docker.cuda_version`` makes it use its v1 image format: that
+    fallback is what keeps the CUDA image for ``bentoml containerize``, so the warning says nothing new."""
+    return not str(record.msg).startswith("docker.cuda_version is not supported by bento v2")
+
+
+def _quiet_known_notices(project: Project) -> None:
+    """Drop the library notices that repeated on every run and need no action; once per process."""
+    dvc = logging.getLogger("dvc.output")
+    if not any(isinstance(f, _DropEmptyAppended) for f in dvc.filters):
+        dvc.addFilter(_DropEmptyAppended(project.appended_dir))
+    build = logging.getLogger("bentoml.build")
+    if _drop_cuda_fallback not in build.filters:
+        build.addFilter(_drop_cuda_fallback)
 
 
 def data_version(project: Project) -> dict[str, str]:
@@ -309,6 +344,7 @@ def register_and_package(project: Project, best: dict, build: bool = True) -> di
 
     name = project.params.registry.model_name
     registry = Registry(project.db_url)
+    _quiet_known_notices(project)
     if existing := registered_version(registry, name, best["run_id"], build):
         return existing  # an unchanged best candidate is not registered (or built) twice
     version = registry.add_model_version(name, best["run_id"], metrics=best["final"])

@@ -6,6 +6,7 @@ quick commands stay instant, and so the environment is configured before Prefect
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -38,6 +39,39 @@ app.add_typer(schedule_app, name="schedule", rich_help_panel="Registry and lifec
 app.command(rich_help_panel="Registry and lifecycle")(worker)
 
 _project, _fail = load_project, fail
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    project_dir: Annotated[Path | None, typer.Option(
+        "--project", "-p", envvar="MMOPS_PROJECT", show_envvar=False,
+        help="project directory for any command, before the command's name (a command's own --project wins)")] = None,
+) -> None:
+    # Every command reads MMOPS_PROJECT as its --project default: set it for this invocation only.
+    if project_dir is None:
+        return
+    before = os.environ.get("MMOPS_PROJECT")
+    os.environ["MMOPS_PROJECT"] = str(project_dir)
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop("MMOPS_PROJECT", None)
+        else:
+            os.environ["MMOPS_PROJECT"] = before
+
+    ctx.call_on_close(restore)
+
+
+def masked_url(url: str) -> str:
+    """A database URL fit to print: the password as ``***``, as ``mmops db`` shows it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<unparsable database URL>"
 
 
 # ---------------------------------------------------------------- projects
@@ -284,7 +318,8 @@ def run(
     from mmops_flows.retrain import retrain
 
     config = _runner(project, runner, workers, address)
-    console.print(f"[bold]retrain[/] flow on {project.root} (registry: {project.db_url}, runner: {config.kind})")
+    console.print(f"[bold]retrain[/] flow on {project.root} (registry: {masked_url(project.db_url)}, "
+                  f"runner: {config.kind})")
     with epoch_progress(console, project.params.select_metric):
         out = retrain(str(project.root), build_bento=bento, force=force, runner=config.model_dump())
     _print_stages(out["stages"])
@@ -450,6 +485,20 @@ def _latest(project: Project, field: str) -> str:
     return getattr(versions[0], field)
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, no such address), or None: checked before
+    ``bentoml serve`` starts, which would otherwise die with a raw OSError traceback."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            return "the port is already in use" if exc.errno == errno.EADDRINUSE else "permission denied"
+        return exc.strerror or str(exc)
+
+
 @app.command()
 def serve(
     project_dir: ProjectOpt = Path("."),
@@ -469,6 +518,8 @@ def serve(
         if not torch.cuda.is_available():
             raise _fail("--gpu: this torch build sees no CUDA device (install a CUDA build of torch on a GPU host)")
         env.update({"MMOPS_GPU": "1", "MMOPS_DEVICE": "cuda", "MMOPS_AUTOCAST": autocast})
+    if problem := _port_taken(host, port):
+        raise _fail(f"cannot serve on {host}:{port}: {problem}. Stop whatever holds it or pass --port N", 2)
     console.print(f"serving {tag} on http://{host}:{port}" + (f" (GPU, autocast {autocast})" if gpu else ""))
     cmd = [sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)]
     raise typer.Exit(run_process_group(cmd, env))
