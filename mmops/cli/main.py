@@ -305,16 +305,18 @@ def run(
 ) -> None:
     """Run the retrain flow: DVC data stages, train candidates, evaluate, register, package."""
     project = _project(project_dir)
-    _check_plugins(project)
     from mmops import pipeline
 
     started = time.perf_counter()
+    # Checked after the no-op test (plugins import torch: seconds): a config that trained unchanged has
+    # nothing new to check, and any change makes up_to_date None before a stage runs.
     if not force and (same := pipeline.up_to_date(project, bento)):
         _print_stages(same["stages"])
         print_leaderboard(same["results"], same["best"], project.params.select_metric)
         console.print(f"nothing changed: {same['model_version']} ({same['bento_tag'] or same['model_tag']}) stands; "
                       f"--force retrains.  [{time.perf_counter() - started:.1f} s]")
         return
+    _check_plugins(project)
     from mmops_flows.retrain import retrain
 
     config = _runner(project, runner, workers, address)
