@@ -11,7 +11,7 @@ import abc
 import inspect
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -84,7 +84,7 @@ class Tokens:
         weights = self.mask.unsqueeze(-1).to(self.values.dtype)
         return (self.values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-    def map(self, fn: Any) -> Tokens:
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Tokens:
         """``fn`` applied to the values (a projection), same mask."""
         return Tokens(fn(self.values), self.mask)
 
