@@ -134,6 +134,35 @@ class _TooLarge(Exception):
     pass
 
 
+class _Body:
+    """A request body read from ASGI ``receive`` in chunks, refused past ``limit`` bytes."""
+
+    def __init__(self, receive: Any, limit: int) -> None:
+        self.receive, self.limit, self.size, self.done = receive, limit, 0, False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while not self.done:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            self.size += len(chunk)
+            self.done = not message.get("more_body", False)
+            if self.size > self.limit:
+                raise _TooLarge()
+            if chunk:
+                yield chunk
+
+    async def drain(self) -> bool:
+        """Read the rest and drop it; False when it is over the limit or the client left."""
+        try:
+            async for _ in self.chunks():
+                pass
+        except (_TooLarge, ClientDisconnect):
+            return False
+        return True
+
+
 class _SpoolingParser(MultiPartParser):
     """Starlette's streaming multipart parser, keeping only small parts in memory."""
 
@@ -180,57 +209,49 @@ class ServingMiddleware:
             await self.app(scope, receive, send_with_model)
             return
         limits: Limits = _served.get("limits") or LIMITS
+        body = _Body(receive, limits.request_bytes)
+        path = scope.get("path")
         declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
         size = int(declared) if declared.isdigit() else None
         if size is not None and size > limits.request_bytes:
-            await self._reject(send_with_model, scope, *self._too_large(size, limits))
+            await self._reject(send_with_model, scope, *self._too_large(size, limits))  # not read: closes
             return
-        admitted = scope.get("path") in ADMITTED_PATHS
+        admitted = path in ADMITTED_PATHS
         reserve = size if size is not None else limits.request_bytes
         if admitted and not self.admission.enter(reserve, INFLIGHT_BYTES or 2 * limits.request_bytes):
-            await self._reject(
-                send_with_model,
-                scope,
-                503,
-                (
-                    f"overloaded: {self.admission.requests} requests in flight "
-                    f"(MMOPS_MAX_QUEUE={self.admission.max_requests}), retry after {RETRY_AFTER_S} s"
-                ),
+            message = (
+                f"overloaded: {self.admission.requests} requests in flight "
+                f"(MMOPS_MAX_QUEUE={self.admission.max_requests}), retry after {RETRY_AFTER_S} s"
             )
+            await self._reject(send_with_model, scope, 503, message, body)
             return
         held: Any = None
         try:
             form_type = _is_form(scope)
-            if form_type and scope.get("path") != "/predict":
-                await self._reject(
-                    send_with_model,
-                    scope,
-                    415,
-                    f"{scope.get('path')} takes a JSON body (application/json); multipart forms go to /predict",
-                )
+            if form_type and path != "/predict":
+                message = f"{path} takes a JSON body (application/json); multipart forms go to /predict"
+                await self._reject(send_with_model, scope, 415, message, body)
                 return
-            if not form_type and scope.get("path") == "/predict":
-                await self._reject(
-                    send_with_model,
-                    scope,
-                    415,
-                    "/predict takes a multipart form "
-                    "(multipart/form-data) of the model's inputs; JSON goes to /predict_batch",
+            if not form_type and path == "/predict":
+                message = (
+                    "/predict takes a multipart form (multipart/form-data) of the model's inputs; "
+                    "JSON goes to /predict_batch"
                 )
+                await self._reject(send_with_model, scope, 415, message, body)
                 return
             try:
                 if form_type:
-                    held = await self._parse_form(scope, receive, limits, form_type)
+                    held = await self._parse_form(scope, body, form_type)
                     scope[FORM_SCOPE_KEY] = held
                     receive = _replay(b"", receive)
                 else:
-                    held = await self._spool(receive, limits)
+                    held = await self._spool(body)
                     receive = _replay_file(held, receive)
             except _TooLarge:
                 await self._reject(send_with_model, scope, *self._too_large(None, limits))
                 return
             except MultiPartException as exc:
-                await self._reject(send_with_model, scope, 400, f"multipart body: {exc.message}")
+                await self._reject(send_with_model, scope, 400, f"multipart body: {exc.message}", body)
                 return
             except ClientDisconnect:
                 return
@@ -244,10 +265,13 @@ class ServingMiddleware:
                 held.close()
 
     @staticmethod
-    async def _reject(send: Any, scope: dict, status: int, message: str) -> None:
+    async def _reject(send: Any, scope: dict, status: int, message: str, body: _Body | None = None) -> None:
+        """Answer ``status`` at once. The rest of the body is read and dropped first where it is within
+        the limit, so the client, still sending, gets the answer rather than a reset connection; a body
+        left unread closes the connection."""
         log.info("rejected %s: %s", scope.get("path"), message)
-        # The body may be unread: the connection cannot carry another request.
-        await _send_json(send, status, {"error": message}, close=True)
+        drained = body is not None and await body.drain()
+        await _send_json(send, status, {"error": message}, close=not drained)
 
     @staticmethod
     def _too_large(size: int | None, limits: Limits) -> tuple[int, str]:
@@ -255,32 +279,18 @@ class ServingMiddleware:
         return 413, f"request body: {shown}, over the limit of {limits.request_bytes} (MMOPS_MAX_REQUEST_BYTES)"
 
     @staticmethod
-    async def _chunks(receive: Any, limit: int) -> AsyncIterator[bytes]:
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _TooLarge()
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
-
-    async def _parse_form(self, scope: dict, receive: Any, limits: Limits, form_type: str) -> FormData:
+    async def _parse_form(scope: dict, body: _Body, form_type: str) -> FormData:
         headers = Headers(scope=scope)
-        stream = self._chunks(receive, limits.request_bytes)
         if form_type == "multipart":
-            return await _SpoolingParser(headers, stream, max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS).parse()
-        return await FormParser(headers, stream, max_fields=MAX_FORM_PARTS).parse()
+            parser = _SpoolingParser(headers, body.chunks(), max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS)
+            return await parser.parse()
+        return await FormParser(headers, body.chunks(), max_fields=MAX_FORM_PARTS).parse()
 
-    async def _spool(self, receive: Any, limits: Limits) -> SpooledTemporaryFile:
+    @staticmethod
+    async def _spool(body: _Body) -> SpooledTemporaryFile:
         spool = SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed once the response is sent)
         try:
-            async for chunk in self._chunks(receive, limits.request_bytes):
+            async for chunk in body.chunks():
                 spool.write(chunk)
         except BaseException:
             spool.close()
