@@ -124,6 +124,23 @@ def test_rebuilding_an_init_project_packs_its_own_files_and_the_plugin_wheels(pl
         assert wheels == {"mmops-0.1.0-py3-none-any.whl", "mmops_mlb-0.1.0-py3-none-any.whl"}
 
 
+def _record_is_true(wheel: Path) -> bool:
+    """Every file of the wheel is in its RECORD with its sha256 and size, as installers expect."""
+    import base64
+    import hashlib
+
+    with zipfile.ZipFile(wheel) as z:
+        [record] = [n for n in z.namelist() if n.endswith(".dist-info/RECORD")]
+        rows = {row[0]: row[1:] for row in csv.reader(z.read(record).decode().splitlines())}
+        for name in z.namelist():
+            if name != record:
+                data = z.read(name)
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                if rows.get(name) != [f"sha256={digest}", str(len(data))]:
+                    return False
+    return set(rows) == set(z.namelist())
+
+
 def test_plugin_wheels_come_from_the_source_folder_or_the_installed_files(plugin_site: Path, tmp_path: Path):
     from mmops.serving import package
 
@@ -136,38 +153,53 @@ names = plugin_distributions(spec)
 print(json.dumps([names, [str(plugin_wheel(n, Path(sys.argv[2]))) for n in names]]))
 """
     spec = {**TINY_SPEC, "fusion": {"name": "mlb", "params": {}}}
+    site = tmp_path / "site"
+    shutil.copytree(plugin_site, site)  # changed below; other tests share the fixture
+    [info] = site.glob("mmops_mlb-*.dist-info")
 
-    def wheels(out: Path) -> tuple[list[str], list[Path]]:
+    def wheel(out: Path) -> Path:
         proc = subprocess.run(
             [sys.executable, "-c", code, json.dumps(spec), str(out)],
             capture_output=True,
             text=True,
-            env=_env(tmp_path / "bentoml", plugin_site),
+            env=_env(tmp_path / "bentoml", site),
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        names, paths = json.loads(proc.stdout.splitlines()[-1])
-        return names, [Path(p) for p in paths]
+        names, [path] = json.loads(proc.stdout.splitlines()[-1])
+        assert names == ["mmops-mlb"]
+        assert Path(path).name == "mmops_mlb-0.1.0-py3-none-any.whl"
+        return Path(path)
 
-    names, [built] = wheels(tmp_path / "from-source")
-    assert names == ["mmops-mlb"] and built.name == "mmops_mlb-0.1.0-py3-none-any.whl"
     expected = {"mmops_mlb/__init__.py", "mmops_mlb/fusion.py", "mmops_mlb-0.1.0.dist-info/entry_points.txt"}
-    assert expected <= _files(built)
+    # `pip install DIR`: built from that folder, which direct_url.json names.
+    assert expected <= _files(wheel(tmp_path / "from-source"))
 
     # Installed from an index: no source folder recorded, so the wheel is packed from the installed files.
-    [info] = plugin_site.glob("mmops_mlb-*.dist-info")
-    (info / "direct_url.json").unlink()
-    _, [repacked] = wheels(tmp_path / "repacked")
-    assert repacked.name == "mmops_mlb-0.1.0-py3-none-any.whl"
+    direct_url = info / "direct_url.json"
+    direct_url.unlink()
+    repacked = wheel(tmp_path / "repacked")
     assert expected <= _files(repacked) and not any("__pycache__" in f for f in _files(repacked))
-    site = tmp_path / "reinstalled"
+    assert _record_is_true(repacked)
+    reinstalled = tmp_path / "reinstalled"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(repacked)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(reinstalled), str(repacked)],
         check=True,
         capture_output=True,
         timeout=120,
-    )  # pip checks every file against RECORD
-    assert "mlb = mmops_mlb.fusion:MLBFusion" in next(site.glob("*.dist-info/entry_points.txt")).read_text()
+    )
+    entry_points = next(reinstalled.glob("*.dist-info/entry_points.txt")).read_text()
+    assert "mlb = mmops_mlb.fusion:MLBFusion" in entry_points
+
+    # `pip install -e DIR`: the installed files are only a pointer; the wheel is built from DIR as it is now.
+    source = tmp_path / "editable-src"
+    shutil.copytree(EXAMPLE, source)
+    (source / "mmops_mlb" / "edited.py").write_text("EDITED = True\n")
+    direct_url.write_text(json.dumps({"url": source.as_uri(), "dir_info": {"editable": True}}))
+    shutil.rmtree(site / "mmops_mlb")
+    assert expected | {"mmops_mlb/edited.py"} <= _files(wheel(tmp_path / "editable"))
+    assert not (source / "build").exists()  # built from a copy: the user's folder is left as it was
+
     assert package.plugin_distributions(TINY_SPEC) == []  # built-ins travel in the mmops wheel
 
 
@@ -233,6 +265,7 @@ def _clean_env(venv: Path, home: Path) -> dict[str, str]:
         "BENTOML_HOME": str(home),
         "BENTOML_DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",
+        "PIP_NO_COMPILE": "1",  # the same files, minutes faster: byte code is written on first import anyway
     }
 
 
