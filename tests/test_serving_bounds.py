@@ -334,9 +334,11 @@ def test_beyond_the_queue_requests_get_503_with_retry_after_at_once():
 
 # ---------------------------------------------------------------- the served bento (slow)
 
-# Peak resident memory of the whole service (`bentoml serve`, the HTTP front and the model process)
-# while 16 clients send maximum-size bodies; README's serving section states the same figure.
-PEAK_RSS_BOUND = 1536 * 2**20
+# Resident memory of the whole service (`bentoml serve`, the HTTP front and the model process) while 16
+# clients send maximum-size bodies, above its idle figure; README's serving section states the same.
+# From the limits: at most 2 x MMOPS_MAX_REQUEST_BYTES (64 MiB) of bodies in flight, each about 3 times
+# its size while a JSON body is parsed (bytes, str, decoded files), plus 2 images decoding at once.
+GROWTH_BOUND = 512 * 2**20
 
 
 def _bento(root: Path) -> str:
@@ -369,8 +371,8 @@ def _question(root: Path) -> str:
 @pytest.mark.slow
 def test_memory_stays_bounded_under_maximum_size_bodies(trained_project):
     """16 clients, 30 s: half post the largest image the model accepts to /predict, half the largest
-    /predict_batch body; every request is answered 2xx, 4xx or 503 and the service's peak RSS stays
-    under PEAK_RSS_BOUND."""
+    /predict_batch body; every request is answered 2xx, 4xx or 503 and the service's RSS stays within
+    GROWTH_BOUND of its idle figure."""
     from conftest import serve_bento
 
     root, _ = trained_project
@@ -386,6 +388,8 @@ def test_memory_stays_bounded_under_maximum_size_bodies(trained_project):
         batch = json.dumps({"items": [item] * n}).encode()
         assert n >= 1 and len(batch) > limits["request_bytes"] * 0.8, (n, len(batch), limits)
 
+        httpx.post(f"{url}/predict_batch", content=batch, headers={"content-type": "application/json"}, timeout=120)
+        idle = _tree_rss(proc.pid)  # warm: every code path has run once
         statuses: dict[int, int] = {}
         lost: list[str] = []
         stop_at = time.monotonic() + 30
@@ -417,11 +421,12 @@ def test_memory_stays_bounded_under_maximum_size_bodies(trained_project):
         for t in threads:
             t.join()
         peak = max(samples)
-        print(f"\npeak RSS {peak / 2**20:.0f} MiB, statuses {statuses}, lost {len(lost)}")
+        print(f"\nidle RSS {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB (+{(peak - idle) / 2**20:.0f} MiB); "
+              f"statuses {statuses}, lost {len(lost)}; bodies {len(image)} B (/predict), {len(batch)} B ({n} rows)")
         assert not lost, lost[:5]
         assert all(200 <= s < 300 or 400 <= s < 500 or s == 503 for s in statuses), statuses
         assert statuses.get(200, 0) >= 16, statuses
-        assert peak < PEAK_RSS_BOUND, f"peak RSS {peak / 2**20:.0f} MiB"
+        assert peak - idle < GROWTH_BOUND, f"idle {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB"
 
 
 def _percentile(values: list[float], q: float) -> float:
