@@ -39,12 +39,15 @@ def retrain(project_dir: str = ".", build_bento: bool = True, force: bool = Fals
     and promote it if it beats the production version on the test split."""
     project = Project.at(project_dir)
     configure_environment(project)  # a deployment run may start in a process mmops did not configure
-    swept = sweep_flow.configured(project, RunnerConfig(**runner) if runner else None)(str(project.root), force=force)
-    stages, results, best = swept["stages"], swept["results"], swept["best"]
-    shipped = register_and_package(str(project.root), best, build_bento)
-    promotion = champion_challenger(str(project.root), shipped["model_version"], best["model_dir"],
-                                    {"stages": stages, "flow_run_id": str(flow_run.id) if flow_run.id else None})
-    html = report(str(project.root), best["candidate"])
+    # One run per project at a time: a scheduled run waits for a manual one (`mmops run` already holds it).
+    with pipeline.run_guard(project, wait=True):
+        swept = sweep_flow.configured(project, RunnerConfig(**runner) if runner else None)(str(project.root),
+                                                                                          force=force)
+        stages, results, best = swept["stages"], swept["results"], swept["best"]
+        shipped = register_and_package(str(project.root), best, build_bento)
+        promotion = champion_challenger(str(project.root), shipped["model_version"], best["model_dir"],
+                                        {"stages": stages, "flow_run_id": str(flow_run.id) if flow_run.id else None})
+        html = report(str(project.root), best["candidate"])
     return {"stages": stages, "results": results, "best": best["candidate"], **shipped, "promotion": promotion,
             "report": html}
 

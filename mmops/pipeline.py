@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import traceback
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from mmops.config import CandidateConfig
-from mmops.project import Project
+from mmops.project import Project, atomic_write, remove_stale_temp_files, run_lock
 from mmops.registry.store import Registry
 
 DATA_STAGES = ("import", "prepare", "featurize")
@@ -85,6 +86,65 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
             repo.reproduce(targets=stage, single_item=True, run_cache=False, force=force)
             outcome[stage] = "ran" if changed else "skipped"
     return outcome
+
+
+def _mark_running(project: Project, run_id: str) -> Path:
+    """A file per registry run in progress: a run that finds one left behind knows its process died."""
+    folder = project.state_dir / "running"
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    return atomic_write(folder / f"{run_id}.json", json.dumps(info))
+
+
+@contextlib.contextmanager
+def run_guard(project: Project, wait: bool = False) -> Iterator[None]:
+    """Hold the project's run lock; the outermost holder first cleans up after a run that was killed:
+    its registry runs still ``running`` become ``aborted`` with the reason, its temporary files go."""
+    with run_lock(project, wait=wait) as outermost:
+        if outermost:
+            recover_interrupted(project)
+        yield
+
+
+def recover_interrupted(project: Project) -> list[str]:
+    """Call holding the run lock: every marker left in ``.mmops/running`` belongs to a dead process."""
+    folder = project.state_dir / "running"
+    markers = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    orphans: dict[str, dict] = {}
+    for marker in markers:
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            info = {"run_id": marker.stem}
+        if info.get("host") == socket.gethostname() and info.get("pid") != os.getpid() and _alive(info.get("pid")):
+            continue  # a live process on this host still owns it (a run outside the lock)
+        orphans[info.get("run_id", marker.stem)] = info
+    aborted = []
+    if orphans:
+        registry = Registry(project.db_url)
+        for run_id, info in orphans.items():
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if "started" in info else "?"
+            aborted += registry.mark_aborted([run_id], f"aborted: the process running it (pid {info.get('pid', '?')} "
+                                                       f"on {info.get('host', '?')}, started {when}) ended without "
+                                                       "finishing it (killed?); found by the next run")
+        for marker in markers:
+            if marker.stem in orphans:
+                marker.unlink(missing_ok=True)
+    remove_stale_temp_files(project.models_dir, project.metrics_dir, project.root / "data" / "feature-cache",
+                            project.state_dir / "running")
+    return aborted
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _DropEmptyAppended(logging.Filter):
@@ -168,7 +228,10 @@ def reusable_result(project: Project, candidate: CandidateConfig) -> dict | None
     path = project.models_dir / candidate.name / "result.json"
     if not path.is_file():
         return None
-    result = json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable: retrain rather than trust it
+        return None
     if result.get("fingerprint") != fingerprint(project, candidate) or "run_id" not in result:
         return None
     return result
@@ -200,8 +263,6 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     run is reused (``force`` retrains anyway). Transient errors (a lost connection) are re-raised
     after recording, so the orchestrator can retry them.
     """
-    from mmops.training.loop import Dataset, train_candidate
-
     if not force and (previous := reusable_result(project, candidate)):
         _notify("end", candidate.name, status="completed", reused=True)
         return {**previous, "status": "completed", "reused": True}
@@ -219,6 +280,21 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
         seed=params.seed, data_version=data_version(project), git_commit=project.git_commit(),
         flow_run_id=flow_run_id,
     )
+    marker = _mark_running(project, run_id)
+    try:
+        return _train_recorded(project, candidate, registry, run_id)
+    except BaseException as exc:  # Ctrl-C, or an error while recording: the run did not finish
+        with contextlib.suppress(Exception):
+            registry.mark_aborted([run_id], f"aborted: interrupted by {type(exc).__name__}")
+        raise
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _train_recorded(project: Project, candidate: CandidateConfig, registry: Registry, run_id: str) -> dict:
+    from mmops.training.loop import Dataset, train_candidate
+
+    params = project.params
     started = time.perf_counter()
 
     def on_epoch(_: str, record: dict) -> None:
@@ -246,7 +322,8 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     registry.log_metrics(run_id, final)
     registry.finish_run(run_id, "completed", time.perf_counter() - started, artifact=result["model_dir"])
     done = {**result, "run_id": run_id, "final": final, "fingerprint": fingerprint(project, candidate)}
-    (Path(result["model_dir"]) / "result.json").write_text(json.dumps(done, indent=2))
+    # result.json is what makes a trained candidate reusable: written whole or not at all.
+    atomic_write(Path(result["model_dir"]) / "result.json", json.dumps(done, indent=2))
     _notify("end", candidate.name, status="completed")
     return {**done, "status": "completed", "reused": False}
 
@@ -292,28 +369,28 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
          **({"params": int(n) if (n := model_size(r)) != math.inf else None} if r["status"] == "completed" else {})}
         for r in results
     ]
-    (out / "leaderboard.json").write_text(json.dumps(leaderboard, indent=2))
+    atomic_write(out / "leaderboard.json", json.dumps(leaderboard, indent=2))
     params = project.params
     modalities = modality_table(results, params.select_metric, params.metric_sign(params.select_metric),
                                 list(params.inputs))
     if modalities:
-        (out / "modalities.json").write_text(json.dumps(modalities, indent=2))
+        atomic_write(out / "modalities.json", json.dumps(modalities, indent=2))
     summary = {"best": best["candidate"], "selected_by": project.params.select_metric, "ties": TIE_BREAK,
                "val": _scalars(best["metrics"]["val"]), "test": _scalars(best["metrics"]["test"])}
-    (out / "best.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "best.json", json.dumps(summary, indent=2))
     # DVC plots: the confusion matrix (classification), calibration bins, and learning curves.
     labels = json.loads((project.prepared_dir / "labels.json").read_text())
     test = best["metrics"]["test"]
     pairs = [{"actual": labels[i], "predicted": labels[j]}
              for i, row in enumerate(test.get("confusion", [])) for j, n in enumerate(row) for _ in range(n)]
-    (out / "confusion.json").write_text(json.dumps(pairs))
-    (out / "calibration.json").write_text(json.dumps(test.get("calibration", [])))
+    atomic_write(out / "confusion.json", json.dumps(pairs))
+    atomic_write(out / "calibration.json", json.dumps(test.get("calibration", [])))
     metric = project.params.select_metric
     for r in done:
         lines = [f"epoch,train_loss,{metric}"] + [
             f"{h['epoch']},{h['train_loss']:.6f},{h[metric]:.6f}" for h in r["history"]
         ]
-        (out / "history" / f"{r['candidate']}.csv").write_text("\n".join(lines) + "\n")
+        atomic_write(out / "history" / f"{r['candidate']}.csv", "\n".join(lines) + "\n")
 
 
 def modality_table(results: list[dict], select_metric: str, sign: float, all_inputs: list[str]) -> list[dict]:
@@ -347,7 +424,10 @@ def register_and_package(project: Project, best: dict, build: bool = True) -> di
     _quiet_known_notices(project)
     if existing := registered_version(registry, name, best["run_id"], build):
         return existing  # an unchanged best candidate is not registered (or built) twice
-    version = registry.add_model_version(name, best["run_id"], metrics=best["final"])
+    # A version of this run whose model or bento was never recorded (a run killed while packaging,
+    # or one without a bento): finish that version rather than register the same run twice.
+    unfinished = next((v for v in registry.model_versions(name) if v.run_id == best["run_id"]), None)
+    version = unfinished or registry.add_model_version(name, best["run_id"], metrics=best["final"])
     model_tag = save_to_store(
         Path(best["model_dir"]), name,
         labels={"registry_version": version.ref, "candidate": best["candidate"]},

@@ -289,6 +289,18 @@ def _runner(project: Project, kind: str | None, workers: int | None, address: st
         raise _fail(f"bad runner options: {exc}", 2) from None
 
 
+def _hold_run_lock(ctx: typer.Context, project: Project) -> None:
+    """Hold the project's run lock until the command ends: a second run in the same project stops here
+    with a clear message; the first one to get the lock after a killed run cleans up after it."""
+    from mmops.pipeline import run_guard
+    from mmops.project import ProjectBusyError
+
+    try:
+        ctx.with_resource(run_guard(project))
+    except ProjectBusyError as exc:
+        raise _fail(str(exc)) from None
+
+
 def _print_stages(stages: dict[str, str]) -> None:
     for stage, status in stages.items():
         console.print(f"  stage {stage:<10} {'[dim]skipped (unchanged)[/]' if status == 'skipped' else 'ran'}")
@@ -296,6 +308,7 @@ def _print_stages(stages: dict[str, str]) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     project_dir: ProjectOpt = Path("."),
     bento: Annotated[bool, typer.Option(help="build a bento for the best model")] = True,
     force: Annotated[bool, typer.Option(help="retrain candidates even if nothing they depend on changed")] = False,
@@ -305,6 +318,7 @@ def run(
 ) -> None:
     """Run the retrain flow: DVC data stages, train candidates, evaluate, register, package."""
     project = _project(project_dir)
+    _hold_run_lock(ctx, project)
     from mmops import pipeline
 
     started = time.perf_counter()
@@ -338,6 +352,7 @@ def run(
 
 @app.command("sweep")
 def sweep_cmd(
+    ctx: typer.Context,
     project_dir: ProjectOpt = Path("."),
     force: Annotated[bool, typer.Option(help="retrain candidates even if unchanged")] = False,
     runner: RunnerOpt = None,
@@ -346,6 +361,7 @@ def sweep_cmd(
 ) -> None:
     """Train every candidate (listed and swept in params.yaml) as Prefect tasks and rank them on val."""
     project = _project(project_dir)
+    _hold_run_lock(ctx, project)
     _check_plugins(project)
     from mmops_flows import sweep
 
@@ -396,11 +412,13 @@ def ablate(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     project_dir: ProjectOpt = Path("."),
     candidate: Annotated[list[str] | None, typer.Option(help="train only these candidates")] = None,
 ) -> None:
     """Train candidates on the prepared data (no flow), record them, write metrics/."""
     project = _project(project_dir)
+    _hold_run_lock(ctx, project)
     from mmops import pipeline
 
     chosen = [c for c in project.params.candidates if not candidate or c.name in candidate]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mmops.core.interfaces import Encoder, Tokens, as_tokens
+from mmops.project import atomic_path, atomic_write
 
 
 def content_hash(value: Any) -> str:
@@ -89,8 +90,11 @@ class FeatureStore:
         if not len(hashes):
             return
         n = len(self._shards)
-        np.save(self.dir / f"shard-{n:05d}.npy", features.astype(np.float32, copy=False))
-        (self.dir / f"shard-{n:05d}.keys").write_text("\n".join(hashes) + "\n")
+        # Each file whole or absent (a run killed mid-write leaves no half shard); the keys last, since a
+        # shard counts only once its keys exist.
+        with atomic_path(self.dir / f"shard-{n:05d}.npy") as tmp:
+            np.save(tmp, features.astype(np.float32, copy=False))
+        atomic_write(self.dir / f"shard-{n:05d}.keys", "\n".join(hashes) + "\n")
         self._shards.append(np.load(self.dir / f"shard-{n:05d}.npy", mmap_mode="r"))
         self._index.update({h: (n, row) for row, h in enumerate(hashes)})
 
@@ -204,7 +208,7 @@ class TokenStore:
         n = len(self._shards)
         prefix = self.dir / f"shard-{n:05d}"
         tokens.save(prefix)
-        (self.dir / f"shard-{n:05d}.keys").write_text("\n".join(hashes) + "\n")
+        atomic_write(self.dir / f"shard-{n:05d}.keys", "\n".join(hashes) + "\n")  # the shard counts from here
         self._shards.append(RaggedTokens.load(prefix))
         self._index.update({h: (n, row) for row, h in enumerate(hashes)})
 

@@ -254,6 +254,18 @@ class Registry:
             run.status, run.duration_s, run.artifact, run.error = status, duration_s, artifact, error
             run.finished_at = _now()
 
+    def mark_aborted(self, run_ids: Iterable[str], reason: str) -> list[str]:
+        """Runs left ``running`` by a process that died (killed, power lost): ``aborted`` with the reason.
+        Only runs still ``running`` change; returns their ids."""
+        ids = list(run_ids)
+        if not ids:
+            return []
+        with self.session() as s:
+            runs = list(s.scalars(select(Run).where(Run.id.in_(ids), Run.status == "running")))
+            for run in runs:
+                run.status, run.error, run.finished_at = "aborted", reason, _now()
+            return [run.id for run in runs]
+
     def log_metrics(self, run_id: str, values: dict[str, float], step: int | None = None) -> None:
         self.log_series(run_id, ((k, v, step) for k, v in values.items()))
 
