@@ -213,10 +213,10 @@ class RowDecoder:
             return str(value).strip()
         raise InputError(name, f"kind '{kind}' is not supported by this service")
 
-    def _file_bytes(self, name: str, value: Any, limit: int, what: str) -> bytes:
+    def _file_bytes(self, name: str, value: Any, limit: int, what: str, env: str) -> bytes:
         if isinstance(value, str):  # base64 in JSON requests
             if len(value) > limit * 4 // 3 + 4:  # refuse before decoding what cannot fit
-                raise InputError(name, f"is over the limit of {limit} bytes")
+                raise InputError(name, f"is over the limit of {limit} bytes ({env})")
             try:
                 value = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError) as exc:
@@ -224,25 +224,25 @@ class RowDecoder:
         if hasattr(value, "read") and hasattr(value, "seek"):  # an uploaded part, spooled to disk when large
             size = value.seek(0, io.SEEK_END)
             if size > limit:
-                raise InputError(name, f"is {size} bytes, over the limit of {limit}")
+                raise InputError(name, f"is {size} bytes, over the limit of {limit} ({env})")
             value.seek(0)
             value = value.read()
         if isinstance(value, Path):
             if value.stat().st_size > limit:
-                raise InputError(name, f"is {value.stat().st_size} bytes, over the limit of {limit}")
+                raise InputError(name, f"is {value.stat().st_size} bytes, over the limit of {limit} ({env})")
             value = value.read_bytes()
         if not isinstance(value, bytes):
             raise InputError(name, f"must be {what} bytes, a file or base64")
         if not value:
             raise InputError(name, "is empty")
         if len(value) > limit:
-            raise InputError(name, f"is {len(value)} bytes, over the limit of {limit}")
+            raise InputError(name, f"is {len(value)} bytes, over the limit of {limit} ({env})")
         return value
 
     def _decode_audio(self, name: str, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):
             return value
-        data = self._file_bytes(name, value, self.limits.audio_bytes, "WAV")
+        data = self._file_bytes(name, value, self.limits.audio_bytes, "WAV", "MMOPS_MAX_AUDIO_BYTES")
         try:
             return load_audio(data, self.spec.get("sample_rate", 16000), self.spec.get("audio_seconds", 1.0))
         except BadAudioError as exc:
@@ -254,11 +254,12 @@ class RowDecoder:
         limit = self.limits.image_bytes
         if isinstance(value, np.ndarray):
             return value
-        value = self._file_bytes(name, value, limit, "image")
+        value = self._file_bytes(name, value, limit, "image", "MMOPS_MAX_IMAGE_BYTES")
         try:
             return load_image(value, self.spec["image_size"], max_pixels=self.limits.image_pixels)
         except BadImageError as exc:
-            raise InputError(name, str(exc)) from exc
+            pixels = " (MMOPS_MAX_IMAGE_PIXELS)" if f"limit of {self.limits.image_pixels} pixels" in str(exc) else ""
+            raise InputError(name, f"{exc}{pixels}") from exc
         except Exception as exc:  # untrusted bytes: any decoder failure is the input's fault, not ours
             raise InputError(name, f"cannot be decoded as an image ({type(exc).__name__}: {exc})") from exc
 
@@ -299,7 +300,8 @@ class Predictor:
         self.model.to(self.device).eval()
         self.autocast = pick_autocast(self.device, autocast)
         self.spec = self.model.spec
-        self.decoder = RowDecoder(self.spec)
+        # `mmops predict` takes any image the prepare stage would; the service applies Limits(spec).
+        self.decoder = RowDecoder(self.spec, Limits())
         self.inputs, self.limits = self.decoder.inputs, self.decoder.limits
         size = cache_size or _env_int("MMOPS_ENCODER_CACHE_SIZE", 4096)
         self._caches = {n: _LRU(size) for n, e in self.model.encoders.items() if e.frozen}

@@ -22,7 +22,8 @@ Deployment switches (environment, read at start-up; docs/serving.md has the full
   is chosen by :func:`mmops.serving.predictor.pick_device` (CUDA when available, ``MMOPS_DEVICE``).
 * ``MMOPS_BATCH_MAX_SIZE`` / ``MMOPS_BATCH_MAX_LATENCY_MS`` tune adaptive batching;
   ``MMOPS_ADAPTIVE_BATCHING=0`` turns it off (the batch-size-1 baseline of ``bench/serve_load.py``).
-* ``MMOPS_MAX_*`` request limits (:class:`mmops.serving.predictor.Limits`).
+* ``MMOPS_MAX_*`` request limits (:class:`mmops.serving.predictor.Limits`, by default derived from the
+  model's spec); ``MMOPS_MAX_QUEUE`` / ``MMOPS_MAX_INFLIGHT_BYTES`` admission (503 + Retry-After beyond).
 """
 
 from __future__ import annotations
