@@ -109,6 +109,10 @@ def _files(wheel: Path) -> set[str]:
         return set(z.namelist())
 
 
+def _src_files(bento: Path) -> set[str]:
+    return {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
+
+
 def test_rebuilding_an_init_project_packs_its_own_files_and_the_plugin_wheels(plugin_site: Path, tmp_path: Path):
     """BENTOML_HOME inside the project (as mmops sets it): an unanchored include copied the store into the bento."""
     from mmops.scaffold import init_project
@@ -118,10 +122,21 @@ def test_rebuilding_an_init_project_packs_its_own_files_and_the_plugin_wheels(pl
     spec = {**TINY_SPEC, "fusion": {"name": "mlb", "params": {"rank": 4, "hidden": 8}}}
     first, second = build(spec, root, home, times=2, site=plugin_site)
     for bento in (first, second):
-        src = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-        assert src == {"bentofile.yaml", "params.yaml"}, sorted(src)[:20]
+        assert _src_files(bento) == {"bentofile.yaml", "params.yaml"}, sorted(_src_files(bento))[:20]
         wheels = {w.name for w in (bento / "env" / "python" / "wheels").iterdir()}
         assert wheels == {"mmops-0.1.0-py3-none-any.whl", "mmops_mlb-0.1.0-py3-none-any.whl"}
+
+
+def test_a_bentofile_written_before_patterns_were_anchored_still_builds_clean(tmp_path: Path):
+    from mmops.scaffold import init_project
+
+    root = init_project(tmp_path / "proj", "vqa", git=False)
+    bentofile = root / "bentofile.yaml"
+    old = bentofile.read_text().replace('"/params.yaml"', '"params.yaml"').replace('exclude:\n  - "/.mmops/"\n', "")
+    assert '- "params.yaml"' in old and "/.mmops/" not in old
+    bentofile.write_text(old)
+    [bento] = build(TINY_SPEC, root, root / ".mmops" / "bentoml")
+    assert _src_files(bento) == {"bentofile.yaml", "params.yaml"}, sorted(_src_files(bento))[:20]
 
 
 def _record_is_true(wheel: Path) -> bool:

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -71,6 +72,7 @@ def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
     python = config.setdefault("python", {}) or {}
     python["wheels"] = [*python.get("wheels", []), *plugins]
     config["python"] = python
+    config["exclude"] = [*(config.get("exclude") or []), *_never_packed(bentofile.parent)]
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(bentofile.parent):
         # BentoML resolves the bentofile's wheel paths against the working directory, not build_ctx; the
         # bentofile with the plugin wheels added lives outside the build context, so it is never packed.
@@ -86,6 +88,21 @@ def build_bento(model_tag: str, bentofile: Path | None = None) -> str:
             reload=True,
         )
     return str(bento.tag)
+
+
+def _never_packed(build_ctx: Path) -> list[str]:
+    """Exclude patterns for the project's state folder and the BentoML home when they lie in the build context.
+
+    BentoML builds in a temporary folder under its home; with the home inside the project (mmops' default,
+    ``.mmops/bentoml``) an include pattern that matches at any depth (``params.yaml`` in bentofiles written
+    before they were anchored) copied that folder into itself until the path was too long.
+    """
+    homes = [build_ctx / ".mmops", Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")]
+    return [
+        f"/{home.resolve().relative_to(build_ctx).as_posix()}/"
+        for home in homes
+        if home.resolve().is_relative_to(build_ctx) and home.resolve() != build_ctx
+    ]
 
 
 def build_wheel(source: Path, out: Path) -> Path:
