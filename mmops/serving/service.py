@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,7 +48,7 @@ import anyio.to_thread
 import bentoml
 from bentoml.exceptions import InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import SkipJsonSchema
+from pydantic.json_schema import PydanticJsonSchemaWarning, SkipJsonSchema
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -400,6 +401,12 @@ class PredictForm(bentoml.IODescriptor):
     question: Annotated[str | None, Field(description="the question about the image")] = None
     top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 3
     parts: SkipJsonSchema[list[tuple[str, Any]]] = Field(default_factory=list)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        with warnings.catch_warnings():  # the file field's None default has no JSON form: it is left out
+            warnings.simplefilter("ignore", PydanticJsonSchemaWarning)
+            return super().model_json_schema(*args, **kwargs)
 
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> PredictForm:
