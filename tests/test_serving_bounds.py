@@ -332,6 +332,19 @@ def test_beyond_the_queue_requests_get_503_with_retry_after_at_once():
     assert middleware.admission.requests == 0 and middleware.admission.bytes == 0  # everything released
 
 
+def test_every_503_carries_retry_after():
+    """A 503 from inside (the model's batch queue timing out) gets Retry-After too."""
+
+    async def busy(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    r = _post(service.ServingMiddleware(busy), "/predict_batch", json={"items": []})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
 # ---------------------------------------------------------------- the served bento (slow)
 
 # Resident memory of the whole service (`bentoml serve`, the HTTP front and the model process) while 16
