@@ -32,17 +32,24 @@ from PIL import Image
 from mmops.serving import service
 from mmops.serving.predictor import Limits, RowDecoder
 
-VQA_SPEC = {"inputs": {"image": {"modality": "image"}, "question": {"modality": "text"}},
-            "image_size": 32, "labels": ["yes", "no"]}
+VQA_SPEC = {
+    "inputs": {"image": {"modality": "image"}, "question": {"modality": "text"}},
+    "image_size": 32,
+    "labels": ["yes", "no"],
+}
 # The bring-your-own-data model of tests/byod.py: image, text, audio (may be missing), numbers, a category.
 BYOD_SPEC = {
     "inputs": {
-        "image": {"modality": "image"}, "text": {"modality": "text"},
+        "image": {"modality": "image"},
+        "text": {"modality": "text"},
         "audio": {"modality": "audio", "missing": "learn"},
         "numbers": {"modality": "tabular", "kind": "number", "columns": ["width", "height"]},
         "shop": {"modality": "tabular", "kind": "category"},
     },
-    "image_size": 24, "sample_rate": 8000, "audio_seconds": 0.5, "labels": ["red", "green", "blue"],
+    "image_size": 24,
+    "sample_rate": 8000,
+    "audio_seconds": 0.5,
+    "labels": ["red", "green", "blue"],
 }
 
 
@@ -99,8 +106,11 @@ def _fake_service(tmp_path: Path, spec: dict, proxy=None):
 
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     ref = SimpleNamespace(path=str(tmp_path), tag="m:1", info=SimpleNamespace(labels={"registry_version": "m:1"}))
-    fake = type("Front", (service.MultimodalService.inner,),
-                {"model_ref": ref, "model": proxy or RemoteProxy("http://127.0.0.1:1")})
+    fake = type(
+        "Front",
+        (service.MultimodalService.inner,),
+        {"model_ref": ref, "model": proxy or RemoteProxy("http://127.0.0.1:1")},
+    )
     return fake()
 
 
@@ -113,14 +123,23 @@ def test_sigterm_stops_the_whole_process_group(tmp_path):
     import psutil
 
     child = tmp_path / "child.py"
-    child.write_text(textwrap.dedent("""
+    child.write_text(
+        textwrap.dedent("""
         import subprocess, sys, time
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
         time.sleep(300)
-    """))
-    parent = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from mmops.cli.main import run_process_group; "
-        f"sys.exit(run_process_group([sys.executable, {str(child)!r}], grace=5))")])
+    """)
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys; from mmops.cli.main import run_process_group; "
+                f"sys.exit(run_process_group([sys.executable, {str(child)!r}], grace=5))"
+            ),
+        ]
+    )
     try:
         deadline = time.monotonic() + 60
         tree: list = []
@@ -203,8 +222,9 @@ def _form_app(front):
     async def batch(request: Request) -> JSONResponse:
         return JSONResponse({"bytes": len(await request.body())})
 
-    app = Starlette(routes=[Route("/predict", predict, methods=["POST"]),
-                            Route("/predict_batch", batch, methods=["POST"])])
+    app = Starlette(
+        routes=[Route("/predict", predict, methods=["POST"]), Route("/predict_batch", batch, methods=["POST"])]
+    )
     return service.ServingMiddleware(app, max_queue=8)
 
 
@@ -219,27 +239,46 @@ def _post(app, path: str, **kwargs) -> httpx.Response:
 def test_predict_form_takes_audio_and_numbers(tmp_path):
     app = _form_app(_fake_service(tmp_path, BYOD_SPEC))
     fields = {"text": "a mug", "width": "30", "height": "12", "shop": "north"}
-    r = _post(app, "/predict", files={"image": ("x.png", png(24, 24), "image/png"),
-                                     "audio": ("x.wav", wav(), "audio/wav")}, data=fields)
+    r = _post(
+        app,
+        "/predict",
+        files={"image": ("x.png", png(24, 24), "image/png"), "audio": ("x.wav", wav(), "audio/wav")},
+        data=fields,
+    )
     assert r.status_code == 200, r.text
     assert r.json() == {"image": "ndarray", "text": "str", "audio": "ndarray", "numbers": "list", "shop": "list"}
     r = _post(app, "/predict", files={"image": ("x.png", png(24, 24), "image/png")}, data=fields)
     assert r.status_code == 200 and r.json()["audio"] is None  # missing: learn
 
 
-@pytest.mark.parametrize(("spec", "files", "data", "needle"), [
-    (VQA_SPEC, {"extra": ("x.bin", bytes(range(256)) * 4, "application/octet-stream")}, {"question": "q"},
-     "extra: is not an input of this model; /predict takes ['image', 'question']"),
-    (VQA_SPEC, {}, {"question": "q", "colour": "red"}, "colour: is not an input of this model"),
-    (VQA_SPEC, {"question": ("q.bin", b"\xff\xfe\x00binary", "application/octet-stream")}, {},
-     "question: must be text (UTF-8), got a binary file part"),
-    (VQA_SPEC, {}, {"question": "q", "image": "http://127.0.0.1:1/x.png"}, "image: must be an uploaded file"),
-    (VQA_SPEC, {}, {"question": ["a", "b"]}, "question: is given more than once"),
-    (BYOD_SPEC, {"audio": ("x.wav", b"RIFF\x00\x00not a wave", "audio/wav")},
-     {"text": "t", "width": "1", "height": "2", "shop": "north"}, "audio: "),
-    (BYOD_SPEC, {}, {"text": "t", "width": "wide", "height": "2", "shop": "north"}, "width: must be a number"),
-    (BYOD_SPEC, {"question": ("x.png", b"\x89PNG", "image/png")}, {"text": "t"}, "question: is not an input"),
-])
+@pytest.mark.parametrize(
+    ("spec", "files", "data", "needle"),
+    [
+        (
+            VQA_SPEC,
+            {"extra": ("x.bin", bytes(range(256)) * 4, "application/octet-stream")},
+            {"question": "q"},
+            "extra: is not an input of this model; /predict takes ['image', 'question']",
+        ),
+        (VQA_SPEC, {}, {"question": "q", "colour": "red"}, "colour: is not an input of this model"),
+        (
+            VQA_SPEC,
+            {"question": ("q.bin", b"\xff\xfe\x00binary", "application/octet-stream")},
+            {},
+            "question: must be text (UTF-8), got a binary file part",
+        ),
+        (VQA_SPEC, {}, {"question": "q", "image": "http://127.0.0.1:1/x.png"}, "image: must be an uploaded file"),
+        (VQA_SPEC, {}, {"question": ["a", "b"]}, "question: is given more than once"),
+        (
+            BYOD_SPEC,
+            {"audio": ("x.wav", b"RIFF\x00\x00not a wave", "audio/wav")},
+            {"text": "t", "width": "1", "height": "2", "shop": "north"},
+            "audio: ",
+        ),
+        (BYOD_SPEC, {}, {"text": "t", "width": "wide", "height": "2", "shop": "north"}, "width: must be a number"),
+        (BYOD_SPEC, {"question": ("x.png", b"\x89PNG", "image/png")}, {"text": "t"}, "question: is not an input"),
+    ],
+)
 def test_every_unknown_or_undecodable_part_is_a_4xx_naming_it(tmp_path, spec, files, data, needle):
     app = _form_app(_fake_service(tmp_path, spec))
     files = {"image": ("x.png", png(24, 24), "image/png"), **files}
@@ -293,8 +332,12 @@ def test_a_chunked_body_over_the_limit_is_a_413(monkeypatch):
         for _ in range(10):
             yield b"x" * 300
 
-    r = _post(service.ServingMiddleware(never), "/predict_batch", content=chunks(),
-              headers={"content-type": "application/json"})
+    r = _post(
+        service.ServingMiddleware(never),
+        "/predict_batch",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and "over the limit of 1000" in r.text
 
 
@@ -315,6 +358,7 @@ def test_beyond_the_queue_requests_get_503_with_retry_after_at_once():
     async def go() -> list[tuple[int, str | None, float]]:
         transport = httpx.ASGITransport(app=middleware)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client:
+
             async def one() -> tuple[int, str | None, float]:
                 start = time.perf_counter()
                 r = await client.post("/predict_batch", json={"items": [{"q": "x"}]})
@@ -414,11 +458,15 @@ def test_memory_stays_bounded_under_maximum_size_bodies(trained_project):
                 while time.monotonic() < stop_at:
                     try:
                         if i % 2:
-                            r = http.post(f"{url}/predict", files={"image": ("x.png", image, "image/png")},
-                                          data={"question": question})
+                            r = http.post(
+                                f"{url}/predict",
+                                files={"image": ("x.png", image, "image/png")},
+                                data={"question": question},
+                            )
                         else:
-                            r = http.post(f"{url}/predict_batch", content=batch,
-                                          headers={"content-type": "application/json"})
+                            r = http.post(
+                                f"{url}/predict_batch", content=batch, headers={"content-type": "application/json"}
+                            )
                     except httpx.HTTPError as exc:
                         lost.append(f"{type(exc).__name__}: {exc}")
                         continue
@@ -435,8 +483,10 @@ def test_memory_stays_bounded_under_maximum_size_bodies(trained_project):
         for t in threads:
             t.join()
         peak = max(samples)
-        print(f"\nidle RSS {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB (+{(peak - idle) / 2**20:.0f} MiB); "
-              f"statuses {statuses}, lost {len(lost)}; bodies {len(image)} B (/predict), {len(batch)} B ({n} rows)")
+        print(
+            f"\nidle RSS {idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB (+{(peak - idle) / 2**20:.0f} MiB); "
+            f"statuses {statuses}, lost {len(lost)}; bodies {len(image)} B (/predict), {len(batch)} B ({n} rows)"
+        )
         assert not lost, lost[:5]
         assert all(200 <= s < 300 or 400 <= s < 500 or s == 503 for s in statuses), statuses
         assert statuses.get(200, 0) >= 16, statuses
@@ -451,12 +501,21 @@ def _percentile(values: list[float], q: float) -> float:
 def _multipart(port: int, image: bytes, question: str) -> bytes:
     """One /predict request as raw HTTP/1.1 bytes, built once: the load clients spend no CPU on it."""
     boundary = "mmopsboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image + (
-        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n{question}"
-        f"\r\n--{boundary}--\r\n").encode()
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + (
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="question"\r\n\r\n{question}'
+            f"\r\n--{boundary}--\r\n"
+        ).encode()
+    )
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -519,9 +578,11 @@ def test_overload_gets_503_with_retry_after_and_a_bounded_p99(trained_project):
     share = len(rejected) / len(results)
     p99 = _percentile(accepted, 0.99)
     refused = [s for s, _ in rejected] or [0.0]
-    print(f"\nsingle {single * 1000:.1f} ms ({len(alone)} requests); accepted {len(accepted)}, "
-          f"p50 {_percentile(accepted, 0.5) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; 503 share {share:.0%}, "
-          f"503 p50 {_percentile(refused, 0.5) * 1000:.1f} ms, p99 {_percentile(refused, 0.99) * 1000:.1f} ms")
+    print(
+        f"\nsingle {single * 1000:.1f} ms ({len(alone)} requests); accepted {len(accepted)}, "
+        f"p50 {_percentile(accepted, 0.5) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; 503 share {share:.0%}, "
+        f"503 p50 {_percentile(refused, 0.5) * 1000:.1f} ms, p99 {_percentile(refused, 0.99) * 1000:.1f} ms"
+    )
     assert {code for code, _, _ in results} <= {200, 503}, {code for code, _, _ in results}  # 0: lost
     assert rejected and all(retry == "1" for _, retry in rejected)
     assert len(accepted) >= 50
@@ -542,8 +603,13 @@ def test_mmops_serve_sigterm_leaves_no_process(trained_project):
     root, _ = trained_project
     port = free_port()
     log = root / f"mmops-serve-{port}.log"
-    proc = subprocess.Popen([BIN / "mmops", "serve", "--port", str(port)], cwd=root, env=project_env(root),
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [BIN / "mmops", "serve", "--port", str(port)],
+        cwd=root,
+        env=project_env(root),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
