@@ -62,7 +62,8 @@ def test_template_files(projects: dict[str, Path], template: str) -> None:
 
     bento = yaml.safe_load((root / "bentofile.yaml").read_text())
     assert bento["service"] == "mmops.serving.service:MultimodalService"
-    assert bento["include"] == ["params.yaml"]
+    assert bento["include"] == ["/params.yaml"]  # anchored: never BentoML's own folders under .mmops
+    assert bento["exclude"] == ["/.mmops/"]
     assert bento["python"]["wheels"] == [f"./dist/mmops-{mmops.__version__}-py3-none-any.whl"]
     assert bento["docker"]["cuda_version"] == "12.8"
 
