@@ -58,7 +58,9 @@ def sweep(project_dir: str = ".", force: bool = False) -> dict:
     params = project.params
     stages = data_stages(str(project.root))
     threads = params.train.threads or max(1, (os.cpu_count() or 1) // params.runner.max_workers)
-    run_id = str(flow_run.id) if flow_run.id else None
+    # Recorded on each registry run: the top flow run (retrain's, as `mmops schedule run` prints and a
+    # schedule creates), not this sweep's own subflow run.
+    run_id = str(flow_run.root_flow_run_id or flow_run.id) if flow_run.id else None
     futures = [train_candidate.submit(str(project.root), c.name, run_id, threads, force)
                for c in params.all_candidates()]
     wait(futures)

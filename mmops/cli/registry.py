@@ -429,7 +429,7 @@ def worker(
     = 4200,
     limit: Annotated[int, typer.Option(min=1, help="flow runs at once")] = 1,
 ) -> None:
-    """Serve this project's schedules in-process until Ctrl-C (no Docker, no work pool)."""
+    """Serve this project's schedules in-process until Ctrl-C or SIGTERM (no Docker, no work pool)."""
     from mmops.registry import schedules
 
     project = _project(project_dir)
@@ -437,3 +437,4 @@ def worker(
         schedules.serve(project, port=port, limit=limit, announce=console.print)
     except (LookupError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
+    console.print("worker: stopped")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,8 +94,15 @@ def _find(client: Any, name: str) -> Any:
 def _as_schedule(d: Any) -> Schedule:
     crons = [s.schedule.cron for s in d.schedules if getattr(s.schedule, "cron", None)]
     tz = next((s.schedule.timezone for s in d.schedules if getattr(s.schedule, "cron", None)), None)
-    return Schedule(name=d.name, id=str(d.id), crons=crons, timezone=tz, paused=bool(d.paused),
-                    project_dir=d.parameters.get("project_dir"), build_bento=d.parameters.get("build_bento", True))
+    return Schedule(
+        name=d.name,
+        id=str(d.id),
+        crons=crons,
+        timezone=tz,
+        paused=bool(d.paused),
+        project_dir=d.parameters.get("project_dir"),
+        build_bento=d.parameters.get("build_bento", True),
+    )
 
 
 def _deployment(name: str, crons: list[str], timezone: str | None, parameters: dict, paused: bool = False):
@@ -102,8 +110,12 @@ def _deployment(name: str, crons: list[str], timezone: str | None, parameters: d
     from prefect.schedules import Cron
 
     return retrain.to_deployment(
-        name=name, schedules=[Cron(c, timezone=timezone) for c in crons], parameters=parameters, paused=paused,
-        description="mmops scheduled retraining (champion/challenger decides promotion)", tags=["mmops"],
+        name=name,
+        schedules=[Cron(c, timezone=timezone) for c in crons],
+        parameters=parameters,
+        paused=paused,
+        description="mmops scheduled retraining (champion/challenger decides promotion)",
+        tags=["mmops"],
     )
 
 
@@ -117,8 +129,9 @@ def create(project: Project, name: str, cron: str, timezone: str | None = None, 
     with api(project), _client() as client:
         existing = [d for d in _read(client) if d.name == name]
         if existing and existing[0].parameters.get("project_dir") != str(project.root):
-            raise ValueError(f"schedule '{name}' belongs to {existing[0].parameters.get('project_dir')}; "
-                             "choose another --name")
+            raise ValueError(
+                f"schedule '{name}' belongs to {existing[0].parameters.get('project_dir')}; choose another --name"
+            )
         _deployment(name, [cron], timezone, {"project_dir": str(project.root), "build_bento": build_bento}).apply()
         return _as_schedule(_find(client, name))
 
@@ -129,9 +142,28 @@ def list_all(project: Project) -> list[Schedule]:
 
 
 def set_paused(project: Project, name: str, paused: bool) -> None:
+    """Pausing also deletes the runs already scheduled ahead: a paused schedule fires nothing more."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
     with api(project), _client() as client:
         d = _find(client, name)
         (client.pause_deployment if paused else client.resume_deployment)(d.id)
+        if paused:
+            pending = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+                ),
+            )
+            for run in pending:
+                client.delete_flow_run(run.id)
 
 
 def delete(project: Project, name: str) -> None:
@@ -150,8 +182,11 @@ def trigger(project: Project, name: str) -> str:
 def _start_server(project: Project, port: int) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}/api"
     log = (project.state_dir / "prefect-server.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while not _healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -161,28 +196,49 @@ def _start_server(project: Project, port: int) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def serve(project: Project, port: int = 4200, limit: int = 1, announce: Any = print) -> None:
-    """Serve this project's deployments until interrupted (starting a local server if there is none)."""
-    server, url = None, os.environ.get("PREFECT_API_URL")
-    if not url:
-        server, url = _start_server(project, port)
-        _url_file(project).write_text(url)
-        os.environ["PREFECT_API_URL"] = url  # the flow-run subprocesses inherit it
-    try:
-        from prefect import serve as prefect_serve
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+def _stop_on_sigterm(*_: Any) -> None:
+    raise KeyboardInterrupt  # until Prefect's runner installs its own handler: stop the way Ctrl-C does
 
-        with temporary_settings({PREFECT_API_URL: url}), _client() as client:
-            mine = _read(client, project)
-            if not mine:
-                raise LookupError("no schedules for this project: create one with `mmops schedule create`")
-            deployments = [_deployment(d.name, s.crons, s.timezone, d.parameters, d.paused)
-                           for d in mine for s in [_as_schedule(d)]]
-            announce(f"worker: serving {', '.join(d.name for d in mine)} from {url}")
-            # Keep the schedules active when the worker stops: pausing them is `mmops schedule pause`.
-            prefect_serve(*deployments, pause_on_shutdown=False, limit=limit, print_starting_message=False)
+
+def serve(project: Project, port: int = 4200, limit: int = 1, announce: Any = print) -> None:
+    """Serve this project's deployments until interrupted (starting a local server if there is none).
+
+    SIGTERM stops it as Ctrl-C does, at any point: in-flight flow runs are cancelled (the next run marks
+    their registry runs aborted), the server this worker started is stopped, and it returns normally.
+    """
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    server, url = None, os.environ.get("PREFECT_API_URL")
+    try:
+        if not url:
+            server, url = _start_server(project, port)
+            _url_file(project).write_text(url)
+            os.environ["PREFECT_API_URL"] = url  # the flow-run subprocesses inherit it
+        _serve(project, url, limit, announce)
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if server is not None:
             _url_file(project).unlink(missing_ok=True)
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def _serve(project: Project, url: str, limit: int, announce: Any) -> None:
+    from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), _client() as client:
+        mine = _read(client, project)
+        if not mine:
+            raise LookupError("no schedules for this project: create one with `mmops schedule create`")
+        deployments = [
+            _deployment(d.name, s.crons, s.timezone, d.parameters, d.paused) for d in mine for s in [_as_schedule(d)]
+        ]
+        announce(f"worker: serving {', '.join(d.name for d in mine)} from {url}")
+        # Keep the schedules active when the worker stops: pausing them is `mmops schedule pause`.
+        prefect_serve(*deployments, pause_on_shutdown=False, limit=limit, print_starting_message=False)
