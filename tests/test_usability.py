@@ -149,3 +149,31 @@ def test_dependency_floors_exclude_versions_with_known_vulnerabilities():
     for name, vulnerable in (("bentoml", "1.4.7"), ("pyarrow", "14.0.0")):
         assert vulnerable not in deps[name], f"{name} {deps[name]} still allows {vulnerable}"
         assert version(name) in deps[name]  # and what is installed here satisfies it
+
+
+def test_the_service_logs_a_refused_request_in_one_line_without_traceback(caplog):
+    """BentoML's own handler logs each 4xx at ERROR with a full traceback; a 5xx keeps its traceback."""
+    from types import SimpleNamespace
+
+    from bentoml._internal.server.http_app import log_exception
+    from bentoml.exceptions import InvalidArgument
+
+    import mmops.serving.service  # noqa: F401 - installs the filter, as the served bento does
+
+    request = SimpleNamespace(url=SimpleNamespace(path="/predict"), method="POST")
+    with caplog.at_level(logging.INFO, logger="bentoml._internal.server.http_app"):
+        try:
+            raise InvalidArgument("question: empty")
+        except InvalidArgument:
+            log_exception(request)
+        [refused] = caplog.records
+        assert refused.levelno == logging.INFO and not refused.exc_info
+        assert refused.getMessage() == "refused /predict [POST]: question: empty"
+        assert "Traceback" not in caplog.text
+        caplog.clear()
+        try:
+            raise RuntimeError("a real server error")
+        except RuntimeError:
+            log_exception(request)
+        [failed] = caplog.records
+        assert failed.levelno == logging.ERROR and "Traceback" in caplog.text

@@ -58,6 +58,24 @@ from mmops.serving.predictor import InputError, Limits, Predictor, RowDecoder, _
 
 log = logging.getLogger("mmops.service")
 
+
+class _RefusalsInOneLine(logging.Filter):
+    """BentoML logs every refused request (a 4xx: bad input, a failed validation) at ERROR with its full
+    traceback. A client's mistake is not a server error: one INFO line naming it, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        code = getattr(getattr(exc, "error_code", None), "value", 500)
+        if exc is not None and (isinstance(exc, ValidationError) or code < 500):
+            record.msg, record.args = "refused %s [%s]: %s", (*tuple(record.args or ())[:2], exc)
+            record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_RefusalsInOneLine())
+
 _args = bentoml.use_arguments()
 MODEL_TAG = os.environ.get("MMOPS_MODEL_TAG") or getattr(_args, "model_tag", None) or "easy-vqa:latest"
 
