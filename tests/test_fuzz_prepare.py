@@ -180,7 +180,14 @@ def _run(tmp: Path, generated: list[tuple[dict, tuple | None]]) -> tuple[dict, s
     return expected, kept, quarantine
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Derandomized: the same examples on every run (a CI failure reproduces); no example database on disk.
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(generated=rows_strategy)
 def test_prepare_quarantines_every_bad_row_and_keeps_every_good_one(generated):
     note(f"rows after the base rows: {generated!r}")
