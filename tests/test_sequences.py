@@ -27,10 +27,20 @@ TEXTS = ["what color is the shape?", "is there a red circle in the image?", "cir
 
 def _spec(inputs: dict[str, tuple], fusion: str, params: dict | None = None) -> dict:
     """``inputs``: name -> (modality, encoder, params[, extra input fields])."""
-    items = {n: {"modality": t[0], "encoder": t[1], "params": t[2], **(t[3] if len(t) > 3 else {})}
-             for n, t in inputs.items()}
-    return {"candidate": "t", "labels": ["no", "yes", "red"], "image_size": 16, "target": "answer", "seed": 0,
-            "inputs": items, "fusion": {"name": fusion, "params": params or {}}, "head": {"hidden": 8, "dropout": 0.0}}
+    items = {
+        n: {"modality": t[0], "encoder": t[1], "params": t[2], **(t[3] if len(t) > 3 else {})}
+        for n, t in inputs.items()
+    }
+    return {
+        "candidate": "t",
+        "labels": ["no", "yes", "red"],
+        "image_size": 16,
+        "target": "answer",
+        "seed": 0,
+        "inputs": items,
+        "fusion": {"name": fusion, "params": params or {}},
+        "head": {"hidden": 8, "dropout": 0.0},
+    }
 
 
 # --- the Tokens type ----------------------------------------------------------------------------------------------
@@ -71,8 +81,10 @@ def test_plain_tensors_from_older_encoders_are_wrapped():
 # --- encoders -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, params", [("hf_text", {}), ("gru_text", {"hidden": 8, "embedding_dim": 8}),
-                                          ("word2vec_text", {"dim": 8, "epochs": 1})])
+@pytest.mark.parametrize(
+    "name, params",
+    [("hf_text", {}), ("gru_text", {"hidden": 8, "embedding_dim": 8}), ("word2vec_text", {"dim": 8, "epochs": 1})],
+)
 def test_text_encoders_give_one_real_token_per_word(name, params):
     encoder = get_encoder(name)(**params).fit(TEXTS).eval()
     with torch.no_grad():
@@ -163,8 +175,10 @@ def test_attending_fusions_ignore_appended_padding_on_real_encoder_tokens(fusion
     images = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
     question, image = model.encoders["question"], model.encoders["image"]
     with torch.no_grad():
-        feats = {"question": question.forward_sequence(question.preprocess(TEXTS)),
-                 "image": image.forward_sequence(image.preprocess(images))}
+        feats = {
+            "question": question.forward_sequence(question.preprocess(TEXTS)),
+            "image": image.forward_sequence(image.preprocess(images)),
+        }
     conformance.assert_padding_invariant(model.fusion, feats, fusion)
 
 
@@ -207,17 +221,29 @@ def test_a_fusion_returning_the_wrong_shape_is_named_with_its_package(monkeypatc
     import mmops.core.model as model_module
 
     monkeypatch.setattr(model_module, "get_fusion", lambda name: _WrongShape)
-    model = MultimodalModel(_spec({"a": ("tabular", "numeric", {"n_features": 2}),
-                                   "b": ("tabular", "numeric", {"n_features": 2})}, "attention")).eval()
+    model = MultimodalModel(
+        _spec(
+            {"a": ("tabular", "numeric", {"n_features": 2}), "b": ("tabular", "numeric", {"n_features": 2})},
+            "attention",
+        )
+    ).eval()
     with pytest.raises(ValueError, match=r"fusion 'attention' \(package mmops .*\) returned \(2, 3\)"):
         model({"a": torch.zeros(2, 2), "b": torch.zeros(2, 2)})
 
 
 def test_a_missing_input_is_one_token_for_attending_fusions():
-    spec = _spec({"question": ("text", "gru_text", {"hidden": 4, "embedding_dim": 4}, {"missing": "learn"}),
-                  "image": ("image", "cnn_image", {"channels": [4]})}, "mm_transformer", {"width": 8, "heads": 2})
-    encoders = {"question": get_encoder("gru_text")(hidden=4, embedding_dim=4).fit(TEXTS),
-                "image": get_encoder("cnn_image")(channels=[4])}
+    spec = _spec(
+        {
+            "question": ("text", "gru_text", {"hidden": 4, "embedding_dim": 4}, {"missing": "learn"}),
+            "image": ("image", "cnn_image", {"channels": [4]}),
+        },
+        "mm_transformer",
+        {"width": 8, "heads": 2},
+    )
+    encoders = {
+        "question": get_encoder("gru_text")(hidden=4, embedding_dim=4).fit(TEXTS),
+        "image": get_encoder("cnn_image")(channels=[4]),
+    }
     torch.manual_seed(0)
     model = MultimodalModel(spec, encoders).eval()
     images = np.zeros((2, 16, 16, 3), np.uint8)
@@ -329,8 +355,13 @@ def test_token_store_keeps_ragged_sequences_across_shards(tmp_path):
     from mmops.data.cache import RaggedTokens, TokenStore
 
     rng = np.random.default_rng(0)
-    rows = [Tokens(torch.from_numpy(rng.standard_normal((1, n, 3)).astype(np.float32)),
-                   torch.tensor([[True] * (n - 1) + [n % 2 == 1 or n == 1]])) for n in (1, 4, 2, 5)]
+    rows = [
+        Tokens(
+            torch.from_numpy(rng.standard_normal((1, n, 3)).astype(np.float32)),
+            torch.tensor([[True] * (n - 1) + [n % 2 == 1 or n == 1]]),
+        )
+        for n in (1, 4, 2, 5)
+    ]
     store = TokenStore(tmp_path, "k")
     store.add(["a", "b"], RaggedTokens.from_tokens(Tokens.cat(rows[:2])))
     store.add(["c", "d"], RaggedTokens.from_tokens(Tokens.cat(rows[2:])))

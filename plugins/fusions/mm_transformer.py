@@ -23,7 +23,12 @@ class MMTransformerFusion(Fusion):
     needs_sequences = True
 
     def __init__(
-        self, dims: Mapping[str, int], width: int = 128, layers: int = 2, heads: int = 4, dropout: float = 0.1,
+        self,
+        dims: Mapping[str, int],
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
         max_tokens: int = 512,
     ) -> None:
         super().__init__(dims)
@@ -36,8 +41,9 @@ class MMTransformerFusion(Fusion):
         self.modality = nn.Parameter(torch.randn(len(self.names), width) * 0.02)
         self.position = nn.Parameter(torch.randn(max_tokens, width) * 0.02)
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         # No nested-tensor fast path: it is inference-only and would make eval differ from training code.
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
@@ -49,8 +55,10 @@ class MMTransformerFusion(Fusion):
         for i, n in enumerate(self.names):
             tokens = features[n]
             if tokens.length > self.max_tokens:
-                raise ValueError(f"mm_transformer: input '{n}' has {tokens.length} tokens, more than max_tokens "
-                                 f"({self.max_tokens}); raise max_tokens")
+                raise ValueError(
+                    f"mm_transformer: input '{n}' has {tokens.length} tokens, more than max_tokens "
+                    f"({self.max_tokens}); raise max_tokens"
+                )
             streams.append(self.proj[n](tokens.values) + self.modality[i] + self.position[: tokens.length])
             masks.append(tokens.mask)
         stream = torch.cat(streams, dim=1)

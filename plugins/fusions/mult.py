@@ -35,8 +35,13 @@ class CrossModalBlock(nn.Module):
         super().__init__()
         self.norm_q, self.norm_kv, self.norm_ffn = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
-        self.ffn = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(4 * hidden, hidden), nn.Dropout(dropout))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * hidden, hidden),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, target: torch.Tensor, source: Tokens) -> torch.Tensor:
         kv = self.norm_kv(source.values)
@@ -59,10 +64,12 @@ class MulTFusion(Fusion):
         self.names, self.hidden = sorted(dims), hidden
         self.pairs = [(t, s) for t in self.names for s in self.names if s != t]
         self.proj = nn.ModuleDict({n: nn.Linear(dims[n], hidden) for n in self.names})
-        self.blocks = nn.ModuleDict({
-            f"{t}->{s}": nn.ModuleList(CrossModalBlock(hidden, heads, dropout) for _ in range(layers))
-            for t, s in self.pairs
-        })
+        self.blocks = nn.ModuleDict(
+            {
+                f"{t}->{s}": nn.ModuleList(CrossModalBlock(hidden, heads, dropout) for _ in range(layers))
+                for t, s in self.pairs
+            }
+        )
         self.norm = nn.LayerNorm(hidden)
         self.output_dim = hidden * len(self.pairs)
 
