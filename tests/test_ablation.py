@@ -97,3 +97,4 @@ def test_mmops_ablate_trains_each_subset_and_reports_the_modality_table(tmp_path
     report = mmops(root, "report", "concat").stdout
     html = Path(report.split("report: ", 1)[1].split()[0]).read_text() if "report: " in report else ""
     assert "Modalities" in html
+

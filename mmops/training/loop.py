@@ -214,6 +214,15 @@ def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame,
     return encoders
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The one-cycle schedule over ``steps`` optimizer steps (a quarter warm-up).
+
+    PyTorch divides by zero when the warm-up ends on step 0 (4 steps in all, e.g. 2 epochs of 2 batches):
+    a tiny data set gets a schedule of at least 8 steps, of which it uses the first ones.
+    """
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 8), pct_start=0.25)
+
+
 def train_candidate(
     params: Params, candidate: CandidateConfig, data: Dataset, out_dir: Path,
     on_epoch: Any = None, resolve: ArtifactResolver = artifact_folder,
@@ -233,9 +242,7 @@ def train_candidate(
     val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_b), pct_start=0.25
-    )
+    scheduler = one_cycle(optimizer, cfg.lr, cfg.epochs * len(train_b))
     rng = np.random.default_rng(params.seed)
     metric, sign = select_key(params)
     best_score, best_state, best_epoch, history = -np.inf, None, 0, []
