@@ -22,20 +22,28 @@ from conftest import REPO, make_project, mmops
 EXAMPLE = REPO / "examples" / "fusion-plugin"
 
 
-@pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("third-party")
+def install_example(example: Path, tmp: Path) -> Path:
+    """``pip install --target`` of an example package into ``tmp/site``; returns that folder."""
     src, site = tmp / "src", tmp / "site"
-    shutil.copytree(EXAMPLE, src)  # build outside the repository: setuptools writes build/ and egg-info
+    shutil.copytree(example, src)  # build outside the repository: setuptools writes build/ and egg-info
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(src)], check=True, capture_output=True, timeout=120)
     return site
 
 
+def on_pythonpath(site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    return site
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return install_example(EXAMPLE, tmp_path_factory.mktemp("third-party"))
+
+
 @pytest.fixture
 def with_plugin(plugin_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin_site), os.environ.get("PYTHONPATH")])))
-    return plugin_site
+    return on_pythonpath(plugin_site, monkeypatch)
 
 
 def test_listed_and_conformant(with_plugin: Path, tmp_path: Path):
@@ -78,18 +86,12 @@ LEVELS = ["low", "medium", "high"]
 
 @pytest.fixture(scope="module")
 def ordinal_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("ordinal")
-    src, site = tmp / "src", tmp / "site"
-    shutil.copytree(ORDINAL, src)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(src)], check=True, capture_output=True, timeout=120)
-    return site
+    return install_example(ORDINAL, tmp_path_factory.mktemp("ordinal"))
 
 
 @pytest.fixture
 def with_ordinal(ordinal_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ordinal_site), os.environ.get("PYTHONPATH")])))
-    return ordinal_site
+    return on_pythonpath(ordinal_site, monkeypatch)
 
 
 def test_the_documented_task_is_the_tested_one():
