@@ -586,10 +586,15 @@ def test_overload_gets_503_with_retry_after_and_a_bounded_p99(trained_project):
     assert {code for code, _, _ in results} <= {200, 503}, {code for code, _, _ in results}  # 0: lost
     assert rejected and all(retry == "1" for _, retry in rejected)
     assert len(accepted) >= 50
-    # At most `queue` requests ahead of an accepted one, each no slower than a request alone (batching
-    # only helps); 4x for a 2-core machine shared with the 32 clients driving it.
-    bound = 4 * (queue + 1) * single
-    assert p99 <= bound, f"p99 {p99 * 1000:.1f} ms > {bound * 1000:.1f} ms (single request {single * 1000:.1f} ms)"
+    # Little's law: with at most `queue` requests ahead of an accepted one, its latency is about
+    # (queue + 1) service times; without admission control it would be about `clients` (32) of them.
+    # The service time is measured under this same load (seconds per answered request while saturated)
+    # rather than alone: a request alone took 6-22 ms depending on what else the 2 cores ran, which made
+    # a bound on it flaky. 3x leaves room for the tail and still sits far below 32 service times.
+    service = 15 / len(accepted)
+    bound = 3 * (queue + 1) * max(service, single)
+    assert p99 <= bound, (f"p99 {p99 * 1000:.1f} ms > {bound * 1000:.1f} ms (service time under load "
+                          f"{service * 1000:.1f} ms, a request alone {single * 1000:.1f} ms)")
     # Refused at once, not after waiting in a queue: typically faster than a request alone. (Its p99
     # is left to the noise of a shared 2-core machine: a process not scheduled for a few hundred ms.)
     assert _percentile(refused, 0.5) <= 2 * single and _percentile(refused, 0.95) <= bound
