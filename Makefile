@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/mmops run
 
-## test: the whole suite (about 26 minutes on 2 cores)
+## test: the whole suite (about 33 minutes on 2 cores)
 test: install
 	$(BIN)/pytest
 
