@@ -69,22 +69,33 @@ def encoder_key(name: str, encoder: Encoder, kind: str = "pooled") -> str:
     return f"{name}-{h.hexdigest()}" if kind == "pooled" else f"{name}-{kind}-{h.hexdigest()}"
 
 
-class FeatureStore:
+class _ShardedStore:
+    """What both stores share: append-only shards under ``root/key``, each with a ``.keys`` file, and
+    an index from content hash to (shard, row). Subclasses say how a shard is read."""
+
     def __init__(self, root: Path, key: str) -> None:
         self.dir = root / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, tuple[int, int]] = {}
-        self._shards: list[np.ndarray] = []
+        self._shards: list[Any] = []
         for i, keys_file in enumerate(sorted(self.dir.glob("shard-*.keys"))):
-            self._shards.append(np.load(keys_file.with_suffix(".npy"), mmap_mode="r"))
+            self._shards.append(self._load_shard(keys_file))
             for row, h in enumerate(keys_file.read_text().split()):
                 self._index[h] = (i, row)
+
+    def _load_shard(self, keys_file: Path) -> Any:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self._index)
 
     def missing(self, hashes: Sequence[str]) -> list[str]:
         return [h for h in dict.fromkeys(hashes) if h not in self._index]
+
+
+class FeatureStore(_ShardedStore):
+    def _load_shard(self, keys_file: Path) -> np.ndarray:
+        return np.load(keys_file.with_suffix(".npy"), mmap_mode="r")
 
     def add(self, hashes: Sequence[str], features: np.ndarray) -> None:
         if not len(hashes):
@@ -183,24 +194,11 @@ class RaggedTokens:
         return Tokens(torch.from_numpy(values.astype(np.float32)), torch.from_numpy(mask))
 
 
-class TokenStore:
+class TokenStore(_ShardedStore):
     """The ragged counterpart of :class:`FeatureStore`: token sequences by content hash."""
 
-    def __init__(self, root: Path, key: str) -> None:
-        self.dir = root / key
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._index: dict[str, tuple[int, int]] = {}
-        self._shards: list[RaggedTokens] = []
-        for i, keys_file in enumerate(sorted(self.dir.glob("shard-*.keys"))):
-            self._shards.append(RaggedTokens.load(keys_file.with_suffix("")))
-            for row, h in enumerate(keys_file.read_text().split()):
-                self._index[h] = (i, row)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def missing(self, hashes: Sequence[str]) -> list[str]:
-        return [h for h in dict.fromkeys(hashes) if h not in self._index]
+    def _load_shard(self, keys_file: Path) -> RaggedTokens:
+        return RaggedTokens.load(keys_file.with_suffix(""))
 
     def add(self, hashes: Sequence[str], tokens: RaggedTokens) -> None:
         if not len(hashes):
