@@ -41,6 +41,21 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="carved when the manifest has no split column")
     chunk_rows: int = Field(50_000, ge=100, description="manifest rows read at a time: bounds prepare's memory")
+    group_column: str | None = Field(
+        None, description="a manifest column (speaker, patient, user, session) whose rows belong together: "
+        "val and a carved test split hold groups never seen in train, so validation predicts new users")
+    val_groups: list[str] = Field(default_factory=list, description="with group_column: these groups are val")
+    test_groups: list[str] = Field(default_factory=list, description="with group_column: these groups are test "
+                                   "(only when the manifest has no split column)")
+
+    @model_validator(mode="after")
+    def _groups_need_column(self) -> DataConfig:
+        if (self.val_groups or self.test_groups) and not self.group_column:
+            raise ValueError("val_groups/test_groups name groups of data.group_column: set group_column too")
+        both = sorted(set(self.val_groups) & set(self.test_groups))
+        if both:
+            raise ValueError(f"val_groups and test_groups share {both}: a group belongs to one split")
+        return self
 
     @field_validator("source")
     @classmethod
@@ -250,7 +265,7 @@ class Params(_Strict):
             unknown = [n for n in used if n not in self.inputs]
             if unknown:
                 raise ValueError(f"candidates[{c.name}].inputs: unknown {unknown}; the inputs are {list(self.inputs)}")
-            if len(used) > 1 and c.fusion is None:
+            if len(used) > 1 and c.fusion is None and not self.task_combines_inputs:
                 raise ValueError(f"candidates[{c.name}]: {len(used)} inputs need a fusion")
         names = [c.name for c in self.all_candidates()]
         if len(set(names)) != len(names):
@@ -260,6 +275,13 @@ class Params(_Strict):
             if unknown:
                 raise ValueError(f"candidates[{c.name}].train: unknown keys {sorted(unknown)}")
         return self
+
+    @property
+    def task_combines_inputs(self) -> bool:
+        """Whether the target's task combines the inputs itself (then candidates name no fusion)."""
+        from mmops.core.tasks import task_class
+
+        return task_class(self.target.type).combines_inputs
 
     @property
     def task_metrics(self) -> dict[str, str]:

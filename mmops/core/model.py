@@ -121,6 +121,23 @@ class SingleInput(nn.Module):
         return {}
 
 
+class TaskInputs(nn.Module):
+    """What stands in for the fusion when the task combines the inputs itself: every input's features,
+    by name, as the task asked for them (vectors, or token sequences)."""
+
+    produces_logits = False
+
+    def __init__(self, dims: Mapping[str, int], needs_sequences: bool) -> None:
+        super().__init__()
+        self.dims, self.needs_sequences = dict(dims), needs_sequences
+
+    def forward(self, features: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(features)
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, spec: dict[str, Any], encoders: Mapping[str, Encoder] | None = None) -> None:
         super().__init__()
@@ -134,7 +151,11 @@ class MultimodalModel(nn.Module):
             n: nn.Parameter(torch.zeros(dims[n])) for n, i in spec["inputs"].items() if i.get("missing") == "learn"
         })
         self.task: Task = task_from_spec(spec)
-        self.fusion: Fusion | SingleInput
+        self.fusion: Fusion | SingleInput | TaskInputs
+        if self.task.combines_inputs:  # contrastive towers, a caption decoder: the task's network fuses
+            self.fusion = TaskInputs(dims, self.task.needs_sequences)
+            self.head = self.task.network(dims, spec["head"]["hidden"], spec["head"]["dropout"])
+            return
         if len(dims) == 1:  # a unimodal baseline: nothing to fuse, the head sits on the encoder
             fusion_cls: type = SingleInput
             self.fusion = SingleInput(dims)
@@ -153,6 +174,11 @@ class MultimodalModel(nn.Module):
     @property
     def labels(self) -> list[str]:
         return self.spec["labels"]
+
+    @property
+    def needs_sequences(self) -> bool:
+        """Whether cached inputs reach the model as token sequences (its fusion, or its task, attends)."""
+        return self.fusion.needs_sequences
 
     @property
     def task_name(self) -> str:
@@ -211,6 +237,8 @@ class MultimodalModel(nn.Module):
             if name in self.missing:
                 absent = (idx < 0).view(-1, 1)
                 features[name] = torch.where(absent, self.missing[name].to(feats.dtype), features[name])
+        if isinstance(self.fusion, TaskInputs):  # the task's network takes the inputs apart
+            return self.head(features)
         fused = self.fusion(features)
         rows = len(next(iter(index.values()))) if index else _rows(next(iter(features.values())))
         if not isinstance(fused, torch.Tensor) or tuple(fused.shape) != (rows, self.fusion.output_dim):

@@ -46,6 +46,13 @@ class Task(abc.ABC):
     stratify: ClassVar[bool] = False
     #: Raw target cells this task accepts, for ``mmops plugins check`` (no data set needed there).
     example_targets: ClassVar[tuple[str, ...]] = ("cat", "dog", "bird", "cat", "dog")
+    #: A task that combines the inputs itself instead of sitting on one fused vector: contrastive
+    #: towers keep each input's embedding apart, a caption decoder attends over the image's tokens.
+    #: The model then builds no fusion and hands :meth:`network` every input's features by name.
+    combines_inputs: ClassVar[bool] = False
+    #: With :attr:`combines_inputs`: whether :meth:`network` takes token sequences (:class:`Tokens`,
+    #: cached for frozen encoders like an attending fusion's) rather than one vector per input.
+    needs_sequences: ClassVar[bool] = False
 
     def __init__(self, labels: Sequence[str] = ()) -> None:
         self.labels = list(labels)
@@ -91,6 +98,15 @@ class Task(abc.ABC):
 
         return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                              nn.Linear(hidden, self.output_dim))
+
+    def network(self, dims: Mapping[str, int], hidden: int, dropout: float) -> nn.Module:
+        """With :attr:`combines_inputs`: the module whose ``forward`` takes ``{input: features}`` (a
+        ``(batch, dim)`` vector each, or :class:`Tokens` with :attr:`needs_sequences`) and returns the
+        outputs :meth:`loss` and :meth:`scores` read. It is the model's ``head``: its weights are saved
+        and loaded with the model. A task may keep a reference to it when its loss or scores must call
+        back into it (a decoder run with teacher forcing in the loss, and decoding in the scores).
+        """
+        raise NotImplementedError(f"{type(self).__name__} combines the inputs itself but has no network()")
 
     def targets(self, stored: Sequence[Any]) -> np.ndarray:
         """Stored targets of some rows to the array :meth:`loss` and :meth:`evaluate` take."""

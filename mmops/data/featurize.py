@@ -22,6 +22,7 @@ from rich.progress import Progress
 from mmops.config import Params
 from mmops.core.model import ArtifactResolver, artifact_folder, build_input_encoder
 from mmops.core.plugin_registry import PluginError, get_fusion
+from mmops.core.tasks import task_class
 from mmops.data.cache import cached_features, cached_sequences
 
 
@@ -49,7 +50,11 @@ def encode_all(encoder, values, batch_size: int = 256) -> np.ndarray:
 
 
 def needs_sequences(params: Params) -> bool:
-    """Whether any candidate (listed, or from the sweep) has a fusion that attends over token sequences."""
+    """Whether any candidate (listed, or from the sweep) has a fusion that attends over token sequences,
+    or the task combines the inputs itself from token sequences (a caption decoder)."""
+    task = task_class(params.target.type)
+    if task.combines_inputs:
+        return task.needs_sequences
     found = False
     for candidate in params.all_candidates():
         try:

@@ -312,7 +312,7 @@ class Predictor:
     def _frozen_features(self, encoder: Any, values: list[Any]) -> torch.Tensor | Tokens:
         """What the model takes for a cached input: vectors, or token sequences when its fusion attends."""
         batch = self._to_device(encoder.preprocess(values))
-        if self.model.fusion.needs_sequences:
+        if self.model.needs_sequences:
             return as_tokens(encoder.forward_sequence(batch), "forward_sequence").to(torch.float32)
         return encoder(batch).float()
 

@@ -152,7 +152,16 @@ def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size
     batcher = Batcher(data, rows, model.encoders, batch_size, _group_key(model))
     scores = predict_split(model, batcher, data.precomputed)
     groups = rows["group"].to_numpy() if "group" in rows else None
-    return model.task.evaluate(batcher.targets, scores, groups), scores
+    metrics = model.task.evaluate(batcher.targets, scores, groups)
+    if "split_group" in rows:  # data.group_column: how each speaker / patient / user fares
+        metrics["by_group"] = per_group(model.task, batcher.targets, scores, rows["split_group"].to_numpy())
+    return metrics, scores
+
+
+def per_group(task: Task, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """The task's first metric on each group's rows: a mean can hide one user the model fails."""
+    first = next(iter(task.metrics))
+    return {str(g): float(task.evaluate(targets[groups == g], scores[groups == g])[first]) for g in np.unique(groups)}
 
 
 def predictions_table(data: Dataset, rows: pd.DataFrame, scores: np.ndarray, metrics: dict) -> pd.DataFrame:
@@ -176,14 +185,14 @@ def _group_key(model: MultimodalModel) -> str | None:
 def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], task: Task | None = None) -> dict:
     train = params.train_for(candidate)
     used = candidate.input_names(list(params.inputs))
+    fused = len(used) > 1 and not params.task_combines_inputs  # such a task's network fuses, not a plugin
     return {
         "candidate": candidate.name,
         "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params), "kind": i.kind,
                        "columns": params.columns(n), "missing": i.missing,
                        **({"init_from": i.init_from} if i.init_from else {}), **({"freeze": True} if i.freeze else {})}
                    for n, i in params.inputs.items() if n in used},
-        "fusion": {"name": candidate.fusion if len(used) > 1 else None,
-                   "params": dict(candidate.params) if len(used) > 1 else {}},
+        "fusion": {"name": candidate.fusion if fused else None, "params": dict(candidate.params) if fused else {}},
         "head": {"hidden": train.head_hidden, "dropout": train.dropout},
         "labels": labels,
         "image_size": params.data.image_size,
