@@ -211,7 +211,15 @@ def _per_class_section(view: str, metrics: dict) -> str:
         return _table(["split", "mse", "mae", "r2", "n"], rows)
     cols = ["precision", "recall", "f1", *(["ap"] if view == "sets" else []), "support"]
     per_class = metrics.get("test", {}).get("per_class", {})
-    return _table(["label", *cols], [[_fmt(k), *(_fmt(v.get(c)) for c in cols)] for k, v in per_class.items()])
+    return _table(["label", *cols], [[_fmt(k), *(_fmt(v.get(c)) for c in cols)] for k, v in per_class.items()]) \
+        + _per_group_table(metrics)
+
+
+def _per_group_table(metrics: dict) -> str:
+    """data.group_column: each speaker / patient / user of val and test, by the task's first metric."""
+    rows = [[split, _fmt(g), _fmt(v)] for split in ("val", "test")
+            for g, v in metrics.get(split, {}).get("by_group", {}).items()]
+    return "<h3>Per group (data.group_column)</h3>" + _table(["split", "group", "score"], rows) if rows else ""
 
 
 def _calibration_section(view: str, test: dict, preds: pd.DataFrame) -> str:

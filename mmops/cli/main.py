@@ -172,6 +172,11 @@ def data_validate(
                   f"{summary['quarantined']} bad; task {summary['task']}, {summary['labels']} labels")
     if summary.get("rare_labels"):
         err.print(f"[yellow]labels with a single row[/] (a typo?): {', '.join(summary['rare_labels'])}")
+    if groups := summary.get("groups"):
+        console.print(f"groups of {groups['column']} per split: {groups['per_split']}")
+        if groups["in_two_splits"]:
+            err.print(f"[yellow]{groups['column']} in two splits[/] (test sees known users): "
+                      f"{', '.join(groups['in_two_splits'][:20])}")
     if problems.empty:
         console.print("[green]every row is usable[/]")
         return

@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 MANIFEST_FORMATS = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
-FILE_KINDS = ("image", "audio")
+# A manifest's split column: a data set with its own val split keeps it (val is then not carved from train).
+SPLITS = ("train", "val", "test")
+FILE_KINDS = ("image", "audio", "vectors")
+# Frames a feature sequence may have unless its input sets params.max_length (MOSEI's longest: 500).
+VECTORS_MAX_LENGTH = 1000
 
 
 @dataclass
@@ -105,7 +109,12 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
 
 
 def required_columns(params: Params) -> list[str]:
-    return [*dict.fromkeys(c for name in params.inputs for c in params.columns(name)), params.target.column]
+    group = [params.data.group_column] if params.data.group_column else []
+    return [*dict.fromkeys(c for name in params.inputs for c in params.columns(name)), params.target.column, *group]
+
+
+# The prepared rows' column holding ``data.group_column``'s value ("group" is easy-VQA's answer type).
+GROUP = "split_group"
 
 
 @dataclass
@@ -192,6 +201,59 @@ def _decode_files(store: _Values, name: str, path: Path, params: Params, roots: 
     return np.array([broken.get(i, "") for i in range(len(store.values))], dtype=object)
 
 
+def decode_vectors(store: _Values, name: str, path: Path, params: Params, roots: dict[str, Path]) -> np.ndarray:
+    """Check every distinct feature-sequence file (a ``.npy`` of shape ``(time, dim)``) and store them
+    ragged: ``<name>.npy`` holds all frames (float32), ``<name>.offsets.npy`` where each value starts.
+
+    The width is ``inputs.<name>.params.dim`` when set, else the most common one, so one odd file is
+    quarantined by name rather than deciding the model's input size. Returns the reason each is broken.
+    """
+    spec = store.spec.params
+    max_length = int(spec.get("max_length") or VECTORS_MAX_LENGTH)
+    shapes: list[tuple[int, ...] | None] = []
+    broken: dict[int, str] = {}
+    for i, (batch, rel) in enumerate(store.values):
+        try:
+            array = np.load(_resolve_inside(roots[batch], rel), mmap_mode="r", allow_pickle=False)
+            shapes.append(array.shape)
+            if array.dtype.kind not in "iuf":
+                broken[i] = f"feature sequence: dtype {array.dtype}, expected numbers"
+        except (BadFileError, OSError, ValueError) as exc:
+            shapes.append(None)
+            broken[i] = f"cannot read this feature sequence as a .npy array ({type(exc).__name__}: {exc})"
+    widths = [s[1] for s in shapes if s is not None and len(s) == 2]
+    dim = int(spec.get("dim") or (max(set(widths), key=widths.count) if widths else 0))
+    for i, shape in enumerate(shapes):
+        if shape is None or i in broken:
+            continue
+        if len(shape) != 2:
+            broken[i] = f"feature sequence of shape {shape}: expected (time, {dim}) frames"
+        elif shape[1] != dim:
+            broken[i] = f"feature sequence of width {shape[1]}: this input's frames have {dim} features " \
+                        f"({'inputs.' + name + '.params.dim' if spec.get('dim') else 'the most common width'})"
+        elif shape[0] == 0:
+            broken[i] = "empty feature sequence (0 frames)"
+        elif shape[0] > max_length:
+            broken[i] = f"feature sequence of {shape[0]} frames, over max_length {max_length} " \
+                        f"(inputs.{name}.params.max_length)"
+    lengths = np.array([0 if i in broken or s is None else s[0] for i, s in enumerate(shapes)], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(int(offsets[-1]), max(dim, 1)))
+    for i, (batch, rel) in enumerate(track(store.values, description=f"reading {name}", transient=True)):
+        if i in broken:
+            continue
+        array = np.load(_resolve_inside(roots[batch], rel), allow_pickle=False).astype(np.float32)
+        if not np.isfinite(array).all():
+            bad = np.argwhere(~np.isfinite(array))[0]
+            broken[i] = f"feature sequence holds NaN or infinity (first at frame {bad[0]}, feature {bad[1]})"
+            continue
+        out[offsets[i] : offsets[i + 1]] = array
+    out.flush()
+    del out
+    np.save(path.with_suffix(".offsets.npy"), offsets)
+    return np.array([broken.get(i, "") for i in range(len(store.values))], dtype=object)
+
+
 def _target(chunk: _Chunk, column: str, task: Task) -> pd.Series:
     """The target of each row as the task parses it (a label, a label set, a number...)."""
     values = chunk.df[column].str.strip()
@@ -211,17 +273,32 @@ def _target(chunk: _Chunk, column: str, task: Task) -> pd.Series:
     return pd.Series(parsed, index=values.index, dtype=object)
 
 
-def _carve(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, group: str | None) -> np.ndarray:
-    """A seeded held-out part of ``rows``: stratified by label when it is a class, grouped by image so
-    that no image is seen on both sides."""
+def _carve(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, group: str | None,
+           grouped: bool = False) -> np.ndarray:
+    """A seeded held-out part of ``rows``: stratified by label when it is a class, grouped by image (and by
+    ``data.group_column`` when ``grouped``) so that no image or user is seen on both sides.
+
+    With few user groups (five speakers), the fold count drops to the number of groups: one held-out
+    fold is then a whole group, a larger fraction than asked for, never a group cut in two."""
     n_splits = max(2, round(1 / fraction))
     groups = rows[group].to_numpy() if group else np.arange(len(rows))
+    if grouped:
+        n_groups = len(np.unique(groups))
+        if n_groups < 2:
+            raise ValueError(f"data.group_column: {n_groups} group(s) left to split; a held-out split needs rows "
+                             "of at least two groups (or name them with data.val_groups/test_groups)")
+        if n_groups < n_splits:
+            log.warning("only %d groups: holding out one of them (about %.0f%% of the rows, %.0f%% was asked)",
+                        n_groups, 100 / n_groups, 100 * fraction)
+            n_splits = n_groups
     y = rows["label"].to_numpy() if stratify and rows["label"].nunique() > 1 else np.zeros(len(rows), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     held = np.zeros(len(rows), dtype=bool)
     try:
         _, idx = next(splitter.split(rows, y, groups))
     except ValueError:  # fewer groups than folds: a tiny data set; fall back to a seeded shuffle
+        if grouped:
+            raise
         idx = np.random.default_rng(seed).permutation(len(rows))[: max(1, round(len(rows) * fraction))]
     held[idx] = True
     return held
@@ -258,7 +335,7 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
             total += len(df)
             chunk = _Chunk(df, source, problems)
             if has_split:
-                chunk.flag(~df["split"].isin(["train", "test"]).to_numpy(), "split", "split must be 'train' or 'test'")
+                chunk.flag(~df["split"].isin(SPLITS).to_numpy(), "split", "split must be 'train', 'val' or 'test'")
             labels = _target(chunk, target.column, task)
             root = np.full(len(df), batch, dtype=object)
             part = pd.DataFrame({"line": df["line"], "source": source})
@@ -266,6 +343,11 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
                 part[f"{name}_idx"] = _input_index(chunk, name, params, stores[name], root)
             part["label"] = labels
             part["split"] = df["split"] if has_split else "train"
+            if params.data.group_column:
+                part[GROUP] = df[params.data.group_column].str.strip()
+                chunk.flag((part[GROUP] == "").to_numpy(), params.data.group_column,
+                           f"empty {params.data.group_column}: rows are kept together by it (data.group_column);"
+                           " fill it in")
             if "answer_type" in df.columns:
                 part["group"] = df["answer_type"]
             parts.append(part[~chunk.bad])
@@ -279,7 +361,8 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
     for name, store in stores.items():
         kind = store.spec.kind
         if kind in FILE_KINDS:
-            broken = _decode_files(store, name, out_dir / f"{name}.npy", params, roots)
+            decode = decode_vectors if kind == "vectors" else _decode_files
+            broken = decode(store, name, out_dir / f"{name}.npy", params, roots)
             hit = rows[f"{name}_idx"].to_numpy()
             reasons = np.where(hit >= 0, broken[np.maximum(hit, 0)], "")
             drop = reasons != ""
@@ -297,15 +380,29 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
     # manifest's test part, or carved away together) would otherwise become a class no model can learn:
     # such rows are quarantined, naming the label.
     group = next((f"{n}_idx" for n, s in params.inputs.items() if s.kind == "image"), None)
+    grouped = bool(params.data.group_column)
+    if grouped:
+        _check_named_groups(rows, params, has_split)
+        group = _link_groups(rows, group)
     stratify = task.stratify
     labelled = bool(task.vocabulary(rows["label"]))  # classes or labels, not numbers
-    if not has_split and len(rows):
-        rows.loc[_hold_out(rows, params.data.test_fraction, params.seed, stratify, group, labelled), "split"] = "test"
+    named_val = rows[GROUP].isin(params.data.val_groups).to_numpy() if grouped else np.zeros(len(rows), bool)
+    if grouped and params.data.test_groups:
+        rows.loc[rows[GROUP].isin(params.data.test_groups), "split"] = "test"
+    elif not has_split and len(rows):
+        free = np.flatnonzero(~named_val)
+        held = _hold_out(rows.iloc[free].reset_index(drop=True), params.data.test_fraction, params.seed, stratify,
+                         group, labelled, grouped)
+        rows.loc[free[held], "split"] = "test"
+    rows.loc[named_val & (rows["split"] == "train").to_numpy(), "split"] = "val"
     train = (rows["split"] == "train").to_numpy()
-    if train.sum() > 1:
+    given_val = has_split and bool((rows["split"] == "val").any())  # the data set's own val split (MMSA's)
+    if train.sum() > 1 and not (grouped and params.data.val_groups) and not given_val:
         val = _hold_out(rows[train].reset_index(drop=True), params.data.val_fraction, params.seed, stratify, group,
-                        labelled)
+                        labelled, grouped)
         rows.loc[np.flatnonzero(train)[val], "split"] = "val"
+    if grouped:
+        rows = rows.drop(columns="_linked")
 
     train_mask = (rows["split"] == "train").to_numpy()
     label_names = task.vocabulary(rows.loc[train_mask, "label"])
@@ -350,12 +447,14 @@ def prepare(raw_dir: Path, out_dir: Path, params: Params, appended_dir: Path | N
         "appended_batches": len(batches),
         "manifest": manifest_path.name,
     }
+    if grouped:
+        summary["groups"] = _group_summary(rows, params.data.group_column or "")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def _hold_out(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, group: str | None,
-              labelled: bool) -> np.ndarray:
+              labelled: bool, grouped: bool = False) -> np.ndarray:
     """:func:`_carve` over the rows that may leave the train split: with labels, a row holding the only
     row of a label stays in train (and is warned about), so no label loses its only training example."""
     movable = np.ones(len(rows), dtype=bool)
@@ -363,10 +462,61 @@ def _hold_out(rows: pd.DataFrame, fraction: float, seed: int, stratify: bool, gr
         counts = _label_counts(rows["label"])
         movable = np.array([all(counts[x] > 1 for x in (v if isinstance(v, tuple | list) else (v,)))
                             for v in rows["label"]], dtype=bool)
+        if grouped and group:  # a group with such a row stays in train whole, never cut in two
+            movable = pd.Series(movable).groupby(rows[group].to_numpy()).transform("all").to_numpy(dtype=bool)
     held = np.zeros(len(rows), dtype=bool)
     if movable.any():
-        held[np.flatnonzero(movable)] = _carve(rows[movable].reset_index(drop=True), fraction, seed, stratify, group)
+        held[np.flatnonzero(movable)] = _carve(rows[movable].reset_index(drop=True), fraction, seed, stratify, group,
+                                               grouped)
     return held
+
+
+def _check_named_groups(rows: pd.DataFrame, params: Params, has_split: bool) -> None:
+    """``val_groups``/``test_groups`` must name groups the data has; a manifest split column that puts one
+    group on both sides is warned about by name (its test figure then measures seen users)."""
+    data = params.data
+    known = set(rows[GROUP])
+    unknown = sorted(set(data.val_groups + data.test_groups) - known)
+    if unknown:
+        shown = ", ".join(sorted(known)[:20]) + (" ..." if len(known) > 20 else "")
+        raise ValueError(f"data.val_groups/test_groups: {data.group_column} has no {unknown}; it has {shown}")
+    if data.test_groups and has_split:
+        raise ValueError("data.test_groups: the manifest has its own split column; drop one of the two")
+    if has_split:
+        splits = rows.groupby(GROUP)["split"].nunique()
+        shared = sorted(str(g) for g in splits[splits > 1].index)
+        if shared:
+            log.warning("%s: %d group(s) in both the train and test rows of the manifest's split column, so "
+                        "test measures users the model has seen: %s", data.group_column, len(shared),
+                        ", ".join(shared[:20]) + (" ..." if len(shared) > 20 else ""))
+
+
+def _link_groups(rows: pd.DataFrame, image: str | None) -> str:
+    """Groups for carving: rows sharing a ``group_column`` value, or an image, stay on one side.
+
+    The connected components of the (group, image) graph: a speaker's rows stay together, and so do
+    an image's rows across speakers. Stored in a temporary ``_linked`` column, whose name is returned."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    codes = pd.factorize(rows[GROUP])[0]
+    if image is None or image not in rows.columns:
+        rows["_linked"] = codes
+        return "_linked"
+    has_image = rows[image].to_numpy() >= 0  # a missing image (-1) links nothing
+    images = pd.factorize(rows[image])[0] + codes.max() + 1
+    n = int(images.max()) + 1 if len(images) else 0
+    graph = coo_matrix((np.ones(int(has_image.sum())), (codes[has_image], images[has_image])), shape=(n, n))
+    rows["_linked"] = connected_components(graph, directed=False)[1][codes]
+    return "_linked"
+
+
+def _group_summary(rows: pd.DataFrame, column: str) -> dict[str, Any]:
+    """Groups per split, and any group found in two splits (what ``mmops data validate`` prints)."""
+    per_split = rows.groupby("split")[GROUP].nunique()
+    splits = rows.groupby(GROUP)["split"].nunique()
+    return {"column": column, "per_split": {k: int(v) for k, v in per_split.sort_index().items()},
+            "in_two_splits": sorted(str(g) for g in splits[splits > 1].index)}
 
 
 def _label_counts(labels: pd.Series) -> dict[Any, int]:
