@@ -135,6 +135,9 @@ class TrainConfig(_Strict):
         True, description="use cached frozen features and encode each distinct value once per batch; "
         "false recomputes every encoder for every row (the naive baseline the benchmarks compare with)"
     )
+    seeds: int = Field(1, ge=1, le=20, description="train each candidate with this many seeds (seed, seed+1, ...): "
+                       "the leaderboard and registry show mean ± std and selection uses the mean; the artifact "
+                       "is the first seed's model")
 
 
 class CandidateConfig(_Strict):

@@ -14,12 +14,14 @@ import math
 import os
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mmops.config import CandidateConfig
@@ -308,6 +310,11 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
                             use_cache=params.train_for(candidate).feature_cache)
         result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
                                  resolve=functools.partial(resolve_artifact, project), on_epoch=on_epoch)
+        more = []
+        for k in range(1, params.train_for(candidate).seeds):  # the other seeds: their figures, not their models
+            with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:
+                more.append(train_candidate(params.model_copy(update={"seed": params.seed + k}), candidate, data,
+                                            Path(tmp), resolve=functools.partial(resolve_artifact, project)))
     except Exception as exc:  # one bad candidate must not sink the sweep
         registry.finish_run(run_id, "failed", time.perf_counter() - started,
                             error="".join(traceback.format_exception_only(exc)).strip())
@@ -317,15 +324,29 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
         return {"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
                 "inputs": candidate.input_names(list(params.inputs)),
                 "error": f"{type(exc).__name__}: {exc}", "run_id": run_id}
-    final = {f"{split}_{key}": value for split, m in result["metrics"].items()
-             for key, value in m.items() if isinstance(value, float)}
-    registry.log_metrics(run_id, final)
+    final, final_std, seeds = seed_summary([result, *more])
+    registry.log_metrics(run_id, {**final, **{f"{k}_std": v for k, v in final_std.items()}})
     registry.finish_run(run_id, "completed", time.perf_counter() - started, artifact=result["model_dir"])
-    done = {**result, "run_id": run_id, "final": final, "fingerprint": fingerprint(project, candidate)}
+    done = {**result, "run_id": run_id, "final": final, "fingerprint": fingerprint(project, candidate),
+            **({"final_std": final_std, "seeds": seeds} if more else {})}
     # result.json is what makes a trained candidate reusable: written whole or not at all.
     atomic_write(Path(result["model_dir"]) / "result.json", json.dumps(done, indent=2))
     _notify("end", candidate.name, status="completed")
     return {**done, "status": "completed", "reused": False}
+
+
+def seed_summary(results: list[dict]) -> tuple[dict[str, float], dict[str, float], list[dict]]:
+    """Mean and sample standard deviation over seeds of every scalar val/test metric, and each seed's own.
+
+    One seed's result ranks luck (10 points between two seeds of one candidate were measured on a
+    speaker-disjoint task); with ``train.seeds`` the mean is what selection and the registry see."""
+    per_seed = [{f"{split}_{key}": value for split, m in r["metrics"].items()
+                 for key, value in m.items() if isinstance(value, float)} for r in results]
+    keys = [k for k in per_seed[0] if all(k in s for s in per_seed)]
+    final = {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
+    std = {k: float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for k in keys}
+    seeds = [{"seed": r["seed"], "best_epoch": r["best_epoch"], **s} for r, s in zip(results, per_seed, strict=True)]
+    return final, std, seeds
 
 
 def select_best(results: list[dict], metric: str, sign: float) -> dict:
@@ -365,6 +386,8 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
     leaderboard = [
         {"candidate": r["candidate"], "fusion": r.get("fusion"), "inputs": r.get("inputs"), "status": r["status"],
          **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
+         **({f"{k}_std": r["final_std"].get(k) for k in keys} if r.get("final_std") else {}),
+         **({"seeds": len(r["seeds"])} if r.get("seeds") else {}),
          "train_seconds": r.get("train_seconds"), "run_id": r.get("run_id"),
          **({"params": int(n) if (n := model_size(r)) != math.inf else None} if r["status"] == "completed" else {})}
         for r in results
@@ -377,6 +400,8 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
         atomic_write(out / "modalities.json", json.dumps(modalities, indent=2))
     summary = {"best": best["candidate"], "selected_by": project.params.select_metric, "ties": TIE_BREAK,
                "val": _scalars(best["metrics"]["val"]), "test": _scalars(best["metrics"]["test"])}
+    if best.get("seeds"):  # the artifact is the first seed's model; selection used the mean over seeds
+        summary["seeds"] = {"n": len(best["seeds"]), "mean": best["final"], "std": best["final_std"]}
     atomic_write(out / "best.json", json.dumps(summary, indent=2))
     # DVC plots: the confusion matrix (classification), calibration bins, and learning curves.
     labels = json.loads((project.prepared_dir / "labels.json").read_text())

@@ -263,11 +263,11 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
     table.add_column("status")
     for r in results:
         ok = r.get("status") == "completed"
-        f = r.get("final", {})
+        f, sd = r.get("final", {}), r.get("final_std") or {}  # train.seeds > 1: mean ± std over seeds
         table.add_row(
             ("* " if r["candidate"] == best else "") + r["candidate"], r.get("fusion") or "-",
             *(["+".join(r.get("inputs") or [])] if ablation else []),
-            *[f"{f[c]:.4f}" if ok and c in f else "-" for c in columns],
+            *[f"{f[c]:.4f}" + (f" ± {sd[c]:.4f}" if c in sd else "") if ok and c in f else "-" for c in columns],
             f"{r['train_seconds']:.0f} s" if ok else "-",
             "ok" if ok else f"[red]failed[/]: {r.get('error', '')[:60]}",
         )
