@@ -103,6 +103,8 @@ def data_import(
     from_: Annotated[Path | None, typer.Option("--from", help="the source's files (default: params data.path)")] = None,
     project_dir: ProjectOpt = Path("."),
     limit: Annotated[int | None, typer.Option(help="rows kept per split (default: params data.limit)")] = None,
+    as_: Annotated[str | None, typer.Option("--as", help="easy-vqa only: 'captions' writes one row per "
+                                            "image-caption pair (contrastive retrieval, captioning)")] = None,
 ) -> None:
     """Write the manifest (one row per example) and its files under data/raw/."""
     from mmops.config import SOURCES
@@ -114,10 +116,13 @@ def data_import(
     if source not in SOURCES:
         raise _fail(f"unknown source '{source}'; available: {', '.join(SOURCES)}", 2)
     path = from_ or (project.root / params.data.path if params.data.path else None)
+    if as_ not in (None, "captions") or (as_ and source != "easy-vqa"):
+        raise _fail(f"--as {as_}: only 'easy-vqa --as captions' exists", 2)
     if source == "easy-vqa":
-        from mmops.data.easyvqa import import_easy_vqa
+        from mmops.data.easyvqa import import_easy_vqa, import_easy_vqa_captions
 
-        manifest = import_easy_vqa(project.raw_dir, limit)
+        importer = import_easy_vqa_captions if as_ == "captions" else import_easy_vqa
+        manifest = importer(project.raw_dir, limit)
     elif path is None:
         raise _fail(f"{source}: where are the files? Pass --from PATH or set data.path in params.yaml", 2)
     else:

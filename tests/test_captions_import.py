@@ -1,0 +1,60 @@
+"""easy-VQA as image-caption pairs: attributes read from the image's own questions, several captions per
+image, splits grouped by image, and colour-shape pairs held out of train and val for zero-shot."""
+
+from __future__ import annotations
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from mmops.data.easyvqa import CAPTION_TEMPLATES, HOLDOUT_PAIRS, image_attributes, import_easy_vqa_captions
+
+
+def test_attributes_come_from_answers_yes_no_and_negations():
+    questions = (
+        ["what color is the shape?", "is there a triangle?", "does the image not contain a circle?",
+         "is there not a red shape?", "is no blue shape present?", "is there a circle?"],
+        ["green", "no", "yes", "no", "yes", "no"],
+        [1, 1, 1, 2, 2, 3],
+    )
+    # 1: green from the answer, rectangle as the only shape neither denied. 2: red (negated "no"), no
+    # shape named: left out. 3: nothing but an absent circle: left out.
+    assert image_attributes(questions) == {1: ("green", "rectangle")}
+
+
+def test_conflicting_answers_leave_the_image_out():
+    questions = (["what color is the circle?", "is there a red shape?"], ["blue", "yes"], [5, 5])
+    assert image_attributes(questions) == {}
+
+
+def test_captions_manifest_groups_splits_by_image_and_holds_out_pairs(tmp_path):
+    manifest = import_easy_vqa_captions(tmp_path, limit=150)
+    df = pd.read_csv(manifest)
+    assert set(df["split"]) == {"train", "val", "test"}
+    assert (df.groupby("image_id")["split"].nunique() == 1).all()  # no image in two splits
+    assert (df.groupby("image_id").size() == len(CAPTION_TEMPLATES)).all()
+    assert (df.groupby("image_id")["caption"].nunique() == len(CAPTION_TEMPLATES)).all()
+    assert df["label"].eq(df["colour"] + " " + df["shape"]).all()
+    assert all(row.colour in row.caption and row.shape in row.caption for row in df.itertuples())
+    held = {f"{c} {s}" for c, s in HOLDOUT_PAIRS}
+    assert not set(df.loc[df["split"] != "test", "label"]) & held
+    assert set(df.loc[df["zero_shot"], "label"]) <= held and df["zero_shot"].any()
+    trained = df[df["split"] == "train"]
+    for colour, shape in HOLDOUT_PAIRS:  # each part of a held-out pair is seen apart in training
+        assert (trained["colour"] == colour).any() and (trained["shape"] == shape).any()
+    assert df.drop_duplicates("image_id").groupby("split").size().max() <= 150
+    assert (tmp_path / df["image"].iloc[0]).is_file()
+
+
+def test_cli_imports_captions_and_refuses_unknown_layouts(tmp_path):
+    from mmops.cli.main import app
+    from mmops.scaffold import init_project
+
+    init_project(tmp_path / "p", "vqa", git=False)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["data", "import", "easy-vqa", "--as", "triples", "-p", str(tmp_path / "p")])
+    assert bad.exit_code == 2 and "captions" in bad.output
+    ok = runner.invoke(app, ["data", "import", "easy-vqa", "--as", "captions", "--limit", "20",
+                             "-p", str(tmp_path / "p")])
+    assert ok.exit_code == 0, ok.output
+    df = pd.read_csv(tmp_path / "p" / "data" / "raw" / "manifest.csv")
+    assert {"image", "caption", "label", "split", "image_id"} <= set(df.columns)
