@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # The modalities an encoder plugin may declare. Here, not in mmops.core.interfaces, so that reading a
 # config (the prepare stage, the CLI) does not import torch.
-MODALITIES = ("text", "image", "audio", "tabular")
+MODALITIES = ("text", "image", "audio", "tabular", "vectors")
 
 
 class ConfigError(ValueError):
@@ -67,7 +67,8 @@ class DataConfig(_Strict):
 
 # Manifest column types that map onto the tabular modality, with the encoder each defaults to.
 COLUMN_KINDS = {"number": "numeric", "category": "categorical"}
-DEFAULT_ENCODERS = {"text": "bow_text", "image": "cnn_image", "audio": "mel_audio", **COLUMN_KINDS}
+DEFAULT_ENCODERS = {"text": "bow_text", "image": "cnn_image", "audio": "mel_audio", "vectors": "seq_features",
+                    **COLUMN_KINDS}
 
 
 class InputConfig(_Strict):
@@ -81,7 +82,7 @@ class InputConfig(_Strict):
     missing: Literal["drop", "learn"] = Field(
         "drop", description="a row without this input: drop it, or learn a 'missing' embedding for it"
     )
-    kind: Literal["text", "image", "audio", "number", "category"] | None = None
+    kind: Literal["text", "image", "audio", "vectors", "number", "category"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     init_from: str | None = Field(
         None, description="reuse this input's encoder weights from a model version NAME:VERSION or an artifact folder"
@@ -109,7 +110,8 @@ class InputConfig(_Strict):
     @classmethod
     def _known_modality(cls, v: str) -> str:
         if v not in MODALITIES:
-            raise ValueError(f"modality must be one of {', '.join([*MODALITIES[:3], *COLUMN_KINDS])}, got '{v}'")
+            known = [*(m for m in MODALITIES if m != "tabular"), *COLUMN_KINDS]
+            raise ValueError(f"modality must be one of {', '.join(known)}, got '{v}'")
         return v
 
 
@@ -131,6 +133,13 @@ class TrainConfig(_Strict):
     head_hidden: int = Field(256, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     threads: int = Field(0, ge=0, description="torch threads per candidate; 0 = cores / parallel candidates")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps; "
+                        "the MMOPS_DEVICE environment variable overrides it")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16: autocast on CUDA or CPU; fp16: autocast with a gradient scaler, CUDA only")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="data-parallel training of each candidate over several processes (`mmops train --nproc N`)")
     feature_cache: bool = Field(
         True, description="use cached frozen features and encode each distinct value once per batch; "
         "false recomputes every encoder for every row (the naive baseline the benchmarks compare with)"

@@ -58,13 +58,15 @@ def example_values(modality: str, n: int, rng: np.random.Generator) -> Any:
         return out
     if modality == "tabular":
         return rng.integers(0, 5, (n, 3)).astype(float).tolist()
+    if modality == "vectors":  # feature sequences of unequal lengths, 6 features a frame
+        return [rng.standard_normal((int(rng.integers(1, 9)), 6)).astype(np.float32) for _ in range(n)]
     raise ValueError(f"no example values for modality '{modality}'")
 
 
 def wrong_values(modality: str) -> Any:
     """Values an encoder of the modality must refuse with a clear error."""
     return {"text": [12, None], "image": np.zeros((2, 8, 8), np.uint8), "audio": [b"not a wav file"],
-            "tabular": [[1.0, 2.0]]}[modality]
+            "tabular": [[1.0, 2.0]], "vectors": [np.zeros((0, 6), np.float32)]}[modality]
 
 
 def _run(checks: list[Check], name: str, fn: Callable[[], str | None]) -> bool:

@@ -11,6 +11,7 @@ so word pieces and patches reach the fusion without running the encoder during t
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -27,9 +28,14 @@ from mmops.data.cache import cached_features, cached_sequences
 
 
 def load_values(prepared_dir: Path, name: str, modality: str) -> list | np.ndarray:
-    """Distinct values of an input: strings and tabular rows from JSON, images and audio memory-mapped."""
+    """Distinct values of an input: strings and tabular rows from JSON, images and audio memory-mapped,
+    feature sequences as a list of ``(time, dim)`` views into one memory-mapped array (they are ragged)."""
     if modality in ("text", "tabular"):
         return json.loads((prepared_dir / f"{name}.json").read_text())
+    if modality == "vectors":
+        frames = np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
+        offsets = np.load(prepared_dir / f"{name}.offsets.npy")
+        return [frames[a:b] for a, b in itertools.pairwise(offsets)]
     return np.load(prepared_dir / f"{name}.npy", mmap_mode="r")
 
 
