@@ -25,6 +25,15 @@ SMALL = {
 }
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup`` (what `make test` runs): each file's tests stay on one
+    worker, so its module fixtures are built once, and every test of the shared trained project runs
+    on the same worker, so that project is trained once."""
+    for item in items:
+        group = "trained_project" if "trained_project" in getattr(item, "fixturenames", ()) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
