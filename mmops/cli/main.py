@@ -99,8 +99,9 @@ def init(
 @data_app.command("import")
 def data_import(
     source: Annotated[str | None, typer.Argument(
-        help="easy-vqa | manifest | vqa-v2 | coco-captions | imagefolder (default: params data.source)")] = None,
-    from_: Annotated[Path | None, typer.Option("--from", help="the source's files (default: params data.path)")] = None,
+        help="easy-vqa | manifest | vqa-v2 | coco-captions | imagefolder | mmsa (default: params data.source)")] = None,
+    from_: Annotated[Path | None, typer.Option("--from", "--path",
+                                               help="the source's files (default: params data.path)")] = None,
     project_dir: ProjectOpt = Path("."),
     limit: Annotated[int | None, typer.Option(help="rows kept per split (default: params data.limit)")] = None,
     as_: Annotated[str | None, typer.Option("--as", help="easy-vqa only: 'captions' writes one row per "
@@ -130,7 +131,9 @@ def data_import(
 
         try:
             if source == "manifest":
-                files = [c for n, i in params.inputs.items() if i.kind in ("image", "audio") for c in params.columns(n)]
+                from mmops.data.prepare import FILE_KINDS
+
+                files = [c for n, i in params.inputs.items() if i.kind in FILE_KINDS for c in params.columns(n)]
                 manifest = import_manifest(path, project.raw_dir, files, limit)
             else:
                 manifest = IMPORTERS[source](path, project.raw_dir, limit)

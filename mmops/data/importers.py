@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
+from mmops.data.mmsa import import_mmsa
+
 log = logging.getLogger("mmops.import")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -324,6 +326,7 @@ def import_imagefolder(source: Path, out_dir: Path, limit: int = 0) -> Path:
 
 
 IMPORTERS: dict[str, Callable[[Path, Path, int], Path]] = {
+    "mmsa": import_mmsa,  # MMSA's MOSI/MOSEI/SIMS feature pickles (mmops/data/mmsa.py)
     "vqa-v2": import_vqa_v2,
     "coco-captions": import_coco_captions,
     "imagefolder": import_imagefolder,
