@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
     from torch import nn
 
@@ -107,6 +108,12 @@ class Task(abc.ABC):
         back into it (a decoder run with teacher forcing in the loss, and decoding in the scores).
         """
         raise NotImplementedError(f"{type(self).__name__} combines the inputs itself but has no network()")
+
+    def reference_groups(self, rows: pd.DataFrame) -> np.ndarray | None:
+        """The ``groups`` :meth:`evaluate` gets for these prepared rows when they are examples with several
+        targets each (a caption task: the rows of one image, every caption a reference); None otherwise,
+        and evaluation passes the data set's own ``group`` column (easy-VQA's answer type) if any."""
+        return None
 
     def targets(self, stored: Sequence[Any]) -> np.ndarray:
         """Stored targets of some rows to the array :meth:`loss` and :meth:`evaluate` take."""

@@ -17,7 +17,7 @@ from mmops.core.tasks import build_task
 from mmops.data.featurize import load_values
 from mmops.project import Project
 from mmops.registry.store import NotComparable
-from mmops.training.loop import Batcher, Dataset, predict_split
+from mmops.training.loop import Batcher, Dataset, evaluation_groups, predict_split
 
 
 def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
@@ -54,8 +54,7 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
     except Exception as exc:
         raise NotComparable(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
     probs = model.task.align(probs, labels)  # the model's label order to the current data's, by name
-    groups = test["group"].to_numpy() if "group" in test else None
-    metrics = task.evaluate(data.targets(test), probs, groups)
+    metrics = task.evaluate(data.targets(test), probs, evaluation_groups(task, test))
     for bulky in ("confusion", "per_class", "calibration"):
         metrics.pop(bulky, None)
     metrics["unknown_labels"] = sorted(set(labels) - set(model.labels))

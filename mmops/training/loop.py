@@ -151,11 +151,19 @@ def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size
     rows = data.split(split)
     batcher = Batcher(data, rows, model.encoders, batch_size, _group_key(model))
     scores = predict_split(model, batcher, data.precomputed)
-    groups = rows["group"].to_numpy() if "group" in rows else None
-    metrics = model.task.evaluate(batcher.targets, scores, groups)
+    metrics = model.task.evaluate(batcher.targets, scores, evaluation_groups(model.task, rows))
     if "split_group" in rows:  # data.group_column: how each speaker / patient / user fares
         metrics["by_group"] = per_group(model.task, batcher.targets, scores, rows["split_group"].to_numpy())
     return metrics, scores
+
+
+def evaluation_groups(task: Task, rows: pd.DataFrame) -> np.ndarray | None:
+    """What the task's ``evaluate`` gets as ``groups``: its reference groups (a caption task: the rows of
+    one image), else the data set's ``group`` column (easy-VQA's answer type), if any."""
+    groups = task.reference_groups(rows)
+    if groups is None and "group" in rows:
+        groups = rows["group"].to_numpy()
+    return groups
 
 
 def per_group(task: Task, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> dict[str, float]:
@@ -269,7 +277,7 @@ def train_candidate(
             scheduler.step()
             total, count = total + loss.item() * len(targets), count + len(targets)
         scores = predict_split(model, val_b, data.precomputed)
-        val = data.task.evaluate(val_b.targets, scores)
+        val = data.task.evaluate(val_b.targets, scores, data.task.reference_groups(val_rows))
         record = {"epoch": epoch, "train_loss": total / count,
                   **{f"val_{k}": val[k] for k in data.task.metrics},
                   "seconds": time.perf_counter() - t0}
