@@ -124,6 +124,13 @@ class TargetConfig(_Strict):
     threshold: float = Field(0.5, gt=0, lt=1, description="multilabel: a label is predicted above this score")
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training of one candidate: ``processes`` ranks, each on a shard of the image groups."""
+
+    processes: int = Field(1, ge=1, le=256, description="ranks (processes) per candidate; 1 trains in-process")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on the CPU")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=1, description="rows per batch (approximate when grouped by image)")
@@ -345,7 +352,8 @@ class Params(_Strict):
         return self.inputs[name].columns or [name]
 
     def train_for(self, candidate: CandidateConfig) -> TrainConfig:
-        return self.train.model_copy(update=candidate.train)
+        # Validated, not copied: an override such as {"distributed": {"processes": 2}} becomes its model.
+        return TrainConfig.model_validate({**self.train.model_dump(), **candidate.train})
 
 
 def load_params(path: Path) -> Params:

@@ -278,7 +278,7 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
         name=candidate.name,
         config={"candidate": candidate.model_dump(), "train": params.train_for(candidate).model_dump(),
                 "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "data": params.data.model_dump(),
-                "code": candidate_code(project, candidate)},
+                "code": candidate_code(project, candidate), "runtime": runtime(params.train_for(candidate))},
         seed=params.seed, data_version=data_version(project), git_commit=project.git_commit(),
         flow_run_id=flow_run_id,
     )
@@ -291,6 +291,19 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
         raise
     finally:
         marker.unlink(missing_ok=True)
+
+
+def runtime(train: Any) -> dict[str, Any]:
+    """Where and how the run trains, as its registry run records it: the device resolved on this machine
+    (``MMOPS_DEVICE`` or ``train.device``), the precision, the data-parallel processes. A device this
+    machine lacks is recorded as asked; training then fails with the reason."""
+    from mmops.core.devices import DeviceError, describe, resolve_device
+
+    try:
+        device = describe(resolve_device(train.device))
+    except DeviceError:
+        device = f"{train.device} (unavailable)"
+    return {"device": device, "precision": train.precision, "processes": train.distributed.processes}
 
 
 def _train_recorded(project: Project, candidate: CandidateConfig, registry: Registry, run_id: str) -> dict:
@@ -306,10 +319,17 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
 
     _notify("start", candidate.name, epochs=params.train_for(candidate).epochs)
     try:
-        data = Dataset.load(project.prepared_dir, project.features_dir, params,
-                            use_cache=params.train_for(candidate).feature_cache)
-        result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
-                                 resolve=functools.partial(resolve_artifact, project), on_epoch=on_epoch)
+        resolve = functools.partial(resolve_artifact, project)
+        if (processes := params.train_for(candidate).distributed.processes) > 1:
+            from mmops.training.distributed import train_parallel
+
+            result = train_parallel(params, candidate, project.prepared_dir, project.features_dir,
+                                    project.models_dir / candidate.name, processes, on_epoch, resolve)
+        else:
+            data = Dataset.load(project.prepared_dir, project.features_dir, params,
+                                use_cache=params.train_for(candidate).feature_cache)
+            result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
+                                     resolve=resolve, on_epoch=on_epoch)
         more = []
         for k in range(1, params.train_for(candidate).seeds):  # the other seeds: their figures, not their models
             with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:

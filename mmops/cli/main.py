@@ -428,6 +428,8 @@ def train(
     ctx: typer.Context,
     project_dir: ProjectOpt = Path("."),
     candidate: Annotated[list[str] | None, typer.Option(help="train only these candidates")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, max=256, help="data-parallel processes per "
+                                              "candidate (default: train.distributed.processes)")] = None,
 ) -> None:
     """Train candidates on the prepared data (no flow), record them, write metrics/."""
     project = _project(project_dir)
@@ -437,6 +439,9 @@ def train(
     chosen = [c for c in project.params.candidates if not candidate or c.name in candidate]
     if not chosen:
         raise _fail(f"no candidate named {candidate}; params.yaml has {[c.name for c in project.params.candidates]}")
+    if nproc is not None:
+        chosen = [c.model_copy(update={"train": {**c.train, "distributed": {
+            **project.params.train_for(c).distributed.model_dump(), "processes": nproc}}}) for c in chosen]
     with epoch_progress(console, project.params.select_metric):
         results = [pipeline.train_one(project, c) for c in chosen]
     best = pipeline.select_best(results, project.params.select_metric,

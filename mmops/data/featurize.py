@@ -11,6 +11,7 @@ so word pieces and patches reach the fusion without running the encoder during t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -21,6 +22,7 @@ import torch
 from rich.progress import Progress
 
 from mmops.config import Params
+from mmops.core.devices import resolve_device, to_device
 from mmops.core.model import ArtifactResolver, artifact_folder, build_input_encoder
 from mmops.core.plugin_registry import PluginError, get_fusion
 from mmops.core.tasks import task_class
@@ -43,14 +45,17 @@ log = logging.getLogger("mmops.featurize")
 
 
 @torch.inference_mode()
-def encode_all(encoder, values, batch_size: int = 256) -> np.ndarray:
+def encode_all(encoder, values, batch_size: int = 256, device: torch.device | None = None) -> np.ndarray:
+    """Pooled features of ``values`` in batches, computed on ``device`` (float32 on the CPU for the cache)."""
+    device = device or torch.device("cpu")
     encoder.eval()
     out = np.zeros((len(values), encoder.output_dim), dtype=np.float32)
     with Progress(transient=True) as progress:
         task = progress.add_task(f"encoding {len(values)} distinct values", total=len(values))
         for start in range(0, len(values), batch_size):
             chunk = values[start : start + batch_size]
-            out[start : start + len(chunk)] = encoder(encoder.preprocess(chunk)).float().numpy()
+            batch = to_device(encoder.preprocess(chunk), device)
+            out[start : start + len(chunk)] = encoder(batch).float().cpu().numpy()
             progress.advance(task, len(chunk))
     return out
 
@@ -103,7 +108,12 @@ def featurize(prepared_dir: Path, out_dir: Path, params: Params, cache_dir: Path
                      name, spec.encoder)
             continue
         values = load_values(prepared_dir, name, spec.modality)
-        features, stats = cached_features(cache_dir, spec.encoder, encoder, values, encode_all)
+        # Pooled features on the training device (train.device / MMOPS_DEVICE); the encoder goes back to
+        # the CPU after, as frozen encoders are shared in this process, and token sequences are kept there.
+        device = resolve_device(params.train.device)
+        features, stats = cached_features(cache_dir, spec.encoder, encoder.to(device), values,
+                                          functools.partial(encode_all, device=device))
+        encoder.to("cpu")
         np.save(out_dir / f"{name}.npy", features)
         written[name] = {"encoder": spec.encoder, "config": encoder.config(), "dim": encoder.output_dim, **stats}
         if sequences:

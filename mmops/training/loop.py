@@ -10,7 +10,7 @@ training fast without changing what is learned:
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import logging
 import os
@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from mmops.config import CandidateConfig, Params
+from mmops.core.devices import Precision, describe, resolve_device, resolve_precision, to_device
 from mmops.core.interfaces import Encoder
 from mmops.core.model import ArtifactResolver, MultimodalModel, artifact_folder, build_input_encoder
 from mmops.core.tasks import Task, build_task, task_params
 from mmops.data.cache import CachedFeatures
 from mmops.data.featurize import load_values
+from mmops.training import distributed
 
 log = logging.getLogger("mmops.training.loop")
 
@@ -82,6 +84,9 @@ class Batcher:
     batch_size: int
     group_by: str | None = None
     dedup: bool = True  # encode each distinct value once per batch; False encodes every row (baseline)
+    rank: int = 0  # data-parallel training: this process's share of the groups (mmops.training.distributed)
+    world: int = 1
+    seen: list[np.ndarray] = field(default_factory=list)  # row positions of the last training epoch
     _groups: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -93,17 +98,22 @@ class Batcher:
         else:
             self._groups = [np.array([i]) for i in range(len(self.rows))]
         mean = len(self.rows) / max(1, len(self._groups))
-        self.groups_per_batch = max(1, round(self.batch_size / mean))
+        # Data-parallel ranks split each batch: the global batch (and so the step count) stays batch_size.
+        self.groups_per_batch = max(1, round(self.batch_size / self.world / mean))
         self.targets = self.data.targets(self.rows)
 
     def __len__(self) -> int:
-        return -(-len(self._groups) // self.groups_per_batch)
+        groups = len(self._groups) // self.world if self.world > 1 else len(self._groups)
+        return -(-groups // self.groups_per_batch)
 
     def __iter__(self):
         return self.batches(None)
 
     def batches(self, rng: np.random.Generator | None):
         order = rng.permutation(len(self._groups)) if rng is not None else np.arange(len(self._groups))
+        order = shard(order, self.rank, self.world, drop_last=rng is not None)
+        if rng is not None:
+            self.seen = []
         for start in range(0, len(order), self.groups_per_batch):
             pos = np.concatenate([self._groups[g] for g in order[start : start + self.groups_per_batch]])
             inputs, index = {}, {}
@@ -124,7 +134,42 @@ class Batcher:
                     inputs[name] = encoder.preprocess([values[i] for i in uniq])
                 else:
                     inputs[name] = encoder.preprocess(np.asarray(values[uniq]))
+            if rng is not None:
+                self.seen.append(pos)
             yield inputs, index, self.targets[pos], pos
+
+
+def shard(order: np.ndarray, rank: int, world: int, drop_last: bool) -> np.ndarray:
+    """Rank ``rank``'s share of a group order that every rank drew alike (same seed): every ``world``-th
+    group, so the ranks' rows are disjoint and each image's questions stay in one batch.
+
+    Training (``drop_last``) leaves out the last ``len % world`` groups of the epoch's order (other ones
+    each epoch, as the order is reshuffled): every rank takes the same number of steps, which the
+    gradient all-reduce needs, and no row is seen twice in an epoch. Evaluation keeps every group."""
+    if world == 1:
+        return order
+    end = len(order) - len(order) % world if drop_last else len(order)
+    return order[rank:end:world]
+
+
+def on_device(inputs: dict, index: dict, device: torch.device, sequences: bool) -> tuple[dict, dict]:
+    """A batch on the model's device. On the CPU nothing is touched: cached features stay lazy views
+    and the loop runs exactly as before the device code existed."""
+    if device.type == "cpu":
+        return inputs, index
+    moved = {name: None if value is None else to_device(
+        value.features_for(sequences) if hasattr(value, "features_for") else value, device)
+        for name, value in inputs.items()}
+    return moved, {name: to_device(i, device) for name, i in index.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of weights on the CPU: the best epoch kept aside, and checkpoints that load anywhere."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def set_determinism(seed: int) -> None:
@@ -134,12 +179,24 @@ def set_determinism(seed: int) -> None:
 
 
 @torch.inference_mode()
-def predict_split(model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str]) -> np.ndarray:
-    """Scores of every row of the batcher's split (the task's :meth:`~mmops.core.tasks.Task.scores`)."""
+def predict_split(model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str],
+                  precision: Precision | None = None) -> np.ndarray:
+    """Scores of every row of the batcher's split (the task's :meth:`~mmops.core.tasks.Task.scores`), on
+    the model's device; a data-parallel rank scores its share and the shares are gathered on every rank."""
     model.eval()
-    out: np.ndarray | None = None
+    device = model_device(model)
+    parts = []
     for inputs, index, _, pos in batcher:
-        scores = model.task.scores(model(inputs, index, precomputed)).float().numpy()
+        inputs, index = on_device(inputs, index, device, model.needs_sequences)
+        with precision.autocast() if precision else contextlib.nullcontext():
+            logits = model(inputs, index, precomputed)
+        parts.append((pos, model.task.scores(logits.float()).float().cpu().numpy()))
+    if batcher.world > 1:
+        gathered: list = [None] * batcher.world
+        torch.distributed.all_gather_object(gathered, parts)
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    out: np.ndarray | None = None
+    for pos, scores in parts:
         if out is None:
             out = np.zeros((len(batcher.rows), *scores.shape[1:]), dtype=np.float32)
         out[pos] = scores
@@ -249,14 +306,19 @@ def train_candidate(
     set_determinism(params.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    rank, world = distributed.rank_world()
     train_rows, val_rows = data.split("train"), data.split("val")
     if train_rows.empty or val_rows.empty:
         raise ValueError("the prepared data has no train or no val rows; check data.limit and val_fraction")
     spec = build_spec(params, candidate, data.labels, data.task)
-    model = MultimodalModel(spec, fit_encoders(spec, data, train_rows, resolve))
+    model = MultimodalModel(spec, fit_encoders(spec, data, train_rows, resolve)).to(device)
     group = _group_key(model) if cfg.feature_cache else None
-    train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
-    val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache)
+    train_b = Batcher(data, train_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache, rank, world)
+    val_b = Batcher(data, val_rows, model.encoders, cfg.batch_size, group, cfg.feature_cache, rank, world)
+    net = distributed.wrap(model, device) if world > 1 else model
+    scaler = precision.scaler()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = one_cycle(optimizer, cfg.lr, cfg.epochs * len(train_b))
@@ -268,15 +330,26 @@ def train_candidate(
         model.train()
         total, count, t0 = 0.0, 0, time.perf_counter()
         for inputs, index, targets, _ in train_b.batches(rng):
-            loss = data.task.loss(model(inputs, index, data.precomputed), targets)
+            inputs, index = on_device(inputs, index, device, model.needs_sequences)
+            with precision.autocast():
+                outputs = net(inputs, index, data.precomputed)
+            # The task's loss on the CPU in float32: task plugins build their targets there from numpy.
+            loss = data.task.loss(outputs.float() if device.type == "cpu" else outputs.float().cpu(), targets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"candidate '{candidate.name}': loss diverged at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:  # fp16: the loss scaled so small gradients survive float16, unscaled before the step
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             total, count = total + loss.item() * len(targets), count + len(targets)
-        scores = predict_split(model, val_b, data.precomputed)
+        if world > 1:  # every rank logs, and stops early, on the same figures
+            total, count = distributed.sum_across(total, count)
+        scores = predict_split(model, val_b, data.precomputed, precision)
         val = data.task.evaluate(val_b.targets, scores, data.task.reference_groups(val_rows))
         record = {"epoch": epoch, "train_loss": total / count,
                   **{f"val_{k}": val[k] for k in data.task.metrics},
@@ -287,13 +360,18 @@ def train_candidate(
         log.info("%s epoch %d: loss %.4f val_%s %.4f", candidate.name, epoch, record["train_loss"], metric, val[metric])
         if sign * val[metric] > best_score:
             best_score, best_epoch = sign * val[metric], epoch
-            best_state = copy.deepcopy(model.trainable_state())
+            best_state = cpu_state(model.trainable_state())
         elif epoch - best_epoch >= cfg.patience:
             break
     train_seconds = time.perf_counter() - started
     model.load_state_dict(best_state, strict=False)
     model.eval()
+    parallel = distributed.report(model, train_b, device) if world > 1 else None
+    if rank != 0:  # rank 0 alone writes the artifact, evaluates and records
+        return {"candidate": candidate.name, "rank": rank, "distributed": parallel}
+    model.cpu()  # checkpoints hold CPU tensors: they load on any machine
     model.save(out_dir)
+    model.to(device)
     metrics, scores = {}, {}
     for split in ("val", "test"):
         metrics[split], scores[split] = evaluate_split(model, data, split, cfg.batch_size)
@@ -311,6 +389,9 @@ def train_candidate(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_seconds": train_seconds,
+        "device": describe(device),
+        "precision": precision.name,
+        **({"distributed": parallel} if parallel else {}),
         "history": history,
         "metrics": metrics,
         "config": {"candidate": candidate.model_dump(), "train": cfg.model_dump()},
