@@ -165,12 +165,6 @@ class CandidateConfig(_Strict):
         None, min_length=1, description="the inputs this candidate reads (default: all); one input trains a "
         "unimodal baseline with no fusion, the first question of any multimodal project")
 
-    @model_validator(mode="after")
-    def _check(self) -> CandidateConfig:
-        if self.fusion is None and (self.inputs is None or len(self.inputs) != 1):
-            raise ValueError(f"candidate '{self.name}': name a fusion (only a one-input candidate has none)")
-        return self
-
     def input_names(self, all_inputs: list[str]) -> list[str]:
         return list(self.inputs) if self.inputs else list(all_inputs)
 
@@ -285,7 +279,8 @@ class Params(_Strict):
             if unknown:
                 raise ValueError(f"candidates[{c.name}].inputs: unknown {unknown}; the inputs are {list(self.inputs)}")
             if len(used) > 1 and c.fusion is None and not self.task_combines_inputs:
-                raise ValueError(f"candidates[{c.name}]: {len(used)} inputs need a fusion")
+                raise ValueError(f"candidates[{c.name}]: {len(used)} inputs: name a fusion (only a one-input "
+                                 "candidate, or one of a task that combines the inputs itself, has none)")
         names = [c.name for c in self.all_candidates()]
         if len(set(names)) != len(names):
             raise ValueError(f"candidates: names must be unique, got {names}")
