@@ -117,6 +117,8 @@ def data_import(
     if source not in SOURCES:
         raise _fail(f"unknown source '{source}'; available: {', '.join(SOURCES)}", 2)
     path = from_ or (project.root / params.data.path if params.data.path else None)
+    if as_ is None and source == "easy-vqa" and params.target.type == "contrastive":
+        as_ = "captions"  # image-text pairs are what a contrastive target trains on
     if as_ not in (None, "captions") or (as_ and source != "easy-vqa"):
         raise _fail(f"--as {as_}: only 'easy-vqa --as captions' exists", 2)
     if source == "easy-vqa":
