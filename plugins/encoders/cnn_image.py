@@ -5,6 +5,11 @@ global average pooling. Batch norm on zero-centred inputs is what lets it learn 
 easy-VQA within a few epochs on a CPU. Depth and width are one parameter, ``channels``: one block per
 entry (each halves the resolution), e.g. ``[16, 32, 64]`` or ``[32, 64, 128, 256]`` for larger images.
 For fusions that attend, the last feature map is a sequence of positions.
+
+``augment: true`` draws a small random affine transform per image in training only (shift up to
+``shift`` of the side, rotation up to ``rotate`` degrees, scale within ``1 ± scale``, and a horizontal
+flip when ``flip`` says mirror images keep their label: not for digits or text). ``model.eval()`` turns it
+off, so the service sees the pixels as they are. Off by default: easy-VQA needs none.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mmops.core.interfaces import Encoder, Tokens
 
@@ -22,10 +28,15 @@ from mmops.core.interfaces import Encoder, Tokens
 class CNNImageEncoder(Encoder):
     modality = "image"
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64)) -> None:
+    def __init__(self, channels: Sequence[int] = (16, 32, 64), augment: bool = False, shift: float = 0.1,
+                 rotate: float = 10.0, scale: float = 0.1, flip: bool = False) -> None:
         super().__init__()
         if not channels:
             raise ValueError("cnn_image: 'channels' needs at least one block, e.g. [16, 32, 64]")
+        if not (0 <= shift < 0.5 and 0 <= rotate <= 180 and 0 <= scale < 1):
+            raise ValueError(f"cnn_image: shift must be in [0, 0.5), rotate in [0, 180] degrees, scale in [0, 1); "
+                             f"got shift {shift}, rotate {rotate}, scale {scale}")
+        self.augment, self.shift, self.rotate, self.scale, self.flip = bool(augment), shift, rotate, scale, bool(flip)
         self.channels = [int(c) for c in channels]
         layers: list[nn.Module] = []
         c_in = 3
@@ -45,12 +56,28 @@ class CNNImageEncoder(Encoder):
         tensor = torch.from_numpy(array).permute(0, 3, 1, 2).float()
         return tensor.div_(127.5).sub_(1.0)
 
+    def _augmented(self, batch: torch.Tensor) -> torch.Tensor:
+        """A random affine transform per image, in training only (``augment``); edges repeat outward."""
+        if not (self.training and self.augment):
+            return batch
+        b = batch.shape[0]
+        angle = (torch.rand(b) * 2 - 1) * self.rotate * torch.pi / 180
+        zoom = 1 + (torch.rand(b) * 2 - 1) * self.scale
+        mirror = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if self.flip else torch.ones(b)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        move = (torch.rand(b, 2) * 2 - 1) * 2 * self.shift  # grid coordinates span 2 per side
+        theta = torch.stack([torch.stack([cos * mirror, -sin, move[:, 0]], 1),
+                             torch.stack([sin * mirror, cos, move[:, 1]], 1)], 1).to(batch)
+        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        return F.grid_sample(batch, grid, padding_mode="border", align_corners=False)
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.net(batch)
+        return self.net(self._augmented(batch))
 
     def forward_sequence(self, batch: torch.Tensor) -> Tokens:
         """The last feature map before pooling, one token per position: ``(B, H*W, channels)``, none padding."""
-        return Tokens.full(self.net[:-2](batch).flatten(2).transpose(1, 2))
+        return Tokens.full(self.net[:-2](self._augmented(batch)).flatten(2).transpose(1, 2))
 
     def config(self) -> dict[str, Any]:
-        return {"channels": self.channels}
+        return {"channels": self.channels, "augment": self.augment, "shift": self.shift, "rotate": self.rotate,
+                "scale": self.scale, "flip": self.flip}
