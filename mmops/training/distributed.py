@@ -51,6 +51,14 @@ def sum_across(*values: float) -> tuple[float, ...]:
     return tuple(tensor.tolist())
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank. DDP broadcasts them before each
+    forward pass, so after an epoch each rank's still hold its own last batch: without this the ranks
+    would score validation with slightly different statistics and keep different best weights."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def state_digest(model: nn.Module) -> str:
     """SHA-256 of the weights an artifact stores (in key order, on the CPU): equal digests on every rank
     mean the ranks trained one model; the saved artifact's digest must be rank 0's."""

@@ -347,8 +347,9 @@ def train_candidate(
                 scaler.update()
             scheduler.step()
             total, count = total + loss.item() * len(targets), count + len(targets)
-        if world > 1:  # every rank logs, and stops early, on the same figures
+        if world > 1:  # every rank logs, and stops early, on the same figures and the same weights
             total, count = distributed.sum_across(total, count)
+            distributed.sync_buffers(model)
         scores = predict_split(model, val_b, data.precomputed, precision)
         val = data.task.evaluate(val_b.targets, scores, data.task.reference_groups(val_rows))
         record = {"epoch": epoch, "train_loss": total / count,
