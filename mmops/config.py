@@ -151,6 +151,10 @@ class TrainConfig(_Strict):
         True, description="use cached frozen features and encode each distinct value once per batch; "
         "false recomputes every encoder for every row (the naive baseline the benchmarks compare with)"
     )
+    ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights that val "
+                       "judges and the artifact keeps (0.99-0.999 typical); 0 = off")
+    smoothing: int = Field(1, ge=1, le=20, description="early stopping: patience counts from the best mean of the "
+                           "last N val scores, so one lucky epoch on a small val split does not stop training")
     seeds: int = Field(1, ge=1, le=20, description="train each candidate with this many seeds (seed, seed+1, ...): "
                        "the leaderboard and registry show mean ± std and selection uses the mean; the artifact "
                        "is the first seed's model")

@@ -322,9 +322,15 @@ def train_candidate(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = one_cycle(optimizer, cfg.lr, cfg.epochs * len(train_b))
+    # train.ema: an exponential moving average of the weights (and batch-norm statistics) is what val
+    # judges and the artifact keeps; it smooths the epoch-to-epoch noise a small val split amplifies.
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    judged = ema.module if ema is not None else model
     rng = np.random.default_rng(params.seed)
     metric, sign = select_key(params)
     best_score, best_state, best_epoch, history = -np.inf, None, 0, []
+    best_smoothed, smoothed_epoch = -np.inf, 0  # patience counts from the best mean of the last train.smoothing
     started = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -346,11 +352,13 @@ def train_candidate(
                 scaler.step(optimizer)
                 scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total, count = total + loss.item() * len(targets), count + len(targets)
         if world > 1:  # every rank logs, and stops early, on the same figures and the same weights
             total, count = distributed.sum_across(total, count)
             distributed.sync_buffers(model)
-        scores = predict_split(model, val_b, data.precomputed, precision)
+        scores = predict_split(judged, val_b, data.precomputed, precision)
         val = data.task.evaluate(val_b.targets, scores, data.task.reference_groups(val_rows))
         record = {"epoch": epoch, "train_loss": total / count,
                   **{f"val_{k}": val[k] for k in data.task.metrics},
@@ -359,10 +367,13 @@ def train_candidate(
         if on_epoch:
             on_epoch(candidate.name, record)
         log.info("%s epoch %d: loss %.4f val_%s %.4f", candidate.name, epoch, record["train_loss"], metric, val[metric])
+        smoothed = float(np.mean([sign * h[f"val_{metric}"] for h in history[-cfg.smoothing:]]))
+        if smoothed > best_smoothed:
+            best_smoothed, smoothed_epoch = smoothed, epoch
         if sign * val[metric] > best_score:
             best_score, best_epoch = sign * val[metric], epoch
-            best_state = cpu_state(model.trainable_state())
-        elif epoch - best_epoch >= cfg.patience:
+            best_state = cpu_state(judged.trainable_state())
+        elif epoch - smoothed_epoch >= cfg.patience:
             break
     train_seconds = time.perf_counter() - started
     model.load_state_dict(best_state, strict=False)

@@ -22,6 +22,12 @@ class ClassificationTask(Task):
     metrics: ClassVar[Mapping[str, str]] = {"accuracy": HIGHER, "macro_f1": HIGHER}
     stratify = True
 
+    def __init__(self, labels: Iterable[str] = (), label_smoothing: float = 0.0) -> None:
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        super().__init__(list(labels))
+        self.label_smoothing = float(label_smoothing)  # target.params.label_smoothing: softer targets
+
     def vocabulary(self, train_values: Iterable[Any]) -> list[str]:
         return sorted(set(train_values))
 
@@ -35,7 +41,8 @@ class ClassificationTask(Task):
         import torch
         from torch.nn import functional
 
-        return functional.cross_entropy(outputs, torch.from_numpy(np.asarray(targets, dtype=np.int64)))
+        return functional.cross_entropy(outputs, torch.from_numpy(np.asarray(targets, dtype=np.int64)),
+                                        label_smoothing=self.label_smoothing)
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.softmax(dim=1)
