@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # The modalities an encoder plugin may declare. Here, not in mmops.core.interfaces, so that reading a
 # config (the prepare stage, the CLI) does not import torch.
 MODALITIES = ("text", "image", "audio", "tabular", "vectors")
+# Frames a feature sequence (modality vectors) may have unless its input sets params.max_length
+# (MOSEI's longest in MMSA's unaligned files: 500): prepare, the encoders and the service apply it.
+VECTORS_MAX_LENGTH = 1000
 
 
 class ConfigError(ValueError):
@@ -27,7 +30,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-SOURCES = ("easy-vqa", "manifest", "vqa-v2", "coco-captions", "imagefolder")
+SOURCES = ("easy-vqa", "manifest", "vqa-v2", "coco-captions", "imagefolder", "mmsa")
 
 
 class DataConfig(_Strict):

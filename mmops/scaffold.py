@@ -19,9 +19,9 @@ from pathlib import Path
 
 import mmops
 
-TEMPLATES = ("vqa", "classification", "regression", "retrieval")
+TEMPLATES = ("vqa", "classification", "regression", "retrieval", "sentiment")
 # Templates whose import stage reads the user's files from incoming/ (a DVC dependency that must exist).
-FILE_TEMPLATES = frozenset({"classification", "regression", "retrieval"})
+FILE_TEMPLATES = frozenset({"classification", "regression", "retrieval", "sentiment"})
 COMMON = "_common"
 # Files a project cannot have twice: writing over them would silently replace someone's configuration.
 PROJECT_FILES = ("params.yaml", "dvc.yaml", "bentofile.yaml")

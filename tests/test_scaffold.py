@@ -81,13 +81,15 @@ def test_template_files(projects: dict[str, Path], template: str) -> None:
         ("classification", {"column": "label", "type": "classification"}, "val_accuracy"),
         ("regression", {"column": "score", "type": "regression"}, "val_mae"),
         ("retrieval", {"column": "match", "type": "classification"}, "val_accuracy"),
+        ("sentiment", {"column": "label", "type": "sentiment", "params": {"low": -3, "high": 3, "loss": "l1"}},
+         "val_mae"),
     ],
 )
 def test_template_design_keys(projects: dict[str, Path], template: str, target: dict, metric: str) -> None:
     params = yaml.safe_load((projects[template] / "params.yaml").read_text())
     assert params["target"] == target
     assert params["select_metric"] == metric
-    source = {"vqa": "easy-vqa", "retrieval": "coco-captions"}.get(template, "manifest")
+    source = {"vqa": "easy-vqa", "retrieval": "coco-captions", "sentiment": "mmsa"}.get(template, "manifest")
     assert params["data"]["source"] == source
     if template in ("classification", "regression"):
         assert params["data"]["path"] == "incoming/manifest.csv"
@@ -109,7 +111,8 @@ def test_template_design_keys(projects: dict[str, Path], template: str, target: 
 def test_template_params_validate(projects: dict[str, Path], template: str) -> None:
     params = config.load_params(projects[template] / "params.yaml")
     assert params.registry.model_name == template
-    assert len(params.all_candidates()) == 2
+    # sentiment: the field's three classic fusions, TFN, LMF and MulT
+    assert len(params.all_candidates()) == (3 if template == "sentiment" else 2)
 
 
 def test_git_and_dvc(projects: dict[str, Path]) -> None:

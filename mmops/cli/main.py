@@ -80,7 +80,8 @@ def masked_url(url: str) -> str:
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="the new project's folder")],
-    template: Annotated[str, typer.Option(help="vqa | classification | regression | retrieval")] = "classification",
+    template: Annotated[str, typer.Option(
+        help="vqa | classification | regression | retrieval | sentiment")] = "classification",
 ) -> None:
     """Scaffold a project: params.yaml, dvc.yaml, bentofile.yaml, git + DVC, and a README of next steps."""
     from mmops.scaffold import init_project

@@ -27,7 +27,7 @@ import pandas as pd
 from rich.progress import track
 from sklearn.model_selection import StratifiedGroupKFold
 
-from mmops.config import InputConfig, Params
+from mmops.config import VECTORS_MAX_LENGTH, InputConfig, Params
 from mmops.core.tasks import Task, build_task, task_params
 from mmops.data.audio import BadAudioError, load_audio
 from mmops.data.images import BadImageError, load_image
@@ -39,8 +39,6 @@ MANIFEST_FORMATS = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
 # A manifest's split column: a data set with its own val split keeps it (val is then not carved from train).
 SPLITS = ("train", "val", "test")
 FILE_KINDS = ("image", "audio", "vectors")
-# Frames a feature sequence may have unless its input sets params.max_length (MOSEI's longest: 500).
-VECTORS_MAX_LENGTH = 1000
 
 
 @dataclass

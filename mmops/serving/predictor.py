@@ -15,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import io
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmops.config import VECTORS_MAX_LENGTH
 from mmops.core.interfaces import Tokens, as_tokens
 from mmops.core.model import MultimodalModel
 from mmops.data.audio import BadAudioError, load_audio
@@ -90,18 +92,32 @@ class Limits:
         seconds = float(spec.get("audio_seconds") or 0) if "audio" in kinds else 0
         audio = int(AUDIO_SLACK * seconds * 48_000 * 2 * 4) if seconds else 20 * MIB
         self.audio_bytes = _env_int("MMOPS_MAX_AUDIO_BYTES", min(20 * MIB, max(MIB, audio)))
-        row = _decoded_row_bytes(spec, kinds)
+        # Feature sequences: a .npy upload of max_length float64 frames; in JSON about 25 characters a number.
+        numbers = sum(d * n for d, n in vector_shapes(spec).values())
+        self.vector_bytes = _env_int("MMOPS_MAX_VECTOR_BYTES", 8 * numbers + 4096 if numbers else 20 * MIB)
+        row = _decoded_row_bytes(spec, kinds) + 4 * numbers
         self.batch_size = _env_int("MMOPS_MAX_BATCH", max(1, min(MAX_DEFAULT_BATCH, BATCH_DECODED_BYTES // row)))
         item = 4 * self.text_chars * max(1, len(kinds)) + (
             sum(self.image_bytes if k == "image" else self.audio_bytes if k == "audio" else 0 for k in kinds)
             if kinds else self.image_bytes
-        ) * 4 // 3
+        ) * 4 // 3 + 25 * numbers
         # Whole request body (checked on Content-Length before it is read): a full batch of items.
         self.request_bytes = _env_int("MMOPS_MAX_REQUEST_BYTES",
                                       min(MAX_DEFAULT_REQUEST, self.batch_size * item + 64 * 1024))
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
+
+
+def vector_shapes(spec: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Each feature-sequence request field's (frame width, most frames), from the saved encoder config."""
+    out = {}
+    for name, item in (spec.get("inputs") or {}).items():
+        if (item.get("kind") or item.get("modality")) == "vectors":
+            params = item.get("params") or {}
+            for column in item.get("columns") or [name]:
+                out[column] = (int(params.get("dim") or 0), int(params.get("max_length") or VECTORS_MAX_LENGTH))
+    return out
 
 
 def _decoded_row_bytes(spec: Mapping[str, Any], kinds: list[str | None]) -> int:
@@ -181,6 +197,7 @@ class RowDecoder:
         self.optional = frozenset(n for n, i in items.items() if i.get("missing") == "learn")
         # What a request sends: field -> its kind (text, image, audio, number, category).
         self.inputs: dict[str, str] = {c: self.kinds[n] for n in items for c in self.columns[n]}
+        self.vectors = vector_shapes(spec)
         self.limits = limits or Limits(spec)
 
     def _decode(self, name: str, value: Any) -> Any:
@@ -205,6 +222,8 @@ class RowDecoder:
             if not np.isfinite(number):
                 raise InputError(name, "must be a finite number")
             return number
+        if kind == "vectors":
+            return self._decode_vectors(name, value)
         if kind == "category":
             if not isinstance(value, str | int) or isinstance(value, bool) or not str(value).strip():
                 raise InputError(name, "must be a non-empty string (a category)")
@@ -238,6 +257,49 @@ class RowDecoder:
         if len(value) > limit:
             raise InputError(name, f"is {len(value)} bytes, over the limit of {limit} ({env})")
         return value
+
+    def _decode_vectors(self, name: str, value: Any) -> np.ndarray:
+        """A feature sequence: a JSON list of frames (lists of numbers), that list as JSON text (a form
+        field), or a ``.npy`` file (an uploaded part, bytes, base64); checked as the encoder will."""
+        dim, max_length = self.vectors[name]
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            if len(value) > 25 * dim * max_length + 1024:
+                raise InputError(name, f"is over the limit of {max_length} frames of {dim} numbers")
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise InputError(name, f"is not valid JSON: {exc}") from None
+        if isinstance(value, list):
+            if len(value) > max_length:
+                raise InputError(name, f"has {len(value)} frames, over this model's max_length {max_length}")
+            if not all(isinstance(f, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in f)
+                       for f in value):
+                raise InputError(name, f"must be a list of frames, each a list of {dim} numbers")
+            if len({len(f) for f in value}) > 1:
+                raise InputError(name, f"frames of unequal widths {sorted({len(f) for f in value})}; each has {dim}")
+            array = np.array(value, dtype=np.float64).reshape(len(value), -1 if value and value[0] else 0)
+        elif isinstance(value, np.ndarray):
+            array = value
+        else:
+            data = self._file_bytes(name, value, self.limits.vector_bytes, ".npy", "MMOPS_MAX_VECTOR_BYTES")
+            try:
+                array = np.load(io.BytesIO(data), allow_pickle=False)
+            except Exception as exc:  # untrusted bytes: a pickled object array is refused here too
+                raise InputError(name, f"cannot be read as a .npy array ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "iuf":
+            raise InputError(name, "must hold numbers (a float array)")
+        if array.ndim != 2:
+            raise InputError(name, f"has shape {array.shape}; a feature sequence is (frames, {dim})")
+        if array.shape[0] == 0:
+            raise InputError(name, "is an empty sequence (0 frames); send at least one frame")
+        if dim and array.shape[1] != dim:
+            raise InputError(name, f"has frames of {array.shape[1]} features; this model takes {dim}")
+        if array.shape[0] > max_length:
+            raise InputError(name, f"has {array.shape[0]} frames, over this model's max_length {max_length}")
+        if not np.isfinite(array).all():
+            where = np.argwhere(~np.isfinite(array))[0]
+            raise InputError(name, f"holds NaN or infinity (frame {where[0]}, feature {where[1]})")
+        return array.astype(np.float32)
 
     def _decode_audio(self, name: str, value: Any) -> np.ndarray:
         if isinstance(value, np.ndarray):

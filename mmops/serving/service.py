@@ -537,7 +537,7 @@ class MultimodalService:
             if name in row:
                 raise _invalid(f"{name}: is given more than once")
             if isinstance(value, UploadFile):
-                if kind in FILE_KINDS:
+                if kind in FILE_KINDS or kind == "vectors":  # a feature sequence as an uploaded .npy
                     row[name] = value.file
                     continue
                 value.file.seek(0)
@@ -562,7 +562,8 @@ class MultimodalService:
         """Answer one example sent as a multipart form of the model's own inputs.
 
         One part per input (``POST /model`` lists them): images and audio as file parts, text and
-        numbers as text parts; e.g. ``image`` + ``question`` for easy-VQA. An unknown part is a 400
+        numbers as text parts, a feature sequence as a ``.npy`` file part or a JSON list of frames;
+        e.g. ``image`` + ``question`` for easy-VQA. An unknown part is a 400
         naming it. ``predict_batch`` takes the same fields as JSON, many rows at once.
         """
         return (await self._answer([self._form_row(parts or [])], top_k))[0]
@@ -575,7 +576,8 @@ class MultimodalService:
             Field(
                 min_length=1,
                 max_length=LIMITS.batch_size,
-                description="one object per row: {input name: text, or the image base64-encoded}",
+                description="one object per row: {input name: text, the image base64-encoded, or a feature "
+                "sequence as a list of frames (lists of numbers)}",
             ),
         ],
         top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 3,

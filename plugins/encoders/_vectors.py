@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# Frames per value unless an encoder's ``max_length`` says otherwise; the prepare stage applies the same.
-DEFAULT_MAX_LENGTH = 1000
+from mmops.config import VECTORS_MAX_LENGTH as DEFAULT_MAX_LENGTH  # noqa: F401 (the encoders' default)
 
 
 def check_sequences(values: Sequence[Any], dim: int, max_length: int, who: str) -> list[np.ndarray]:

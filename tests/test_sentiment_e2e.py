@@ -1,0 +1,80 @@
+"""`mmops init --template sentiment` -> MMSA-layout file -> import -> run -> bento -> HTTP predictions from
+three feature-sequence fields; bad sequences get a 4xx naming the field."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import mmops, serve_bento
+
+from mmops.data.mmsa import write_synthetic
+
+pytestmark = pytest.mark.slow
+
+FIELDS = ("text", "audio", "vision")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_sentiment_template_from_mmsa_file_to_served_scores(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    mmops(tmp_path, "init", str(root), "--template", "sentiment")
+    write_synthetic(root / "incoming" / "aligned_50.pkl", (48, 12, 12))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(epochs=2, patience=2)
+    params["candidates"] = params["candidates"][:1]  # tfn: the three inputs, one fusion, fast enough for CI
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    mmops(root, "data", "import")
+    assert "0 bad" in mmops(root, "data", "validate").stdout
+    run = mmops(root, "run", timeout=900)
+    best = json.loads((root / "metrics" / "best.json").read_text())
+    for metric in ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7"):
+        assert metric in best["test"], best["test"]
+    bento = re.search(r"bento: (\S+)", run.stdout).group(1)
+
+    manifest = pd.read_csv(root / "data" / "raw" / "manifest.csv")
+    rows = manifest[manifest["split"] == "test"].head(4)
+    items = [{f: np.load(root / "data" / "raw" / r[f]).tolist() for f in FIELDS} for _, r in rows.iterrows()]
+    width = {f: len(items[0][f][0]) for f in FIELDS}
+    with serve_bento(root, bento) as (url, _):
+        answers = httpx.post(f"{url}/predict_batch", json={"items": items}, timeout=60)
+        assert answers.status_code == 200, answers.text
+        for answer in answers.json():
+            assert -3 <= answer["answer"] <= 3 and answer["sentiment"] in ("positive", "negative", "neutral")
+        # /predict: each modality an uploaded .npy, the same answer
+        first = {f: np.array(items[0][f], np.float32) for f in FIELDS}
+        files = {f: (f"{f}.npy", _npy(first[f]), "application/octet-stream") for f in FIELDS}
+        form = httpx.post(f"{url}/predict", files=files, timeout=30)
+        assert form.status_code == 200, form.text
+        assert form.json()["answer"] == pytest.approx(answers.json()[0]["answer"], abs=1e-4)
+
+        bad_json = {
+            "audio": ([[0.5] * (width["audio"] + 1)] * 3, "this model takes 5"),  # wrong width
+            "vision": ([], "empty sequence"),
+            "text": ([[0.1] * width["text"]] * 101, "over this model's max_length 100"),
+        }
+        for field, (value, words) in bad_json.items():
+            r = httpx.post(f"{url}/predict_batch", json={"items": [{**items[0], field: value}]}, timeout=30)
+            assert r.status_code == 400 and f"items[0].{field}: " in r.text and words in r.text, r.text
+        nan = first["vision"].copy()
+        nan[1, 2] = np.nan
+        r = httpx.post(f"{url}/predict", files={**files, "vision": ("v.npy", _npy(nan), "x")}, timeout=30)
+        assert r.status_code == 400 and "vision: holds NaN" in r.text, r.text
+        r = httpx.post(f"{url}/predict", files={**files, "audio": ("a.npy", b"not numpy", "x")}, timeout=30)
+        assert r.status_code == 400 and "audio: cannot be read as a .npy array" in r.text, r.text
+        missing = {k: v for k, v in items[0].items() if k != "text"}
+        r = httpx.post(f"{url}/predict_batch", json={"items": [missing]}, timeout=30)
+        assert r.status_code == 400 and "text" in r.text, r.text
