@@ -88,11 +88,9 @@ def caption_metrics(references: Mapping[Any, Sequence[str]], generated: Mapping[
     if meteor:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        scorer = Meteor()
-        try:
-            out["meteor"] = float(scorer.compute_score(gts, res)[0])
-        finally:
-            scorer.close()
+        scorer = Meteor()  # a Java process, stopped when the scorer is deleted
+        out["meteor"] = float(scorer.compute_score(gts, res)[0])
+        del scorer
     return out
 
 
