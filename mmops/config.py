@@ -228,6 +228,18 @@ class RegistryConfig(_Strict):
     model_name: str = "easy-vqa"
 
 
+class IndexConfig(_Strict):
+    """The vector index a contrastive model's bento ships: which rows are searchable, and how."""
+
+    splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["train", "val"], min_length=1,
+        description="the prepared splits whose rows form the gallery (test stays unseen by default)")
+    input: str | None = Field(None, description="the input whose distinct values are indexed (default: the "
+                              "task's image input; its text input makes captions searchable)")
+    exact_below: int = Field(20_000, ge=0, description="galleries smaller than this are searched exactly; "
+                             "larger ones through an HNSW graph (approximate, much faster)")
+
+
 class PromotionConfig(_Strict):
     """Champion/challenger: measured on the test split, where both models are evaluated alike."""
 
@@ -250,6 +262,7 @@ class Params(_Strict):
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
 
     @field_validator("target", mode="before")
     @classmethod

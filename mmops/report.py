@@ -87,6 +87,8 @@ def _view(labels: list[str], test: dict) -> str:
     matrix, ``sets`` otherwise (per-label counts)."""
     if not labels:
         return "value"
+    if "confusion" not in test and "per_class" not in test:
+        return "names"  # targets stored by name with no per-label scores: a contrastive match key
     return "classes" if "confusion" in test else "sets"
 
 
@@ -106,6 +108,9 @@ def _data_section(prepared: Path, view: str, labels: list[str]) -> str:
             ax.set_xlabel("target")
         else:
             flat = (rows.explode("label") if view == "sets" else rows).dropna(subset=["label"])
+            if view == "names":  # stored as the names themselves, not label indices
+                labels = sorted(set(flat["label"].astype(str)))
+                flat = flat.assign(label=flat["label"].astype(str).map({n: i for i, n in enumerate(labels)}))
             counts_df = pd.crosstab(flat["label"].astype(int), flat["split"])
             if len(counts_df) > MAX_LABELS:
                 counts_df = counts_df.loc[counts_df.sum(axis=1).nlargest(MAX_LABELS).index]
@@ -164,6 +169,8 @@ def _learning_section(result: dict) -> str:
 
 
 def _confusion_section(view: str, test: dict, labels: list[str], preds: pd.DataFrame) -> str:
+    if view == "names":  # no per-label matrix: the task's own test metrics (retrieval ranks, zero-shot)
+        return _table(["metric", "test"], [[_fmt(k), _fmt(v)] for k, v in test.items() if not isinstance(v, dict)])
     if view != "classes" and preds.empty:
         return NO_PREDICTIONS
     if view == "value":
@@ -223,6 +230,8 @@ def _per_group_table(metrics: dict) -> str:
 
 
 def _calibration_section(view: str, test: dict, preds: pd.DataFrame) -> str:
+    if view == "names":
+        return "<p>Not applicable: the task's scores are similarities, not probabilities.</p>"
     if view == "sets":
         return (
             "<p>Not applicable: multilabel scores are per-label decisions against a threshold, not one "
@@ -410,6 +419,8 @@ def write_report(
         titles["confusion"], titles["per-class"] = "Predicted vs actual", "Regression metrics"
     elif view == "sets":
         titles["confusion"] = "Per-label confusion counts"
+    elif view == "names":
+        titles["confusion"] = "Test metrics"
     heading = title or f"mmops report: {model_dir.name}"
     facts = [
         ("task", result.get("task", "")),

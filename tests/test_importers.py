@@ -220,30 +220,25 @@ def _coco(root: Path) -> Path:
     return root
 
 
-def test_coco_captions_itm_rows(tmp_path: Path) -> None:
+def test_coco_captions_pair_rows(tmp_path: Path) -> None:
+    """One row per caption, image_id the match key of the contrastive task; no negative rows."""
     source, out = _coco(tmp_path / "coco"), tmp_path / "raw"
     frame = pd.read_csv(import_coco_captions(source, out))
-    assert list(frame.columns) == ["image", "caption", "match", "split", "image_id", "origin"]
-    assert frame["split"].value_counts().to_dict() == {"train": 10, "test": 6}
-    positives, negatives = frame[frame["match"] == "yes"], frame[frame["match"] == "no"]
-    assert len(positives) == len(negatives) == 8
-    assert positives["caption"].tolist()[:2] == ["A cat on a sofa.", "a dog in the grass"]
-    assert positives["origin"].tolist()[:2] == [
+    assert list(frame.columns) == ["image", "caption", "split", "image_id", "origin"]
+    assert frame["split"].value_counts().to_dict() == {"train": 5, "test": 3}
+    assert frame["caption"].tolist()[:3] == ["A cat on a sofa.", "a dog in the grass", "A dog in the grass."]
+    assert frame["origin"].tolist()[:2] == [
         "captions_train2017.json#annotations[0]",
         "captions_train2017.json#annotations[1]",
     ]
-    assert negatives["origin"].str.startswith("captions_").all()
-    assert negatives["origin"].str.contains(r"\(negative caption: captions_\w+\.json#annotations\[\d\]\)").all()
-    for _, row in negatives.iterrows():
+    for _, row in frame.iterrows():  # each caption sits with its own image
         subset = "train2017" if row["split"] == "train" else "val2017"
-        own = {c.lower().strip(". ") for c in COCO_CAPTIONS[subset][row["image_id"]]}
-        assert row["caption"].lower().strip(". ") not in own  # incl. "A dog in the grass." for image 1
-        assert row["caption"] in {c for caps in COCO_CAPTIONS[subset].values() for c in caps}
-    assert frame.iloc[0]["image"] == "images/train2017/000000000001.jpg"
+        assert row["caption"] in COCO_CAPTIONS[subset][row["image_id"]]
+        assert row["image"] == f"images/{subset}/{row['image_id']:012d}.jpg"
     assert _same_file(out / frame.iloc[0]["image"], source / "train2017" / "000000000001.jpg")
 
 
-def test_coco_captions_negatives_deterministic_and_limit_is_a_prefix(tmp_path: Path) -> None:
+def test_coco_captions_deterministic_and_limit_is_a_prefix(tmp_path: Path) -> None:
     source = _coco(tmp_path / "coco")
     first = import_coco_captions(source, tmp_path / "a").read_bytes()
     assert import_coco_captions(source, tmp_path / "b").read_bytes() == first
@@ -255,7 +250,7 @@ def test_coco_captions_negatives_deterministic_and_limit_is_a_prefix(tmp_path: P
 
 
 def test_coco_captions_manifest_resolves(tmp_path: Path) -> None:
-    assert len(_resolves(IMPORTERS["coco-captions"](_coco(tmp_path / "coco"), tmp_path / "raw", 0))) == 16
+    assert len(_resolves(IMPORTERS["coco-captions"](_coco(tmp_path / "coco"), tmp_path / "raw", 0))) == 8
 
 
 def test_coco_captions_missing_image_keeps_rows(tmp_path: Path) -> None:
@@ -263,7 +258,7 @@ def test_coco_captions_missing_image_keeps_rows(tmp_path: Path) -> None:
     (source / "val2017" / "000000000007.jpg").unlink()
     frame = pd.read_csv(import_coco_captions(source, tmp_path / "raw"))
     rows = frame[frame["image_id"] == 7]
-    assert len(rows) == 2 and set(rows["match"]) == {"yes", "no"}
+    assert len(rows) == 1 and rows.iloc[0]["caption"] == "A plate of food."
     assert not (tmp_path / "raw" / rows.iloc[0]["image"]).exists()
 
 

@@ -80,7 +80,9 @@ def test_template_files(projects: dict[str, Path], template: str) -> None:
         ("vqa", {"column": "answer", "type": "classification"}, "val_accuracy"),
         ("classification", {"column": "label", "type": "classification"}, "val_accuracy"),
         ("regression", {"column": "score", "type": "regression"}, "val_mae"),
-        ("retrieval", {"column": "match", "type": "classification"}, "val_accuracy"),
+        ("retrieval", {"column": "image_id", "type": "contrastive",
+                       "params": {"image_input": "image", "text_input": "caption", "width": 128,
+                                  "templates": ["a photo of a {}", "a picture of a {}"]}}, "val_recall_mean"),
         ("sentiment", {"column": "label", "type": "sentiment", "params": {"low": -3, "high": 3, "loss": "l1"}},
          "val_mae"),
     ],
@@ -111,8 +113,9 @@ def test_template_design_keys(projects: dict[str, Path], template: str, target: 
 def test_template_params_validate(projects: dict[str, Path], template: str) -> None:
     params = config.load_params(projects[template] / "params.yaml")
     assert params.registry.model_name == template
-    # sentiment: the field's three classic fusions, TFN, LMF and MulT
-    assert len(params.all_candidates()) == (3 if template == "sentiment" else 2)
+    # sentiment: the field's three classic fusions, TFN, LMF and MulT; retrieval: the two towers fuse
+    # nothing, so there is no fusion to compare
+    assert len(params.all_candidates()) == {"sentiment": 3, "retrieval": 1}.get(template, 2)
 
 
 def test_git_and_dvc(projects: dict[str, Path]) -> None:

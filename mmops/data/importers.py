@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import os
-import random
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -188,18 +187,13 @@ class _Caption(NamedTuple):
     rel: str
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def import_coco_captions(source: Path, out_dir: Path, limit: int = 0) -> Path:
-    """COCO captions as image-text matching (ITM, as in ALBEF/BLIP): a classification task on pairs.
+    """COCO captions as image-caption pairs for contrastive training (CLIP): one row per caption.
 
-    Each caption gives a positive row (match "yes") and a negative row pairing its image with a caption of
-    another image of the same split (match "no"), so the classes are balanced. Negatives are drawn with
-    ``random.Random(0)`` per split in file order, so re-imports (and a larger ``limit``) reproduce the same
-    pairs. A drawn caption whose text equals one of the image's own captions is redrawn: it would be a
-    mislabelled negative.
+    ``image_id`` is the match key (the contrastive target): the five captions of an image are its
+    positives and every other image of the batch a negative, so no negative pairs are written. Ids are
+    only promised unique within one file, which is enough: a file is one split. ``limit`` keeps the first
+    N captions of each split in file order, so re-imports with a larger limit extend the same rows.
     """
     _check_dirs(source, out_dir)
     files = sorted((source / "annotations").glob("captions_*.json"))
@@ -241,35 +235,15 @@ def import_coco_captions(source: Path, out_dir: Path, limit: int = 0) -> Path:
             )
     rows: list[dict] = []
     placed: dict[str, bool] = {}
-    missing = unpaired = 0
+    missing = 0
     for split in ("train", "test"):
-        captions = by_split.get(split, [])
-        own: dict[tuple[str, Any], set[str]] = defaultdict(set)
-        for c in captions:
-            own[c.image].add(_norm(c.caption))
-        rng = random.Random(0)
-        split_rows: list[tuple[_Caption, dict]] = []
-        for c in captions:
-            if limit and len(split_rows) >= limit:
-                break
-            row = {"image": c.rel, "split": split, "image_id": c.image_id}
-            split_rows.append((c, {**row, "caption": c.caption, "match": "yes", "origin": c.origin}))
-            for _ in range(100):
-                other = captions[rng.randrange(len(captions))]
-                if other.image != c.image and _norm(other.caption) not in own[c.image]:
-                    origin = f"{c.origin} (negative caption: {other.origin})"
-                    split_rows.append((c, {**row, "caption": other.caption, "match": "no", "origin": origin}))
-                    break
-            else:  # a split with a single image, or all captions alike
-                unpaired += 1
-        for c, row in split_rows[: limit or None]:
+        for c in by_split.get(split, [])[: limit or None]:
             if c.rel not in placed:
                 placed[c.rel] = _place(c.src, out_dir / c.rel)
             missing += not placed[c.rel]
-            rows.append(row)
-    if unpaired:
-        log.warning("coco-captions: %d captions got no negative: no caption of another image to pair", unpaired)
-    columns = ["image", "caption", "match", "split", "image_id", "origin"]
+            rows.append({"image": c.rel, "caption": c.caption, "split": split, "image_id": c.image_id,
+                         "origin": c.origin})
+    columns = ["image", "caption", "split", "image_id", "origin"]
     return _write("coco-captions", source, out_dir, rows, columns, missing)
 
 

@@ -132,7 +132,7 @@ def plugin_distributions(spec: dict[str, Any]) -> list[str]:
     used += [("fusion", spec["fusion"]["name"]), ("task", task.get("name") or task.get("type") or "classification")]
     found: list[str] = []
     for kind, name in used:
-        if kind not in GROUPS:
+        if kind not in GROUPS or name is None:  # no fusion: one input, or a task that combines the inputs
             continue
         info = discover(kind).get(name)
         if info is None:
