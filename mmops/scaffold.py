@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mmops
 
-TEMPLATES = ("vqa", "classification", "regression", "retrieval", "sentiment")
+TEMPLATES = ("vqa", "classification", "regression", "retrieval", "captioning", "sentiment")
 # Templates whose import stage reads the user's files from incoming/ (a DVC dependency that must exist).
 FILE_TEMPLATES = frozenset({"classification", "regression", "retrieval", "sentiment"})
 COMMON = "_common"

@@ -105,8 +105,9 @@ def data_import(
                                                help="the source's files (default: params data.path)")] = None,
     project_dir: ProjectOpt = Path("."),
     limit: Annotated[int | None, typer.Option(help="rows kept per split (default: params data.limit)")] = None,
-    as_: Annotated[str | None, typer.Option("--as", help="easy-vqa only: 'captions' writes one row per "
-                                            "image-caption pair (contrastive retrieval, captioning)")] = None,
+    as_: Annotated[str | None, typer.Option("--as", help="easy-vqa, imagefolder: 'captions' writes one row per "
+                                            "image-caption pair (contrastive retrieval, captioning); imagefolder "
+                                            "reads captions from <stem>.txt sidecars")] = None,
 ) -> None:
     """Write the manifest (one row per example) and its files under data/raw/."""
     from mmops.config import SOURCES
@@ -120,8 +121,11 @@ def data_import(
     path = from_ or (project.root / params.data.path if params.data.path else None)
     if as_ is None and source == "easy-vqa" and params.target.type == "contrastive":
         as_ = "captions"  # image-text pairs are what a contrastive target trains on
-    if as_ not in (None, "captions") or (as_ and source != "easy-vqa"):
-        raise _fail(f"--as {as_}: only 'easy-vqa --as captions' exists", 2)
+    pairs = ("easy-vqa", "imagefolder")  # sources with an image-caption pairs layout (--as captions)
+    if as_ is None and source in pairs and params.target.type in ("captioning", "contrastive"):
+        as_ = "captions"  # such a target reads them as image-caption pairs (what dvc.yaml's import runs)
+    if as_ not in (None, "captions") or (as_ and source not in pairs):
+        raise _fail(f"--as {as_}: only 'easy-vqa --as captions' and 'imagefolder --as captions' exist", 2)
     if source == "easy-vqa":
         from mmops.data.easyvqa import import_easy_vqa, import_easy_vqa_captions
 
@@ -138,6 +142,10 @@ def data_import(
 
                 files = [c for n, i in params.inputs.items() if i.kind in FILE_KINDS for c in params.columns(n)]
                 manifest = import_manifest(path, project.raw_dir, files, limit)
+            elif as_ == "captions":  # imagefolder: captions in <stem>.txt sidecars, one a line
+                from mmops.data.importers import import_caption_folder
+
+                manifest = import_caption_folder(path, project.raw_dir, limit)
             else:
                 manifest = IMPORTERS[source](path, project.raw_dir, limit)
         except ValueError as exc:
@@ -656,6 +664,45 @@ def predict(
     console.print(f"[bold]{result['answer']}[/]  ({tag})")
     for item in result["top_k"]:
         console.print(f"  {item['answer']:<12} {item['probability']:.4f}")
+
+
+@app.command()
+def caption(
+    images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="image files")],
+    project_dir: ProjectOpt = Path("."),
+    model: Annotated[str | None, typer.Option(help="BentoML model tag (default: the latest packaged)")] = None,
+    num_beams: Annotated[int | None, typer.Option(min=1, help="beam size, 1 = greedy (default: the model's)")] = None,
+    max_length: Annotated[int | None, typer.Option(min=1, help="tokens at most (default: the model's)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Caption images with the packaged captioning model (the same decoding as evaluation and /caption)."""
+    project = _project(project_dir)
+    import bentoml
+
+    from mmops.serving.predictor import InputError, Predictor
+
+    tag = model or _latest(project, "model_tag")
+    predictor = Predictor(Path(bentoml.models.get(tag).path))
+    if predictor.model.task_name != "captioning":
+        raise _fail(f"{tag} is a {predictor.model.task_name} model, not a captioning one", 2)
+    if len(predictor.inputs) != 1:
+        raise _fail(f"{tag} takes {sorted(predictor.inputs)}: `mmops predict` answers models of several inputs", 2)
+    (field,) = predictor.inputs
+    options = {k: v for k, v in (("num_beams", num_beams), ("max_length", max_length)) if v is not None}
+    results = []
+    try:
+        for start in range(0, len(images), predictor.limits.batch_size):
+            chunk = images[start : start + predictor.limits.batch_size]
+            answers = predictor.predict([{field: p} for p in chunk], options=options)
+            results += [{"image": str(p), "caption": a["caption"], "score": a["score"]}
+                        for p, a in zip(chunk, answers, strict=True)]
+    except (InputError, ValueError) as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        print_json(results)
+        return
+    for row in results:
+        console.print(f"{row['image']}: [bold]{row['caption']}[/]  ({row['score']:.3f})")
 
 
 # ---------------------------------------------------------------- plugins and registry

@@ -299,6 +299,46 @@ def import_imagefolder(source: Path, out_dir: Path, limit: int = 0) -> Path:
     return _write("imagefolder", source, out_dir, rows, columns, missing)
 
 
+def import_caption_folder(source: Path, out_dir: Path, limit: int = 0) -> Path:
+    """Images with captions in sidecars (``mmops data import imagefolder --as captions``): ``<stem>.txt``
+    beside each image holds its captions, one a line. One row per (image, caption), as the COCO captions
+    layout gives, so a caption task trains on every caption and scores against all of an image's.
+
+    Images may sit in any subfolders; top-level ``train/``, ``val/`` and ``test/`` folders set the split
+    (else ``prepare`` carves val and test, grouped by image). An image without a sidecar, or with no
+    caption in it, gives one row with an empty caption, which ``prepare`` quarantines by line. ``limit``
+    keeps the first N images of each split. ``origin`` is ``<sidecar>:<line>``.
+    """
+    _check_dirs(source, out_dir)
+    split_dirs = [d for d in ("train", "val", "test") if (source / d).is_dir()]
+    roots = [(source / d, d) for d in split_dirs] or [(source, None)]
+    rows: list[dict] = []
+    missing = 0
+    for root, split in roots:
+        images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        for path in images[: limit or None]:
+            rel_path = path.relative_to(source)
+            rel = f"images/{rel_path.as_posix()}"
+            missing += not _place(path, out_dir / rel)
+            sidecar = path.with_suffix(".txt")
+            try:
+                lines = sidecar.read_text(encoding="utf-8").splitlines() if sidecar.is_file() else []
+            except UnicodeDecodeError as exc:
+                raise ImportError_(f"{sidecar}: not UTF-8 text ({exc}); save the captions as UTF-8") from exc
+            captions = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+            side = sidecar.relative_to(source).as_posix()
+            for n, caption in captions or [(0, "")]:
+                rows.append({"image": rel, "caption": caption, "split": split,
+                             "image_id": rel_path.with_suffix("").as_posix(), "origin": f"{side}:{n}"})
+    empty = sum(1 for r in rows if not r["caption"])
+    if empty:
+        log.warning("caption folder: %d images have no caption (no <stem>.txt, or an empty one); prepare "
+                    "will quarantine them", empty)
+    columns = ["image", "caption", *(["split"] if split_dirs else []), "image_id", "origin"]
+    return _write("caption folder", source, out_dir, rows, columns, missing)
+
+
 IMPORTERS: dict[str, Callable[[Path, Path, int], Path]] = {
     "mmsa": import_mmsa,  # MMSA's MOSI/MOSEI/SIMS feature pickles (mmops/data/mmsa.py)
     "vqa-v2": import_vqa_v2,

@@ -379,8 +379,12 @@ class Predictor:
         return encoder(batch).float()
 
     @torch.inference_mode()
-    def forward(self, decoded: Sequence[Mapping[str, Any]], top_k: int = 3) -> list[dict[str, Any]]:
-        """Answers for already validated rows (see :meth:`validate`), in one batch."""
+    def forward(self, decoded: Sequence[Mapping[str, Any]], top_k: int = 3,
+                options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Answers for already validated rows (see :meth:`validate`), in one batch.
+
+        ``options`` are a generating task's decoding settings for this batch (a caption's ``num_beams``,
+        ``max_length``): its outputs take them (``with_options``); other tasks' outputs refuse them."""
         if not decoded:
             return []
         inputs: dict[str, Any] = {}
@@ -403,17 +407,22 @@ class Predictor:
                 else:
                     inputs[name] = self._to_device(encoder.preprocess(values))
             logits = self.model(inputs, index, frozenset(self._caches))
+        if options:
+            if not hasattr(logits, "with_options"):
+                raise InputError("options", f"the {self.model.task_name} task takes no decoding options")
+            logits = logits.with_options(**options)
         return self._answers(logits.float().cpu(), top_k)
 
     def _answers(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         """The task's answers: the class and its top k, the labels over the threshold, the value..."""
         return self.model.task.answers(self.model.task.scores(logits), top_k)
 
-    def predict(self, records: Sequence[Mapping[str, Any]], top_k: int = 3) -> list[dict[str, Any]]:
+    def predict(self, records: Sequence[Mapping[str, Any]], top_k: int = 3,
+                options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Validate every record (the first bad one raises :class:`InputError`), then answer them all."""
         if len(records) > self.limits.batch_size:
             raise InputError("batch", f"has {len(records)} items, over the limit of {self.limits.batch_size}")
-        return self.forward([self.validate(r) for r in records], top_k=top_k)
+        return self.forward([self.validate(r) for r in records], top_k=top_k, options=options)
 
     def _to_device(self, batch: Any) -> Any:
         if isinstance(batch, torch.Tensor):

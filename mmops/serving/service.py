@@ -94,13 +94,16 @@ BATCH_MAX_SIZE = int(os.environ.get("MMOPS_BATCH_MAX_SIZE", 32))
 BATCH_MAX_LATENCY_MS = int(os.environ.get("MMOPS_BATCH_MAX_LATENCY_MS", 2000))
 LIMITS = Limits()  # generic; the service applies Limits(spec) of the model it serves
 MAX_TOP_K = 20
+# /caption's request options: beams cost memory and time linearly; a caption is at most the model's length.
+MAX_BEAMS = _env_int("MMOPS_MAX_BEAMS", 8)
+MAX_CAPTION_LENGTH = 64
 # Admission (see _Admission): prediction requests in flight at the front beyond which it answers 503.
 # Two full adaptive batches: enough to keep the model busy, and a bound on every request's wait.
 MAX_QUEUE = _env_int("MMOPS_MAX_QUEUE", 2 * BATCH_MAX_SIZE)
 # Request bodies in flight (declared Content-Length); 0 means twice the model's request limit.
 INFLIGHT_BYTES = int(os.environ.get("MMOPS_MAX_INFLIGHT_BYTES") or 0)
 RETRY_AFTER_S = 1
-ADMITTED_PATHS = frozenset({"/predict", "/predict_batch"})
+ADMITTED_PATHS = frozenset({"/predict", "/predict_batch", "/caption"})
 # Form parts and other bodies above this stay on disk, not in memory, while a request waits.
 SPOOL_BYTES = _env_int("MMOPS_SPOOL_BYTES", 64 * 1024)
 REPLAY_CHUNK = 256 * 1024
@@ -465,6 +468,19 @@ class ModelService:
         """Rows decoded by :class:`RowDecoder` to answers (the top ``MAX_TOP_K``), in one forward pass."""
         return self.predictor.forward(rows, top_k=MAX_TOP_K)
 
+    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
+    def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Decoded rows with their decoding options (``/caption``): rows asking the same options decode together."""
+        out: list[dict[str, Any]] = [{}] * len(requests)
+        same: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            same.setdefault(json.dumps(request["options"], sort_keys=True), []).append(i)
+        for key, rows in same.items():
+            answers = self.predictor.forward([requests[i]["row"] for i in rows], top_k=1, options=json.loads(key))
+            for i, answer in zip(rows, answers, strict=True):
+                out[i] = answer
+        return out
+
     @bentoml.api
     def device(self) -> dict[str, Any]:
         """Where the weights live, for ``/model`` and ``scripts/gpu_check.sh``."""
@@ -490,6 +506,8 @@ class MultimodalService:
         self.limits = Limits(spec)
         self.decoder = RowDecoder(spec, self.limits)
         self.labels: list[str] = spec["labels"]
+        self.task: str = (spec.get("task") or {}).get("name") or "classification"
+        self.task_params: dict[str, Any] = (spec.get("task") or {}).get("params") or {}
         self.model_version = self.model_ref.info.labels.get("registry_version", str(self.model_ref.tag))
         self.client = _steady_client(self.model)  # fails start-up loudly if the workaround cannot apply
         self._decode_limiter: anyio.CapacityLimiter | None = None
@@ -588,6 +606,37 @@ class MultimodalService:
                 f"items: {len(items)} items, over this model's limit of {self.limits.batch_size} (MMOPS_MAX_BATCH)"
             )
         return await self._answer(items, top_k, "items[{i}].")
+
+    @bentoml.api(route="/caption")
+    async def caption(
+        self,
+        images: Annotated[
+            list[str],
+            Field(min_length=1, max_length=LIMITS.batch_size, description="images, each base64-encoded"),
+        ],
+        num_beams: Annotated[int | None, Field(ge=1, le=MAX_BEAMS, description="beam size; 1 = greedy")] = None,
+        max_length: Annotated[int | None, Field(ge=1, le=MAX_CAPTION_LENGTH, description="tokens at most")] = None,
+    ) -> list[Answer]:
+        """Caption images with a captioning model: one answer per image, its ``caption`` and ``score`` (the
+        log-probability over length ** length_penalty). Unset options take the model's own settings."""
+        if self.task != "captioning":
+            raise _invalid(f"/caption: this model's task is {self.task}, not captioning; use /predict_batch")
+        fields = [name for name, kind in self.decoder.inputs.items() if kind == "image"]
+        if len(fields) != 1 or len(self.decoder.inputs) != 1:
+            raise _invalid(f"/caption: this model takes {sorted(self.decoder.inputs)}; use /predict_batch")
+        if len(images) > self.limits.batch_size:
+            raise _invalid(f"images: {len(images)} images, over this model's limit of {self.limits.batch_size} "
+                           "(MMOPS_MAX_BATCH)")
+        if self._decode_limiter is None:
+            self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+        decoded = await anyio.to_thread.run_sync(self._decode, [{fields[0]: i} for i in images], "images[{i}].",
+                                                 limiter=self._decode_limiter)
+        longest = int(self.task_params.get("max_length", MAX_CAPTION_LENGTH))
+        if max_length is not None and max_length > longest:
+            raise _invalid(f"max_length: {max_length} is over this model's longest caption ({longest} tokens)")
+        options = {k: v for k, v in (("num_beams", num_beams), ("max_length", max_length)) if v is not None}
+        results = await self.client.generate([{"row": row, "options": options} for row in decoded])
+        return [Answer(**{**r, "model": self.model_version}) for r in results]
 
     @bentoml.api(route="/model", input_spec=None)
     async def model_info(self) -> dict[str, Any]:

@@ -373,6 +373,11 @@ class CaptioningTask(Task):
         if unknown:
             raise ValueError(f"unknown decoding options {unknown}; the options are {sorted(settings)}")
         settings.update({k: v for k, v in options.items() if v is not None})
+        if not 1 <= settings["num_beams"] <= MAX_BEAMS:
+            raise ValueError(f"num_beams must be between 1 and {MAX_BEAMS}, got {settings['num_beams']}")
+        if not 1 <= settings["max_length"] <= self.max_length:
+            raise ValueError(f"max_length must be between 1 and this model's {self.max_length}, "
+                             f"got {settings['max_length']}")
         settings["min_length"] = min(settings["min_length"], settings["max_length"])
         return settings
 
