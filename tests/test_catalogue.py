@@ -19,7 +19,7 @@ FUSIONS = ["early_concat", "concat", "product", "weighted_sum", "attention", "cr
            "low_rank_tensor", "film", "late", "mm_transformer", "mult"]
 ATTENDING = {"attention", "cross_attention", "film", "mm_transformer", "mult"}
 ENCODERS = ["hf_text", "bow_text", "word2vec_text", "gru_text", "cnn_image", "hf_image", "pixels", "mel_audio",
-            "numeric", "categorical"]
+            "numeric", "categorical", "seq_features", "mean_features"]
 
 
 @pytest.fixture(scope="module")
