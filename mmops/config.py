@@ -30,7 +30,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-SOURCES = ("easy-vqa", "manifest", "vqa-v2", "coco-captions", "imagefolder", "mmsa")
+SOURCES = ("easy-vqa", "manifest", "vqa-v2", "coco-captions", "imagefolder", "mmsa", "fashion-mnist")
 
 
 class DataConfig(_Strict):

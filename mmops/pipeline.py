@@ -473,6 +473,12 @@ def register_and_package(project: Project, best: dict, build: bool = True) -> di
     # or one without a bento): finish that version rather than register the same run twice.
     unfinished = next((v for v in registry.model_versions(name) if v.run_id == best["run_id"]), None)
     version = unfinished or registry.add_model_version(name, best["run_id"], metrics=best["final"])
+    if project.params.task_combines_inputs:  # a two-tower model ships its gallery's vector index
+        from mmops.serving.retrieval import build_gallery
+
+        index = project.params.index
+        build_gallery(Path(best["model_dir"]), project.prepared_dir, project.raw_dir, index.splits, index.input,
+                      index.exact_below)
     model_tag = save_to_store(
         Path(best["model_dir"]), name,
         labels={"registry_version": version.ref, "candidate": best["candidate"]},

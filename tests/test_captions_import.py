@@ -4,6 +4,7 @@ image, splits grouped by image, and colour-shape pairs held out of train and val
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from mmops.data.easyvqa import CAPTION_TEMPLATES, HOLDOUT_PAIRS, image_attributes, import_easy_vqa_captions
@@ -58,3 +59,46 @@ def test_cli_imports_captions_and_refuses_unknown_layouts(tmp_path):
     assert ok.exit_code == 0, ok.output
     df = pd.read_csv(tmp_path / "p" / "data" / "raw" / "manifest.csv")
     assert {"image", "caption", "label", "split", "image_id"} <= set(df.columns)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (Debian's dataset-fashion-mnist)
+
+
+def _fashion_mnist_dir():
+    from mmops.data.fashion_mnist import DEFAULT_DIR, INSTALL
+
+    if not (DEFAULT_DIR / "train-images-idx3-ubyte.gz").is_file():  # CI installs it (.ci/run): never skipped
+        pytest.fail(f"Fashion-MNIST is not installed at {DEFAULT_DIR}: {INSTALL}")
+    return DEFAULT_DIR
+
+
+def test_fashion_mnist_import_holds_two_classes_out(tmp_path):
+    from PIL import Image
+
+    from mmops.data.fashion_mnist import CLASSES, HELD_OUT, import_fashion_mnist
+
+    df = pd.read_csv(import_fashion_mnist(_fashion_mnist_dir(), tmp_path, limit=300))
+    assert df.groupby("split").size().to_dict() == {"test": 300, "train": 300, "val": 300}
+    assert set(df.loc[df["split"] != "test", "label"]) == set(CLASSES) - set(HELD_OUT)
+    assert set(HELD_OUT) <= set(df.loc[df["split"] == "test", "label"])
+    assert df["zero_shot"].eq(df["label"].isin(HELD_OUT)).all()
+    assert (df["caption"] == "a photo of a " + df["label"]).all()
+    assert df["image_id"].is_unique
+    with Image.open(tmp_path / df["image"].iloc[0]) as img:
+        assert img.size == (28, 28)
+
+
+def test_fashion_mnist_bad_folder_says_how_to_install(tmp_path):
+    import gzip
+
+    from mmops.data.fashion_mnist import import_fashion_mnist, read_idx
+
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        import_fashion_mnist(tmp_path, tmp_path / "out")
+    good = tmp_path / "x-idx1-ubyte.gz"
+    good.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([1, 2, 3])))
+    assert read_idx(good).tolist() == [1, 2, 3]
+    cut = tmp_path / "y-idx1-ubyte.gz"
+    cut.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes([1, 2])))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(cut)

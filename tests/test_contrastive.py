@@ -86,6 +86,7 @@ def test_zero_shot_from_caption_prompts_and_unseen_classes():
     assert m["zeroshot_top1"] == 1.0 and m["zeroshot_classes"] == 3
     assert m["zeroshot_chance"] == pytest.approx(1 / 3)
     assert m["unseen_images"] == 2 and m["unseen_classes"] == 1 and m["unseen_top1"] == 1.0
+    assert m["seen_i2t_r1"] == 1.0 and m["unseen_i2t_r1"] == 1.0
     described = task.describe(targets, np.concatenate([image, text], axis=1), m)
     assert described["prediction"] == ["A", "B", "C", "C"] and described["correct"].all()
     # Images of A and B swapped: each lands on the other's class (top-1 wrong), still within the top 5.

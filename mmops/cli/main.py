@@ -22,6 +22,7 @@ from rich.table import Table
 from mmops.cli.common import KEEP, JsonOpt, ProjectOpt, console, err, fail, load_project, print_json, print_table
 from mmops.cli.progress import epoch_progress
 from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
+from mmops.cli.retrieval import embed, search, zero_shot
 from mmops.project import Project
 
 app = typer.Typer(
@@ -37,6 +38,8 @@ app.command(rich_help_panel="Registry and lifecycle")(lineage)
 app.add_typer(db_app, name="db", rich_help_panel="Registry and lifecycle")
 app.add_typer(schedule_app, name="schedule", rich_help_panel="Registry and lifecycle")
 app.command(rich_help_panel="Registry and lifecycle")(worker)
+for _command in (search, embed, zero_shot):  # a contrastive model's towers and gallery index
+    app.command(_command.__name__.replace("_", "-"))(_command)
 
 _project, _fail = load_project, fail
 
@@ -126,6 +129,15 @@ def data_import(
         as_ = "captions"  # such a target reads them as image-caption pairs (what dvc.yaml's import runs)
     if as_ not in (None, "captions") or (as_ and source not in pairs):
         raise _fail(f"--as {as_}: only 'easy-vqa --as captions' and 'imagefolder --as captions' exist", 2)
+    if source == "fashion-mnist":  # Debian's dataset-fashion-mnist, or --from a folder of its idx files
+        from mmops.data.fashion_mnist import import_fashion_mnist
+
+        try:
+            manifest = import_fashion_mnist(from_, project.raw_dir, limit)
+        except (OSError, ValueError) as exc:
+            raise _fail(str(exc), 2) from None
+        console.print(f"wrote {manifest.relative_to(project.root)}")
+        return
     if source == "easy-vqa":
         from mmops.data.easyvqa import import_easy_vqa, import_easy_vqa_captions
 

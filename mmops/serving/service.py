@@ -55,6 +55,7 @@ from starlette.requests import ClientDisconnect
 
 from mmops.core.model import SPEC_FILE
 from mmops.serving.predictor import InputError, Limits, Predictor, RowDecoder, _env_int
+from mmops.serving.retrieval import RetrievalRequests, Retriever, answer_requests, index_summary
 
 log = logging.getLogger("mmops.service")
 
@@ -103,7 +104,7 @@ MAX_QUEUE = _env_int("MMOPS_MAX_QUEUE", 2 * BATCH_MAX_SIZE)
 # Request bodies in flight (declared Content-Length); 0 means twice the model's request limit.
 INFLIGHT_BYTES = int(os.environ.get("MMOPS_MAX_INFLIGHT_BYTES") or 0)
 RETRY_AFTER_S = 1
-ADMITTED_PATHS = frozenset({"/predict", "/predict_batch", "/caption"})
+ADMITTED_PATHS = frozenset({"/predict", "/predict_batch", "/caption", "/embed", "/search", "/zero_shot"})
 # Form parts and other bodies above this stay on disk, not in memory, while a request waits.
 SPOOL_BYTES = _env_int("MMOPS_SPOOL_BYTES", 64 * 1024)
 REPLAY_CHUNK = 256 * 1024
@@ -453,6 +454,7 @@ class ModelService:
 
     def __init__(self) -> None:
         self.predictor = Predictor(Path(self.model_ref.path))
+        self.retriever = Retriever.load(self.predictor, Path(self.model_ref.path))  # two towers: /search...
         log.info(
             "model %s on %s, autocast %s, adaptive batching %s (max %d rows, %d ms)",
             self.model_ref.tag,
@@ -480,6 +482,11 @@ class ModelService:
             for i, answer in zip(rows, answers, strict=True):
                 out[i] = answer
         return out
+
+    @bentoml.api(batchable=ADAPTIVE_BATCHING, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
+    def retrieve(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Decoded /embed, /search and /zero_shot items: each tower runs once for the whole batch."""
+        return answer_requests(self.retriever, requests)
 
     @bentoml.api
     def device(self) -> dict[str, Any]:
@@ -509,6 +516,8 @@ class MultimodalService:
         self.task: str = (spec.get("task") or {}).get("name") or "classification"
         self.task_params: dict[str, Any] = (spec.get("task") or {}).get("params") or {}
         self.model_version = self.model_ref.info.labels.get("registry_version", str(self.model_ref.tag))
+        self.index = index_summary(Path(self.model_ref.path))
+        self.retrieval = RetrievalRequests(spec, self.decoder, self.index["count"] if self.index else None)
         self.client = _steady_client(self.model)  # fails start-up loudly if the workaround cannot apply
         self._decode_limiter: anyio.CapacityLimiter | None = None
         _served.update(model=self.model_version, limits=self.limits)
@@ -638,6 +647,46 @@ class MultimodalService:
         results = await self.client.generate([{"row": row, "options": options} for row in decoded])
         return [Answer(**{**r, "model": self.model_version}) for r in results]
 
+    async def _retrieve(self, op: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """/embed, /search, /zero_shot: every item checked in the front (a 400 names it), answered in one batch."""
+        if len(items) > self.limits.batch_size:
+            raise _invalid(f"items: {len(items)} items, over this model's limit of {self.limits.batch_size}")
+        if self._decode_limiter is None:
+            self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+
+        def decode() -> list[dict[str, Any]]:
+            out = []
+            for i, item in enumerate(items):
+                try:
+                    out.append(self.retrieval.decode(op, item, f"items[{i}]."))
+                except InputError as exc:
+                    raise _invalid(str(exc)) from None
+            return out
+
+        decoded = await anyio.to_thread.run_sync(decode, limiter=self._decode_limiter)
+        return [{**r, "model": self.model_version} for r in await self.client.retrieve(decoded)]
+
+    @bentoml.api(route="/embed")
+    async def embed(self, items: Annotated[list[dict[str, Any]], Field(
+            min_length=1, max_length=LIMITS.batch_size,
+            description='{"text": "a red triangle"} or {"image": "<base64>"}: its unit vector')]) -> list[dict]:
+        """Texts or images to the shared embedding space of a contrastive model (unit vectors)."""
+        return await self._retrieve("embed", items)
+
+    @bentoml.api(route="/search")
+    async def search(self, items: Annotated[list[dict[str, Any]], Field(
+            min_length=1, max_length=LIMITS.batch_size,
+            description='{"text": "a red triangle", "k": 5} or {"image": "<base64>", "k": 5}')]) -> list[dict]:
+        """The k nearest gallery items (ids, scores by cosine, labels) from the index packaged with the model."""
+        return await self._retrieve("search", items)
+
+    @bentoml.api(route="/zero_shot")
+    async def zero_shot(self, items: Annotated[list[dict[str, Any]], Field(
+            min_length=1, max_length=LIMITS.batch_size,
+            description='{"image": "<base64>", "labels": ["cat", "dog"]}: the labels ranked')]) -> list[dict]:
+        """Zero-shot classification: each label through the model's prompt templates, ranked by similarity."""
+        return await self._retrieve("zero_shot", items)
+
     @bentoml.api(route="/model", input_spec=None)
     async def model_info(self) -> dict[str, Any]:
         """The model version served, what it takes, where it runs and the request limits."""
@@ -646,6 +695,7 @@ class MultimodalService:
             "tag": str(self.model_ref.tag),
             "inputs": self.decoder.inputs,
             "labels": self.labels,
+            **({"index": self.index} if self.index else {}),  # the gallery /search answers from
             **(await self.model.to_async.device()),
             "limits": self.limits.as_dict(),
             "queue": MAX_QUEUE,

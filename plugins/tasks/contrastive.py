@@ -178,8 +178,11 @@ class ContrastiveTask(Task):
         images, texts = _distinct(image), _distinct(text)
         sim = image[images] @ text[texts].T
         positive = targets[images][:, None] == targets[texts][None, :]
-        out = {**rank_metrics(retrieval_ranks(sim, positive), "i2t"),
-               **rank_metrics(retrieval_ranks(sim.T, positive.T), "t2i")}
+        i2t = retrieval_ranks(sim, positive)
+        out = {**rank_metrics(i2t, "i2t"), **rank_metrics(retrieval_ranks(sim.T, positive.T), "t2i")}
+        seen = np.isin(targets[images], np.asarray(self.labels, dtype=object))
+        for name, rows in (("seen", seen), ("unseen", ~seen)):  # details: classes trained on, or held out
+            out[f"{name}_i2t_r1"] = float((i2t[rows] <= 1).mean()) if self.labels and rows.any() else None
         out["recall_mean"] = float(np.mean([out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS]))
         out.update(self._zero_shot(image[images], targets[images], text[texts], targets[texts]))
         out.update(n=len(targets), images=len(images), captions=len(texts))
