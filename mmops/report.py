@@ -322,6 +322,28 @@ def _mistakes_section(view: str, preds: pd.DataFrame, inputs: dict, prepared: Pa
     return shown + _table(["line", "source", "target", "prediction", key, *inputs], rows)
 
 
+def _captions_section(preds: pd.DataFrame, inputs: dict, prepared: Path) -> str:
+    """A generating task's test examples (the rows of one image): the image, every reference and the generated
+    caption, worst CIDEr-D first (pycocoevalcap's, over all test images, as the task's metric)."""
+    if preds.empty:
+        return NO_PREDICTIONS
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = [f"{name}_idx" for name in inputs if f"{name}_idx" in preds.columns]
+    examples = preds.groupby(keys, sort=False).agg(references=("target", list), generated=("prediction", "first"))
+    gts = {i: [str(r) for r in refs] for i, refs in enumerate(examples["references"])}
+    _, per = Cider().compute_score(gts, {i: [str(g)] for i, g in enumerate(examples["generated"])})
+    examples = examples.assign(cider=per).reset_index().sort_values("cider", kind="stable")
+    values = {name: _load_values(prepared, name, spec.get("modality", "")) for name, spec in inputs.items()}
+    rows = []
+    for r in examples.head(MAX_MISTAKES).to_dict("records"):
+        cells = [_input_cell(values[name], spec, int(r.get(f"{name}_idx", -1))) for name, spec in inputs.items()]
+        refs = "<br>".join(html.escape(str(t)) for t in r["references"])
+        rows.append([*cells, f'<div class="text">{refs}</div>', _fmt(r["generated"]), _fmt(r["cider"])])
+    shown = f"<p>{min(len(examples), MAX_MISTAKES)} of {len(examples)} test images, worst CIDEr-D first.</p>"
+    return shown + _table([*inputs, "references", "generated", "CIDEr-D"], rows)
+
+
 def _modalities(candidates: list[dict], metric: str, sign: float) -> str:
     """The ablation table: per set of inputs its best candidate on val, and that candidate's test figure."""
     test_metric = "test_" + metric.removeprefix("val_")
@@ -411,7 +433,8 @@ def write_report(
         "confusion": _confusion_section(view, metrics.get("test", {}), labels, preds),
         "per-class": _per_class_section(view, metrics),
         "calibration": _calibration_section(view, metrics.get("test", {}), preds),
-        "mistakes": _mistakes_section(view, preds, inputs, prepared_dir),
+        "mistakes": _captions_section(preds, inputs, prepared_dir) if "cider" in metrics.get("test", {})
+        else _mistakes_section(view, preds, inputs, prepared_dir),
         "candidates": _candidates_section(candidates, result.get("candidate"), metric, _sign(result, metric)),
     }
     titles = dict(SECTIONS)
@@ -421,6 +444,8 @@ def write_report(
         titles["confusion"] = "Per-label confusion counts"
     elif view == "names":
         titles["confusion"] = "Test metrics"
+    if "cider" in metrics.get("test", {}):  # a caption task: every test image, not only the wrong ones
+        titles["mistakes"] = "Test captions, worst CIDEr-D first"
     heading = title or f"mmops report: {model_dir.name}"
     facts = [
         ("task", result.get("task", "")),

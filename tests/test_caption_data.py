@@ -106,3 +106,16 @@ def test_coco_captions_schema_feeds_the_caption_task_with_all_references(tmp_pat
     scores[:, 2:2 + ids.shape[1]] = ids
     metrics = task.evaluate(task.targets(test_rows["label"].tolist()), scores, groups)
     assert metrics["images"] == 2 and metrics["exact_match"] == 1.0 and metrics["bleu_1"] == pytest.approx(1.0)
+
+
+def test_report_lists_test_images_with_references_worst_cider_first(tmp_path):
+    from mmops.report import _captions_section
+
+    np.save(tmp_path / "image.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    preds = pd.DataFrame({"image_idx": [0, 0, 1, 1],
+                          "target": ["a red circle", "a picture of a red circle", "a blue square", "blue square"],
+                          "prediction": ["a red circle", "a red circle", "a green triangle", "a green triangle"]})
+    page = _captions_section(preds, {"image": {"modality": "image"}}, tmp_path)
+    assert "2 of 2 test images" in page and page.count("<img") == 2
+    assert page.index("a green triangle") < page.index("a red circle</td>")  # the wrong one first
+    assert "a picture of a red circle" in page  # every reference is shown
