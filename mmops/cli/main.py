@@ -750,8 +750,10 @@ def plugins_check(
     name: Annotated[str, typer.Argument(help="encoder, fusion or task name, as in `mmops plugins list`")],
     kind: Annotated[str | None, typer.Option(help="encoder, fusion or task, when a name is more than one")] = None,
     params: Annotated[str, typer.Option(help='constructor parameters as JSON, e.g. \'{"checkpoint": "dir"}\'')] = "{}",
+    learn: Annotated[bool, typer.Option(help="fusions: also check it learns a XOR of two inputs (seconds)")] = True,
 ) -> None:
-    """Conformance run on random inputs: shapes, gradients, determinism, save/load, bad inputs."""
+    """Conformance run on random inputs: shapes, gradients, determinism, save/load, bad inputs; a fusion
+    must also learn a XOR of two inputs."""
     from mmops.core.conformance import check_plugin
 
     if kind not in (None, "encoder", "fusion", "task"):
@@ -762,7 +764,7 @@ def plugins_check(
         raise _fail(f"--params is not valid JSON: {exc}", 2) from None
     if not isinstance(parsed, dict):
         raise _fail("--params must be a JSON object", 2)
-    checks = check_plugin(name, kind, parsed)
+    checks = check_plugin(name, kind, parsed, learn=learn)
     for c in checks:
         mark = "[green]PASS[/]" if c.passed else "[red]FAIL[/]"
         console.print(f"{mark} {c.name}" + (f"  [dim]{c.detail}[/]" if c.detail else ""), highlight=False)

@@ -383,6 +383,55 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
     return checks
 
 
+def learns_xor(name: str, params: Mapping[str, Any] | None = None, steps: int = 300, seed: int = 0) -> Check:
+    """Does the fusion, under the model's default head, learn y = a XOR b from two inputs?
+
+    Each input carries one bit as a noisy random code (a sequence of 3 noisy copies for fusions that
+    attend); neither input alone says anything about y, so a fusion that drops one input, saturates, or
+    cannot mix them stays near 50%. Trained full-batch with Adam, judged on fresh examples."""
+    what = "learns a two-input function (XOR of one bit per input, each alone useless)"
+    try:
+        cls = get_fusion(name)
+    except PluginError as exc:
+        return Check(what, False, str(exc))
+    torch.manual_seed(seed)
+    dims = {"a": 8, "b": 8}
+    codes = {n: torch.randn(2, d) for n, d in dims.items()}
+
+    def sample(n: int) -> tuple[dict[str, Any], torch.Tensor]:
+        bits = torch.randint(0, 2, (n, 2))
+        feats: dict[str, Any] = {}
+        for i, (k, d) in enumerate(dims.items()):
+            if cls.needs_sequences:
+                values = codes[k][bits[:, i]].unsqueeze(1) + 0.3 * torch.randn(n, 3, d)
+                feats[k] = Tokens(values, torch.ones(n, 3, dtype=torch.bool))
+            else:
+                feats[k] = codes[k][bits[:, i]] + 0.3 * torch.randn(n, d)
+        return feats, bits[:, 0] ^ bits[:, 1]
+
+    try:
+        fusion = cls(dims, **dict(params or {}), **({"num_classes": 2} if cls.produces_logits else {}))
+        head = torch.nn.Identity() if cls.produces_logits else torch.nn.Sequential(
+            torch.nn.Linear(fusion.output_dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+        model = torch.nn.ModuleDict({"fusion": fusion, "head": head})
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        train, target = sample(256)
+        model.train()
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(head(fusion(train)), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        test, truth = sample(512)
+        with torch.no_grad():
+            accuracy = float((head(fusion(test)).argmax(1) == truth).float().mean())
+    except Exception as exc:  # plugin code: any failure is this check failing, with its reason
+        return Check(what, False, f"{type(exc).__name__}: {exc}")
+    detail = f"accuracy {accuracy:.2f} on fresh examples after {steps} steps (chance 0.50; pass at 0.90)"
+    return Check(what, accuracy >= 0.9, detail)
+
+
 def plugin_kind(name: str) -> str:
     kinds = [k for k in ("encoder", "fusion", "task") if name in discover(k)]
     if not kinds:
@@ -393,12 +442,17 @@ def plugin_kind(name: str) -> str:
     return kinds[0]
 
 
-def check_plugin(name: str, kind: str | None = None, params: Mapping[str, Any] | None = None) -> list[Check]:
-    """Run every check; a plugin that cannot even be loaded is one failed check, not an exception."""
+def check_plugin(name: str, kind: str | None = None, params: Mapping[str, Any] | None = None,
+                 learn: bool = False) -> list[Check]:
+    """Run every check; a plugin that cannot even be loaded is one failed check, not an exception.
+    ``learn``: a fusion must also learn a XOR of its two inputs (:func:`learns_xor`, a few seconds)."""
     try:
         kind = kind or plugin_kind(name)
         checker = {"encoder": check_encoder, "fusion": check_fusion, "task": check_task}[kind]
-        return checker(name, params)
+        checks = checker(name, params)
+        if learn and kind == "fusion":
+            checks.append(learns_xor(name, params))
+        return checks
     except PluginError as exc:
         return [Check("loads through its entry point", False, str(exc))]
 

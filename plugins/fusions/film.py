@@ -32,14 +32,19 @@ class FiLMFusion(Fusion):
         if target not in dims:
             raise ValueError(f"film: target '{target}' is not an input; inputs are {names}")
         self.target, self.conditions = target, [n for n in names if n != target]
-        self.features = nn.Linear(dims[target], hidden)
+        self.features = nn.Sequential(nn.Linear(dims[target], hidden), nn.LayerNorm(hidden))
+        self.condition_norm = nn.LayerNorm(sum(dims[n] for n in self.conditions))
         self.film = nn.Linear(sum(dims[n] for n in self.conditions), 2 * hidden)
+        # Small initial gamma and beta: FiLM starts near the identity on normalised features and the
+        # condition's influence grows with training instead of swamping the target's features at step 0.
+        nn.init.normal_(self.film.weight, std=0.01)
+        nn.init.zeros_(self.film.bias)
         self.dropout = nn.Dropout(dropout)
         self.output_dim = hidden
 
     def forward(self, features: Mapping[str, Tokens]) -> torch.Tensor:
         self.check_inputs(features)
-        condition = torch.cat([features[n].mean() for n in self.conditions], dim=1)
+        condition = self.condition_norm(torch.cat([features[n].mean() for n in self.conditions], dim=1))
         gamma, beta = self.film(condition).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, H) each
         # 1 + gamma: starts as the identity, so early training does not zero the image out.
         maps = features[self.target].map(lambda v: torch.relu((1 + gamma) * self.features(v) + beta))  # (B, T, H)

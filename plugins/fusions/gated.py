@@ -20,15 +20,20 @@ class GatedFusion(Fusion):
     def __init__(self, dims: Mapping[str, int], hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
+        # Inputs arrive at their encoders' scales (a CNN's ReLU means, MiniLM's unit vectors): each is
+        # normalised first, so neither the tanh nor the gates saturate on the loudest one.
+        self.norm = nn.ModuleDict({n: nn.LayerNorm(dims[n]) for n in self.names})
         self.proj = nn.ModuleDict({n: nn.Linear(dims[n], hidden) for n in self.names})
         self.gates = nn.Linear(sum(dims.values()), hidden * len(self.names))
+        nn.init.zeros_(self.gates.bias)  # every modality starts half open (sigmoid 0.5): none is shut out
         self.dropout = nn.Dropout(dropout)
         self.hidden = hidden
         self.output_dim = hidden
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.check_inputs(features)
-        h = torch.stack([torch.tanh(self.proj[n](features[n])) for n in self.names], dim=1)  # (B, M, H)
-        z = torch.sigmoid(self.gates(torch.cat([features[n] for n in self.names], dim=1)))
+        normed = {n: self.norm[n](features[n]) for n in self.names}
+        h = torch.stack([torch.tanh(self.proj[n](normed[n])) for n in self.names], dim=1)  # (B, M, H)
+        z = torch.sigmoid(self.gates(torch.cat([normed[n] for n in self.names], dim=1)))
         z = z.view(-1, len(self.names), self.hidden)
         return self.dropout((z * h).sum(1))

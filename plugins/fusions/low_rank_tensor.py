@@ -20,11 +20,15 @@ class LowRankTensorFusion(Fusion):
     def __init__(self, dims: Mapping[str, int], hidden: int = 128, rank: int = 4, dropout: float = 0.1) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
+        # Each input normalised, each factor scaled by 1/sqrt(fan-in): every modality's projection has unit
+        # variance, so their product neither explodes nor vanishes however many inputs or however wide.
+        self.norm = nn.ModuleDict({n: nn.LayerNorm(dims[n]) for n in self.names})
         self.factors = nn.ParameterDict({
-            n: nn.Parameter(nn.init.xavier_normal_(torch.empty(rank, dims[n] + 1, hidden))) for n in self.names
+            n: nn.Parameter(torch.randn(rank, dims[n] + 1, hidden) / (dims[n] + 1) ** 0.5) for n in self.names
         })
-        self.rank_weights = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, rank)))
+        self.rank_weights = nn.Parameter(torch.full((1, rank), 1.0 / rank))  # starts as the mean over ranks
         self.bias = nn.Parameter(torch.zeros(hidden))
+        self.out_norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.output_dim = hidden
 
@@ -32,9 +36,9 @@ class LowRankTensorFusion(Fusion):
         self.check_inputs(features)
         fused = None
         for n in self.names:
-            x = features[n]
+            x = self.norm[n](features[n])
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
             z = torch.einsum("bd,rdh->rbh", x, self.factors[n])  # (rank, B, H)
             fused = z if fused is None else fused * z
-        out = torch.einsum("or,rbh->bh", self.rank_weights, fused) + self.bias
+        out = self.out_norm(torch.einsum("or,rbh->bh", self.rank_weights, fused) + self.bias)
         return self.dropout(out)

@@ -20,9 +20,12 @@ class TensorFusion(Fusion):
     def __init__(self, dims: Mapping[str, int], hidden: int = 16, dropout: float = 0.1) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
-        self.proj = nn.ModuleDict({n: nn.Sequential(nn.Linear(dims[n], hidden), nn.ReLU()) for n in self.names})
+        self.proj = nn.ModuleDict({n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden), nn.ReLU())
+                                   for n in self.names})
         self.dropout = nn.Dropout(dropout)
         self.output_dim = (hidden + 1) ** len(self.names)
+        # The outer product multiplies M projections: normalised, its scale no longer grows with M.
+        self.out_norm = nn.LayerNorm(self.output_dim)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.check_inputs(features)
@@ -31,4 +34,4 @@ class TensorFusion(Fusion):
             z = self.proj[n](features[n])
             z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
             fused = z if fused is None else (fused.unsqueeze(2) * z.unsqueeze(1)).flatten(1)
-        return self.dropout(fused)
+        return self.dropout(self.out_norm(fused))
