@@ -41,8 +41,7 @@ def retrain(project_dir: str = ".", build_bento: bool = True, force: bool = Fals
     configure_environment(project)  # a deployment run may start in a process mmops did not configure
     # One run per project at a time: a scheduled run waits for a manual one (`mmops run` already holds it).
     with pipeline.run_guard(project, wait=True):
-        swept = sweep_flow.configured(project, RunnerConfig(**runner) if runner else None)(str(project.root),
-                                                                                          force=force)
+        swept = sweep_flow.run_sweep(project, RunnerConfig(**runner) if runner else None, force=force)
         stages, results, best = swept["stages"], swept["results"], swept["best"]
         shipped = register_and_package(str(project.root), best, build_bento)
         promotion = champion_challenger(str(project.root), shipped["model_version"], best["model_dir"],

@@ -217,9 +217,9 @@ class SweepConfig(_Strict):
 
 
 class RunnerConfig(_Strict):
-    """Where candidates train: threads here, or a Dask / Ray cluster (features travel by path)."""
+    """Where candidates train: threads here, or a Dask cluster (features travel by path)."""
 
-    kind: Literal["threads", "dask", "ray"] = "threads"
+    kind: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(1, ge=1, description="candidates trained at once (threads, or local cluster workers)")
     address: str | None = Field(None, description="an existing cluster, e.g. tcp://host:8786; none starts a local one")
 

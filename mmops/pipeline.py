@@ -37,7 +37,7 @@ _progress: Callable[..., None] | None = None
 def progress_to(listener: Callable[..., None]) -> Iterator[Callable[..., None]]:
     """Send ``listener(event, candidate, **fields)`` for every candidate trained in this process (threads too):
     ``start`` (epochs), ``epoch`` (record: epoch, train_loss, val_*, seconds) and ``end``
-    (status, reused, error). Candidates on a Dask or Ray cluster train in other processes and send nothing."""
+    (status, reused, error). Candidates on a Dask cluster train in other processes and send nothing."""
     global _progress
     previous, _progress = _progress, listener
     try:

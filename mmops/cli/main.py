@@ -310,7 +310,7 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
         print_modalities(modality_table(results, select_metric, sign, []), select_metric)
 
 
-RunnerOpt = Annotated[str | None, typer.Option("--runner", help="threads | dask | ray (default: params runner.kind)")]
+RunnerOpt = Annotated[str | None, typer.Option("--runner", help="threads | dask (default: params runner.kind)")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="candidates trained at once")]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="existing cluster, e.g. tcp://host:8786")]
 
@@ -406,7 +406,7 @@ def sweep_cmd(
     console.print(f"[bold]sweep[/] of {len(project.params.all_candidates())} candidates on {config.kind} "
                   f"({config.address or f'{config.max_workers} local workers'})")
     with epoch_progress(console, project.params.select_metric):
-        out = sweep.sweep.with_options(task_runner=sweep.task_runner(config))(str(project.root), force=force)
+        out = sweep.run_sweep(project, config, force=force)
     _print_stages(out["stages"])
     print_leaderboard(out["results"], out["best"]["candidate"], project.params.select_metric)
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
