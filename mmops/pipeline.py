@@ -332,9 +332,13 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
                                      resolve=resolve, on_epoch=on_epoch)
         more = []
         for k in range(1, params.train_for(candidate).seeds):  # the other seeds: their figures, not their models
+            seeded = params.model_copy(update={"seed": params.seed + k})
             with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:
-                more.append(train_candidate(params.model_copy(update={"seed": params.seed + k}), candidate, data,
-                                            Path(tmp), resolve=functools.partial(resolve_artifact, project)))
+                if processes > 1:  # each seed data-parallel too
+                    more.append(train_parallel(seeded, candidate, project.prepared_dir, project.features_dir,
+                                               Path(tmp), processes, None, resolve))
+                else:
+                    more.append(train_candidate(seeded, candidate, data, Path(tmp), resolve=resolve))
     except Exception as exc:  # one bad candidate must not sink the sweep
         registry.finish_run(run_id, "failed", time.perf_counter() - started,
                             error="".join(traceback.format_exception_only(exc)).strip())

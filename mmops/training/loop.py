@@ -358,6 +358,8 @@ def train_candidate(
         if world > 1:  # every rank logs, and stops early, on the same figures and the same weights
             total, count = distributed.sum_across(total, count)
             distributed.sync_buffers(model)
+            if judged is not model:  # train.ema: its averaged statistics too
+                distributed.sync_buffers(judged)
         scores = predict_split(judged, val_b, data.precomputed, precision)
         val = data.task.evaluate(val_b.targets, scores, data.task.reference_groups(val_rows))
         record = {"epoch": epoch, "train_loss": total / count,
