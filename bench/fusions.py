@@ -54,11 +54,34 @@ def load_params(path: Path, args: argparse.Namespace, candidates: list[dict]) ->
     raw["data"].update(limit=args.limit, image_size=args.image_size)
     if args.epochs:
         raw["train"].update(epochs=args.epochs, patience=args.epochs)
+    for spec in raw["inputs"].values():
+        if spec["encoder"] == "cnn_image" and args.token_grid:
+            spec.setdefault("params", {})["token_grid"] = args.token_grid
     raw["candidates"] = candidates
     return raw
 
 
-def run_project(work: Path, raw_dir: Path, raw_params: dict) -> list[dict]:
+def save_rows(rows: list[dict], out: Path) -> list[dict]:
+    """Rows into ``out/fusions.json``, replacing earlier rows of the same candidate: one table can be
+    completed by several runs (each row keeps its own date and commit)."""
+    path = out / "fusions.json"
+    kept = [r for r in json.loads(path.read_text())] if path.is_file() else []
+    names = {r["candidate"] for r in rows}
+    merged = [r for r in kept if r["candidate"] not in names] + rows
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2))
+    return merged
+
+
+def commit() -> str:
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def run_project(work: Path, raw_dir: Path, raw_params: dict, out: Path | None = None,
+                label: str = "") -> list[dict]:
     from mmops.config import Params
     from mmops.core.model import MultimodalModel
     from mmops.data.featurize import featurize
@@ -77,7 +100,9 @@ def run_project(work: Path, raw_dir: Path, raw_params: dict) -> list[dict]:
         trainable = sum(v.numel() for v in model.trainable_state().values())
         fusion = sum(p.numel() for p in model.fusion.parameters())
         rows.append({
-            "candidate": candidate.name, "fusion": candidate.fusion, "params": candidate.params,
+            "candidate": candidate.name + label, "fusion": candidate.fusion, "params": candidate.params,
+            "image_encoder": "frozen, from concat (two-stage)" if label else "trained end to end",
+            "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(), "torch_threads": torch.get_num_threads(),
             "sequences": model.fusion.needs_sequences,
             "encoders": {n: i.encoder for n, i in params.inputs.items()},
             "val_accuracy": result["metrics"]["val"]["accuracy"],
@@ -88,6 +113,8 @@ def run_project(work: Path, raw_dir: Path, raw_params: dict) -> list[dict]:
         })
         print(f"  val {rows[-1]['val_accuracy']:.4f}  test {rows[-1]['test_accuracy']:.4f}  "
               f"{rows[-1]['train_seconds']:.0f} s", flush=True)
+        if out is not None:  # a long run keeps what it finished
+            save_rows(rows, out)
     return rows
 
 
@@ -104,7 +131,10 @@ def write_table(rows: list[dict], args: argparse.Namespace, epochs: int) -> str:
         f"{epochs} epochs each, one-cycle schedule, best epoch by val accuracy. Encoders: "
         "frozen all-MiniLM-L6-v2 + a CNN trained end to end, except `classic` "
         "(configs/classic.yaml: bag-of-words + pixels). Inputs: one vector each, except for the fusions "
-        "marked *tokens*, which see MiniLM's word pieces (cached) and the CNN's positions, padding masked. "
+        "marked *tokens*, which see MiniLM's word pieces (cached) and the CNN's positions "
+        f"({f'averaged to {args.token_grid}×{args.token_grid}' if args.token_grid else 'the whole map'}), "
+        "padding masked. Rows `+cnn(concat)` are two-stage: the CNN that `concat` trained, frozen, its "
+        "tokens cached. "
         "*One token*: the same fusion when it saw one vector per input (before masks; "
         f"{args.before.name if before else 'not given'}). Test is reported, never used to select.",
         "",
@@ -114,6 +144,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, epochs: int) -> str:
     ]
     for r in rows:
         enc = " + ".join(r["encoders"].values())
+        if r.get("image_encoder", "").startswith("frozen"):
+            enc += " (CNN frozen, from concat)"
         old = f"{before[r['candidate']]:.4f}" if r.get("sequences") and r["candidate"] in before else ""
         lines.append(f"| {r['candidate']} | `{r['fusion']}` | {'tokens' if r.get('sequences') else 'vectors'} | "
                      f"{enc} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {old} | "
@@ -131,25 +163,48 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--before", type=Path, default=RESULTS / "fusions_pooled.json",
                         help="an earlier fusions.json to compare the attending fusions with")
+    parser.add_argument("--token-grid", type=int, default=4,
+                        help="CNN positions averaged to N×N tokens for attending fusions (0: the whole 8×8 map)")
+    parser.add_argument("--two-stage", default="",
+                        help="comma-separated attending fusions also trained on the CNN that `concat` trained "
+                             "(frozen, its tokens cached), as VisualBERT reads a pre-trained detector's regions")
+    parser.add_argument("--append", action="store_true",
+                        help="keep rows of other candidates already in OUT/fusions.json (complete a table in parts)")
     args = parser.parse_args()
-    unknown = [f for f in args.fusions.split(",") if f not in FUSIONS]
+    two_stage = [f for f in args.two_stage.split(",") if f]
+    unknown = [f for f in [*args.fusions.split(","), *two_stage] if f not in FUSIONS]
     if unknown:
         parser.error(f"unknown fusions {unknown}; choose from {list(FUSIONS)}")
+    if two_stage and "concat" not in args.fusions.split(","):
+        parser.error("--two-stage reuses the CNN that `concat` trains: include concat in --fusions")
+    if not args.append and (args.out / "fusions.json").is_file():
+        (args.out / "fusions.json").unlink()
 
     from mmops.data.easyvqa import import_easy_vqa
 
     with tempfile.TemporaryDirectory(prefix="mmops-bench-") as tmp:
         work = Path(tmp)
         import_easy_vqa(work / "raw", args.limit)
-        candidates = [{"name": f, "fusion": f, "params": FUSIONS[f]} for f in args.fusions.split(",")]
+        # concat first: the two-stage rows start from its CNN.
+        names = sorted(args.fusions.split(","), key=lambda f: f != "concat")
+        candidates = [{"name": f, "fusion": f, "params": FUSIONS[f]} for f in names]
         main_params = load_params(REPO / "params.yaml", args, candidates)
-        rows = run_project(work / "fusions", work / "raw", main_params)
+        if two_stage:
+            run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates[:1]}, args.out)
+            staged = load_params(REPO / "params.yaml", args, [{"name": f, "fusion": f, "params": FUSIONS[f]}
+                                                               for f in two_stage])
+            for spec in staged["inputs"].values():
+                if spec["encoder"] == "cnn_image":
+                    spec.update(init_from=str(work / "fusions" / "models" / "concat"), freeze=True)
+            run_project(work / "two-stage", work / "raw", staged, args.out, label="+cnn(concat)")
+            candidates = candidates[1:]
+        if candidates:
+            run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates}, args.out)
         if not args.no_classic:
             classic = yaml.safe_load((REPO / "configs" / "classic.yaml").read_text())["candidates"]
-            rows += run_project(work / "classic", work / "raw", load_params(REPO / "configs" / "classic.yaml",
-                                                                            args, classic))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fusions.json").write_text(json.dumps(rows, indent=2))
+            run_project(work / "classic", work / "raw", load_params(REPO / "configs" / "classic.yaml", args, classic),
+                        args.out)
+    rows = json.loads((args.out / "fusions.json").read_text())
     table = write_table(rows, args, main_params["train"]["epochs"])
     (args.out / "fusions.md").write_text(table)
     print(table)

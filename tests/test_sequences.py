@@ -126,6 +126,23 @@ def test_cnn_positions_are_all_real():
     assert tokens.length == 16 and tokens.mask.all()
 
 
+def test_cnn_token_grid_averages_positions_and_leaves_the_vector_alone():
+    torch.manual_seed(0)
+    full = get_encoder("cnn_image")(channels=[4, 8]).eval()
+    pooled = get_encoder("cnn_image")(channels=[4, 8], token_grid=2).eval()
+    pooled.load_state_dict(full.state_dict())
+    batch = full.preprocess(np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8))
+    with torch.no_grad():
+        every, grid = full.forward_sequence(batch), pooled.forward_sequence(batch)
+        assert grid.length == 4 and grid.mask.all()
+        # The top-left token is the mean of the 2x2 positions it covers; the pooled vector is unchanged.
+        corner = every.values.view(2, 4, 4, 8)[:, :2, :2].mean(dim=(1, 2))
+        assert torch.allclose(grid.values[:, 0], corner, atol=1e-6)
+        assert torch.equal(full(batch), pooled(batch))
+    with pytest.raises(ValueError, match="token_grid"):
+        get_encoder("cnn_image")(token_grid=-1)
+
+
 class _OldStyleEncoder(Encoder):
     """A third-party encoder written before masks: forward_sequence returns a plain (B, T, D) tensor."""
 

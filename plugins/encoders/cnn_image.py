@@ -29,14 +29,17 @@ class CNNImageEncoder(Encoder):
     modality = "image"
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64), augment: bool = False, shift: float = 0.1,
-                 rotate: float = 10.0, scale: float = 0.1, flip: bool = False) -> None:
+                 rotate: float = 10.0, scale: float = 0.1, flip: bool = False, token_grid: int = 0) -> None:
         super().__init__()
         if not channels:
             raise ValueError("cnn_image: 'channels' needs at least one block, e.g. [16, 32, 64]")
         if not (0 <= shift < 0.5 and 0 <= rotate <= 180 and 0 <= scale < 1):
             raise ValueError(f"cnn_image: shift must be in [0, 0.5), rotate in [0, 180] degrees, scale in [0, 1); "
                              f"got shift {shift}, rotate {rotate}, scale {scale}")
+        if token_grid < 0:
+            raise ValueError(f"cnn_image: token_grid must be 0 (every position) or a grid size, got {token_grid}")
         self.augment, self.shift, self.rotate, self.scale, self.flip = bool(augment), shift, rotate, scale, bool(flip)
+        self.token_grid = int(token_grid)
         self.channels = [int(c) for c in channels]
         layers: list[nn.Module] = []
         c_in = 3
@@ -75,9 +78,16 @@ class CNNImageEncoder(Encoder):
         return self.net(self._augmented(batch))
 
     def forward_sequence(self, batch: torch.Tensor) -> Tokens:
-        """The last feature map before pooling, one token per position: ``(B, H*W, channels)``, none padding."""
-        return Tokens.full(self.net[:-2](self._augmented(batch)).flatten(2).transpose(1, 2))
+        """The last feature map before pooling, one token per position: ``(B, H*W, channels)``, none padding.
+
+        ``token_grid: N`` averages the map down to N×N positions first: an attending fusion's cost grows
+        with the square of its tokens, and a 64 px image's 8×8 map is 64 of them for each question.
+        """
+        grid = self.net[:-2](self._augmented(batch))
+        if self.token_grid and grid.shape[-1] > self.token_grid:
+            grid = nn.functional.adaptive_avg_pool2d(grid, self.token_grid)
+        return Tokens.full(grid.flatten(2).transpose(1, 2))
 
     def config(self) -> dict[str, Any]:
         return {"channels": self.channels, "augment": self.augment, "shift": self.shift, "rotate": self.rotate,
-                "scale": self.scale, "flip": self.flip}
+                "scale": self.scale, "flip": self.flip, "token_grid": self.token_grid}
