@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mmops_plugins.tasks.captioning import BOS, EOS, PAD, CaptioningTask, generate, normalize
 
 from mmops.core.interfaces import Tokens
 from mmops.core.model import MultimodalModel, build_input_encoder
-from mmops_plugins.tasks.captioning import BOS, EOS, PAD, CaptioningTask, generate, normalize
 
 CAPTIONS = ["a red circle", "a blue square", "a small red square", "a blue circle", "red"]
 
@@ -175,3 +175,10 @@ def test_a_caption_model_learns_two_images_and_round_trips(tmp_path):
     with torch.no_grad():
         again = loaded.task.scores(loaded({"image": batch}).with_options(num_beams=1))
     assert loaded.task.captions(again.numpy()) == ["a red square", "a blue circle"]
+
+
+def test_captioning_passes_the_task_conformance_run():
+    from mmops.core.conformance import check_plugin
+
+    checks = check_plugin("captioning", "task")
+    assert all(c.passed for c in checks), [f"{c.name}: {c.detail}" for c in checks if not c.passed]

@@ -493,16 +493,27 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
     def loss() -> str | None:
         task = state["task"]
         torch.manual_seed(0)
-        head = task.head(8, 16, 0.0)
-        features = torch.randn(len(state["stored"]), 8, requires_grad=True)
-        outputs = head(features)
+        rows = len(state["stored"])
+        if cls.combines_inputs:  # its own network takes the inputs by name: token sequences if it asks
+            head = task.network({"input": 8}, 16, 0.0)
+            features = torch.randn(rows, 3, 8, requires_grad=True) if cls.needs_sequences else \
+                torch.randn(rows, 8, requires_grad=True)
+            outputs = head({"input": Tokens.full(features) if cls.needs_sequences else features})
+        else:
+            head = task.head(8, 16, 0.0)
+            features = torch.randn(rows, 8, requires_grad=True)
+            outputs = head(features)
         value = task.loss(outputs, task.targets(state["stored"]))
         if value.dim() != 0 or not torch.isfinite(value):
             raise AssertionError(f"loss must be a finite scalar, got {value}")
         value.backward()
         if features.grad is None or not torch.isfinite(features.grad).all() or features.grad.abs().sum() == 0:
             raise AssertionError("the loss does not send gradients back to the fused vector")
-        state["outputs"] = outputs.detach()
+        if cls.combines_inputs:  # outputs may hold the network itself (a decoder): run it again without grad
+            with torch.no_grad():
+                state["outputs"] = head({"input": Tokens.full(features) if cls.needs_sequences else features})
+        else:
+            state["outputs"] = outputs.detach()
         return None
 
     def judged() -> str | None:
