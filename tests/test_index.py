@@ -34,6 +34,8 @@ def test_hnsw_above_the_threshold_agrees_with_exact_search(tmp_path):
     for f in found:  # cosine scores, best first
         scores = [s for _, s in f]
         assert scores == sorted(scores, reverse=True) and scores[-1] >= -1.001 and scores[0] <= 1.001
+    one = index.search(queries[0], 10)  # a single query (what /search sends) answers like a batch of one
+    assert [i for i, _ in one[0]] == [i for i, _ in found[0]]
     loaded = VectorIndex.load(index.save(tmp_path / "hnsw"))
     assert loaded.kind == "hnsw" and loaded.items[7] == {"id": "7"}
     assert [i for i, _ in loaded.search(queries[:3], 5)[0]] == [i for i, _ in found[0][:5]]

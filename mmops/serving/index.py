@@ -58,6 +58,8 @@ class VectorIndex:
         if self.kind == "exact" or k == 0:
             return exact_search(self.vectors, queries, k)
         found = self._hnsw.search(queries, k)
+        if not hasattr(found, "counts"):  # usearch answers one query with a flat Matches, not BatchMatches
+            return [[(int(key), float(1.0 - d)) for key, d in zip(found.keys, found.distances, strict=True)]]
         keys, distances = np.atleast_2d(found.keys), np.atleast_2d(found.distances)
         counts = np.atleast_1d(found.counts)
         return [[(int(key), float(1.0 - d)) for key, d in zip(keys[i, : counts[i]], distances[i, : counts[i]],
