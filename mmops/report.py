@@ -272,6 +272,10 @@ def _load_values(prepared: Path, name: str, modality: str) -> Any:
     if modality in ("image", "audio"):
         path = prepared / f"{name}.npy"
         return np.load(path, mmap_mode="r") if path.exists() else None
+    if modality == "vectors":  # ragged feature sequences
+        from mmops.data.featurize import load_values
+
+        return load_values(prepared, name, modality) if (prepared / f"{name}.offsets.npy").exists() else None
     return _json(prepared / f"{name}.json", None)
 
 
@@ -295,6 +299,12 @@ def _input_cell(values: Any, spec: dict, idx: int) -> str:
                 draw.line([(x, mid - chunk.max() / peak * 15), (x, mid - chunk.min() / peak * 15)], fill=(40, 90, 160))
         rms = float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
         return _png(img, "waveform") + f"<div class=small>{len(samples)} samples, RMS {rms:.3g}</div>"
+    if modality == "vectors":  # features (rows) over time (columns), each feature standardised over its frames
+        frames = np.asarray(values[idx], dtype=np.float32)
+        z = (frames - frames.mean(0)) / (frames.std(0) + 1e-6)
+        img = Image.fromarray(np.clip(z.T * 40 + 128, 0, 255).astype(np.uint8)).resize((THUMB, 32), Image.NEAREST)
+        shape = f"{len(frames)} frames × {frames.shape[1]} features"
+        return _png(img, "feature sequence") + f"<div class=small>{shape}</div>"
     value = values[idx]
     if modality == "text":
         return f'<div class="text">{_fmt(value)}</div>'

@@ -62,6 +62,10 @@ def test_encoder_conformance(name):
     _assert_passes(name)
 
 
+def test_seq_features_lstm_conformance():
+    _assert_passes("seq_features", {"architecture": "lstm", "width": 16})
+
+
 def test_hf_image_conformance_on_a_tiny_vit(tiny_vit):
     _assert_passes("hf_image", {"checkpoint": tiny_vit})
     _assert_passes("hf_image", {"checkpoint": tiny_vit, "frozen": False, "pooling": "cls"})

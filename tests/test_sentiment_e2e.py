@@ -46,6 +46,8 @@ def test_sentiment_template_from_mmsa_file_to_served_scores(tmp_path: Path) -> N
     best = json.loads((root / "metrics" / "best.json").read_text())
     for metric in ("mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc5", "acc7"):
         assert metric in best["test"], best["test"]
+    report = Path(re.search(r"report: (\S+\.html)", run.stdout).group(1)).read_text()
+    assert "frames × 5 features" in report  # the mistakes show each utterance's sequences (audio: 5 features)
     bento = re.search(r"bento: (\S+)", run.stdout).group(1)
 
     manifest = pd.read_csv(root / "data" / "raw" / "manifest.csv")

@@ -68,6 +68,8 @@ def needs_sequences(params: Params) -> bool:
         return task.needs_sequences
     found = False
     for candidate in params.all_candidates():
+        if candidate.fusion is None:  # one input: no fusion, it reads vectors
+            continue
         try:
             found = found or get_fusion(candidate.fusion).needs_sequences
         except PluginError as exc:  # reported where the candidate trains; it must not stop the others' features
