@@ -109,6 +109,19 @@ def test_lengths_keys_win_and_zero_padding_is_trimmed_without_them(tmp_path: Pat
         assert np.load(raw / row.vision).shape[0] == np.load(raw / row.text).shape[0] - 1
 
 
+def test_files_written_by_numpy_1_with_protocol_2_load(tmp_path: Path):
+    """MMSA's files predate NumPy 2: their arrays name numpy.core (not numpy._core), and Python 3 writes an
+    array's bytes into a protocol 2 pickle through _codecs.encode. Both are allowed, and nothing else."""
+    data = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.array(["x"], dtype=object),
+            "f": np.float32(2.5), "l": [1, "two", 3.0]}
+    old = pickle.dumps(data, protocol=2).replace(b"cnumpy._core.", b"cnumpy.core.")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in old and b"c_codecs\nencode" in old
+    (tmp_path / "old.pkl").write_bytes(old)
+    loaded = load_plain_pickle(tmp_path / "old.pkl")
+    np.testing.assert_array_equal(loaded["a"], data["a"])
+    assert loaded["s"].tolist() == ["x"] and loaded["f"] == 2.5 and loaded["l"] == [1, "two", 3.0]
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))

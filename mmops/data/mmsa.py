@@ -44,13 +44,14 @@ SPLITS = {"train": "train", "valid": "val", "test": "test"}
 MODALITIES = ("text", "audio", "vision")
 FIX = "use the unmodified .pkl from MMSA's published feature files (see the sentiment template's README)"
 # The only globals an MMSA pickle references: NumPy's array, dtype and scalar reconstructors (module
-# numpy.core in files written by NumPy 1.x, numpy._core by 2.x).
+# numpy.core in files written by NumPy 1.x, numpy._core by 2.x), and _codecs.encode, with which Python 3
+# writes bytes (an array's buffer) into a protocol 2 pickle: it turns a string into bytes, nothing more.
 _ALLOWED = {
     (module, name)
     for package in ("numpy.core", "numpy._core")
     for module, name in ((f"{package}.multiarray", "_reconstruct"), (f"{package}.multiarray", "scalar"),
                          (f"{package}.numeric", "_frombuffer"))
-} | {("numpy", "ndarray"), ("numpy", "dtype")}
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
 
 class UnsafePickleError(ValueError):
