@@ -16,8 +16,7 @@ import yaml
 from conftest import mmops, serve_bento
 
 from mmops.data.mmsa import write_synthetic
-
-pytestmark = pytest.mark.slow
+from mmops.serving.predictor import InputError, Limits, RowDecoder
 
 FIELDS = ("text", "audio", "vision")
 
@@ -28,6 +27,40 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+SPEC = {"inputs": {"audio": {"modality": "vectors", "kind": "vectors", "params": {"dim": 3, "max_length": 4}},
+                   "words": {"modality": "text"}}}
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ([[1, 2, 3, 4]], "frames of 4 features; this model takes 3"),
+    ([], "empty sequence"),
+    ([[1, 2, 3]] * 5, "5 frames, over this model's max_length 4"),
+    ([[1, 2, 3], [1, 2]], "frames of unequal widths [2, 3]"),
+    ([[1, True, 3]], "each a list of 3 numbers"),
+    ("[[1, 2, 3], [4, 5", "is not valid JSON"),
+    (np.array([[1.0, np.inf, 0.0]]), "NaN or infinity (frame 0, feature 1)"),
+    (_npy(np.zeros((2, 3, 1))), "has shape (2, 3, 1)"),
+    (_npy(np.array([["a", "b", "c"]], dtype=object)), "cannot be read as a .npy array"),  # never unpickled
+    (b"\x93NUMPY garbage", "cannot be read as a .npy array"),
+])
+def test_the_service_decoder_refuses_bad_sequences_naming_the_field(value, words):
+    decoder = RowDecoder(SPEC, Limits(SPEC))
+    with pytest.raises(InputError, match=r"^audio: ") as caught:
+        decoder.validate({"audio": value, "words": "fine"})
+    assert words in str(caught.value)
+
+
+def test_the_service_decoder_takes_json_lists_json_text_and_npy_alike():
+    decoder = RowDecoder(SPEC, Limits(SPEC))
+    frames = [[0.5, 1, -2], [3, 4, 5]]
+    expected = np.array(frames, np.float32)
+    for value in (frames, json.dumps(frames), _npy(expected), io.BytesIO(_npy(expected.astype(np.float64)))):
+        out = decoder.validate({"audio": value, "words": "fine"})["audio"]
+        assert out.dtype == np.float32 and np.array_equal(out, expected)
+    assert Limits(SPEC).vector_bytes == 8 * 3 * 4 + 4096  # a .npy of max_length float64 frames, and its header
+
+
+@pytest.mark.slow
 def test_sentiment_template_from_mmsa_file_to_served_scores(tmp_path: Path) -> None:
     root = tmp_path / "proj"
     mmops(tmp_path, "init", str(root), "--template", "sentiment")

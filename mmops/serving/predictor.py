@@ -335,7 +335,7 @@ class RowDecoder:
             raise InputError(extra[0], f"is not an input of this model; it takes {sorted(self.inputs)}")
         out: dict[str, Any] = {}
         for name, columns in self.columns.items():
-            given = [c for c in columns if record.get(c) not in (None, "")]
+            given = [c for c in columns if not _absent(record.get(c))]
             if not given and name in self.optional:
                 out[name] = None  # the model's learned "missing" embedding stands in
                 continue
@@ -348,6 +348,11 @@ class RowDecoder:
             values = [self._decode(c, record[c]) if c in given else float("nan") for c in columns]
             out[name] = values if self.kinds[name] in ("number", "category") else values[0]
         return out
+
+
+def _absent(value: Any) -> bool:
+    """None or an empty string (not ``value in (None, "")``, which compares an array element-wise)."""
+    return value is None or (isinstance(value, str) and value == "")
 
 
 class Predictor:
