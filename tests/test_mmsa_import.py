@@ -156,6 +156,22 @@ def test_a_plain_pickle_of_another_structure_is_refused_by_name(tmp_path: Path, 
         import_mmsa(path, tmp_path / "raw")
 
 
+def test_the_transcript_feeds_a_text_input_next_to_feature_sequences(mmsa_file: Path, tmp_path: Path):
+    raw = tmp_path / "data" / "raw"
+    import_mmsa(mmsa_file, raw)
+    params = Params.model_validate({
+        "data": {"source": "mmsa"},
+        "inputs": {"raw_text": {"modality": "text", "encoder": "bow_text"},
+                   "audio": {"modality": "vectors", "encoder": "mean_features"}},
+        "target": {"column": "label", "type": "sentiment"},
+        "candidates": [{"name": "concat", "fusion": "concat"}],
+    })
+    summary = prepare(raw, tmp_path / "prepared", params, tmp_path / "appended")
+    assert summary["kept"] == 20 and summary["quarantined"] == 0
+    texts = load_values(tmp_path / "prepared", "raw_text", "text")
+    assert sorted(texts) == sorted(f"utterance {i}" for i in [*range(12), *range(100, 104), *range(200, 204)])
+
+
 def _params(**data) -> Params:
     return Params.model_validate({
         "data": {"source": "mmsa", **data},
