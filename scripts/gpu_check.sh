@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of the served bento, for a host with an NVIDIA GPU and a CUDA build of torch in .venv.
+# The one check to run where a GPU is lent (an NVIDIA GPU and a CUDA build of torch in .venv); under
+# 10 minutes. Writes bench/results/gpu.json (or $GPU_JSON).
 #
 #   scripts/gpu_check.sh [PROJECT_DIR] [--cpu]
 #
-# Installs nothing and touches no network (pip and the Hugging Face hub are switched offline). It
-# serves the project's latest bento (or, without one, an untrained model of the project's
+# Installs nothing and touches no network (pip and the Hugging Face hub are switched offline).
+# 1. Training and featurize (bench/gpu_train.py): one epoch of the same candidate on the CPU (fp32) and
+#    on CUDA (fp32, bf16), and MiniLM featurize throughput on both.
+# 2. The service: it serves the project's latest bento (or, without one, an untrained model of the project's
 # architecture) with MMOPS_GPU=1 on 127.0.0.1, checks through /model that every model parameter is
 # on CUDA, then sends /predict_batch requests of 1, 8 and 32 easy-VQA rows, one at a time for
 # CHECK_SECONDS (default 10) each, and prints p50/p99 latency and rows/s for each batch size.
@@ -19,7 +22,7 @@ DEVICE=cuda
 for arg in "$@"; do
   case "$arg" in
     --cpu) DEVICE=cpu ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) PROJECT="$(cd "$arg" && pwd)" ;;
   esac
 done
@@ -28,6 +31,13 @@ export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 BENTOML_DO_NOT_TRA
 export MMOPS_DEVICE="$DEVICE" MMOPS_REPO="$REPO" SECONDS_PER_BATCH="${CHECK_SECONDS:-10}"
 if [[ "$DEVICE" == cuda ]]; then export MMOPS_GPU=1; fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [[ "$DEVICE" == cpu ]]; then
+  export GPU_JSON="${GPU_JSON:-$(mktemp -d)/gpu.json}"  # a dry run never overwrites the GPU figures
+  "$PY" "$REPO/bench/gpu_train.py" --cpu --limit "${CHECK_LIMIT:-1000}" --out "$GPU_JSON"
+else
+  export GPU_JSON="${GPU_JSON:-$REPO/bench/results/gpu.json}"
+  "$PY" "$REPO/bench/gpu_train.py" --limit "${CHECK_LIMIT:-4000}" --out "$GPU_JSON"
+fi
 
 exec "$PY" - "$PROJECT" "$DEVICE" <<'PYEOF'
 import base64, json, os, statistics, sys, tempfile, time
@@ -75,6 +85,8 @@ try:
     items = [{"image": base64.b64encode(img).decode(), "question": q} for img, q in rows]
     seconds = float(os.environ["SECONDS_PER_BATCH"])
     print(f"{'batch':>5} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'rows/s':>8}")
+    service = {"bento": bento, "device": info["device"], "parameter_devices": info["parameter_devices"],
+               "autocast": info["autocast"], "batches": {}}
     with httpx.Client(timeout=60) as http:
         for batch in (1, 8, 32):
             for _ in range(3):  # warm-up: CUDA kernels, the text-feature cache
@@ -95,6 +107,14 @@ try:
             p50 = latencies[len(latencies) // 2] * 1000
             p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
             print(f"{batch:>5} {len(latencies):>8} {p50:>8.1f} {p99:>8.1f} {len(latencies) * batch / elapsed:>8.1f}")
+            service["batches"][str(batch)] = {"requests": len(latencies), "p50_ms": round(p50, 1),
+                                              "p99_ms": round(p99, 1),
+                                              "rows_per_s": round(len(latencies) * batch / elapsed, 1)}
+    out = Path(os.environ["GPU_JSON"])
+    figures = json.loads(out.read_text()) if out.is_file() else {}
+    figures["service"] = {**service, "failed": failed}
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"figures written to {out}")
 finally:
     bench.stop(proc)
     if scratch is not None:
