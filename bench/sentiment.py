@@ -1,7 +1,7 @@
 """Each single modality against four fusions on the SYNTHETIC MMSA-layout sentiment set; a table of
 MMSA's metrics on its test split.
 
-    .venv/bin/python bench/sentiment.py                    # the README table (400/100/100 rows, 2 seeds)
+    .venv/bin/python bench/sentiment.py                    # the README table (400/100/100 rows, 3 seeds)
     .venv/bin/python bench/sentiment.py --rows 120 30 30 --seeds 1 --epochs 3 --out /tmp/sent   # a quick check
 
 The data is :func:`mmops.data.mmsa.synthetic_mmsa`: the text frames carry the intensity and a weak
@@ -99,7 +99,7 @@ def markdown(table: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs=3, default=[400, 100, 100], metavar=("TRAIN", "VALID", "TEST"))
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS)
