@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--expansion", type=int, nargs="+", default=[128, 256, 512, 1024, 2048],
+                        help="HNSW search beams to measure (the served one is index.EXPANSION_SEARCH)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.json")
     args = parser.parse_args()
     vectors, queries = unit(args.n, args.dim, 0), unit(args.queries, args.dim, 1)
@@ -54,9 +56,17 @@ def main() -> None:
     exact = VectorIndex(vectors, items, exact_below=args.n + 1)
 
     exact_ms, truth = per_query_ms(exact.search, queries, args.k)
-    hnsw_ms, found = per_query_ms(hnsw.search, queries, args.k)
-    recall = float(np.mean([len({i for i, _ in f} & {i for i, _ in t}) / args.k
-                            for f, t in zip(found, truth, strict=True)]))
+    frontier = []  # the search beam trades latency for recall on one built graph
+    for ef in args.expansion:
+        hnsw._hnsw.expansion_search = ef
+        ms, found = per_query_ms(hnsw.search, queries, args.k)
+        recall = float(np.mean([len({i for i, _ in f} & {i for i, _ in t}) / args.k
+                                for f, t in zip(found, truth, strict=True)]))
+        frontier.append({"expansion_search": ef, "recall_at_10": round(recall, 4), "ms_per_query": round(ms, 3),
+                         "speedup": round(exact_ms / ms, 1)})
+        print(frontier[-1], flush=True)
+    served = next((f for f in frontier if f["expansion_search"] == EXPANSION_SEARCH), frontier[0])
+    recall, hnsw_ms = served["recall_at_10"], served["ms_per_query"]
     batch_started = time.perf_counter()
     exact_search(vectors, queries, args.k)
     exact_batch_ms = 1000 * (time.perf_counter() - batch_started) / len(queries)
@@ -72,6 +82,8 @@ def main() -> None:
         "exact_ms_per_query": round(exact_ms, 3),
         "hnsw_ms_per_query": round(hnsw_ms, 3),
         "speedup": round(exact_ms / hnsw_ms, 1),
+        "served_expansion_search": EXPANSION_SEARCH,
+        "frontier": frontier,
         "exact_batched_ms_per_query": round(exact_batch_ms, 3),
         "memory_mb": {"vectors_float32": round(vectors.nbytes / 2**20, 1),
                       "hnsw_graph_file": round(graph_bytes / 2**20, 1)},

@@ -25,7 +25,7 @@ EXACT_BELOW = 20_000
 # 128-d unit vectors (the hardest case: no cluster structure), see bench/search.py.
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
-EXPANSION_SEARCH = 128
+EXPANSION_SEARCH = 1024
 
 
 class VectorIndex:
