@@ -68,7 +68,8 @@ def test_unknown_plugins_and_plugin_parameters_are_named_by_key(tmp_path):
     path = _typo_params(tmp_path)
     problems = plugin_problems(load_params(path))
     assert problems == [
-        "inputs.image.params.chanels: unknown parameter of encoder 'cnn_image'; known: channels",
+        "inputs.image.params.chanels: unknown parameter of encoder 'cnn_image'; "
+        "known: channels, augment, shift, rotate, scale, flip, token_grid",
         "candidates[1].params.rnak: unknown parameter of fusion 'low_rank_tensor'; known: hidden, rank, dropout",
         f"candidates[2].fusion: unknown fusion 'no_such_fusion'; known fusions: {', '.join(sorted(discover('fusion')))}"
         " (see `mmops plugins list`)",
