@@ -21,7 +21,10 @@ FUSIONS = ["early_concat", "concat", "product", "weighted_sum", "attention", "cr
 def test_every_fusion_learns_xor(name):
     torch.set_num_threads(1)
     check = learns_xor(name)
-    assert check.passed, check.detail
+    if name == "late":  # a learned average of per-input predictions: no interaction, by construction
+        assert not check.passed, check.detail
+    else:
+        assert check.passed, check.detail
 
 
 @pytest.mark.parametrize("name", ["low_rank_tensor"])
