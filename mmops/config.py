@@ -42,6 +42,9 @@ class DataConfig(_Strict):
     sample_rate: int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
     audio_seconds: float = Field(1.0, gt=0, le=60, description="audio is padded or cut to this length")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    zero_shot_pairs: Literal["default", "none"] = Field(
+        "default", description="easy-vqa --as captions: 'default' puts every image of four colour-shape pairs in "
+        "test (compositional zero-shot, for CLIP); 'none' holds none out, so every test pair is seen in train")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="carved when the manifest has no split column")
     chunk_rows: int = Field(50_000, ge=100, description="manifest rows read at a time: bounds prepare's memory")
     group_column: str | None = Field(

@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mmops.data.easyvqa import CAPTION_TEMPLATES, HOLDOUT_PAIRS, image_attributes, import_easy_vqa_captions
+from mmops.data.easyvqa import (
+    CAPTION_TEMPLATES,
+    HOLDOUT_PAIRS,
+    ZERO_SHOT_PAIRS,
+    image_attributes,
+    import_easy_vqa_captions,
+)
 
 
 def test_attributes_come_from_answers_yes_no_and_negations():
@@ -44,6 +50,35 @@ def test_captions_manifest_groups_splits_by_image_and_holds_out_pairs(tmp_path):
         assert (trained["colour"] == colour).any() and (trained["shape"] == shape).any()
     assert df.drop_duplicates("image_id").groupby("split").size().max() <= 150
     assert (tmp_path / df["image"].iloc[0]).is_file()
+
+
+def test_no_zero_shot_pairs_keeps_package_splits_by_image(tmp_path):
+    """Captioning's split: nothing held out, so every test pair can have been learnt in train."""
+    df = pd.read_csv(import_easy_vqa_captions(tmp_path, limit=150, holdout=ZERO_SHOT_PAIRS["none"]))
+    assert not df["zero_shot"].any()
+    assert (df.groupby("image_id")["split"].nunique() == 1).all()  # still split by image
+    source = df["image_id"].str.split("/").str[0]
+    assert (df.loc[source == "test", "split"] == "test").all() and (df.loc[source == "train", "split"] != "test").all()
+    held = {f"{c} {s}" for c, s in HOLDOUT_PAIRS}
+    assert set(df.loc[df["split"] == "train", "label"]) & held  # the CLIP hold-out pairs now train too
+    assert set(df.loc[df["split"] == "test", "label"]) <= set(df.loc[df["split"] == "train", "label"])
+
+
+def test_cli_zero_shot_pairs_option_and_params_default(tmp_path):
+    from mmops.cli.main import app
+    from mmops.scaffold import init_project
+
+    init_project(tmp_path / "p", "captioning", git=False)  # its params say zero_shot_pairs: none
+    runner = CliRunner()
+    project = ["--limit", "30", "-p", str(tmp_path / "p")]
+    bad = runner.invoke(app, ["data", "import", "easy-vqa", "--zero-shot-pairs", "some", *project])
+    assert bad.exit_code == 2 and "none" in bad.output
+    manifest = tmp_path / "p" / "data" / "raw" / "manifest.csv"
+    assert runner.invoke(app, ["data", "import", *project]).exit_code == 0
+    assert not pd.read_csv(manifest)["zero_shot"].any()
+    ok = runner.invoke(app, ["data", "import", "easy-vqa", "--zero-shot-pairs", "default", *project])
+    assert ok.exit_code == 0, ok.output
+    assert pd.read_csv(manifest)["zero_shot"].any()
 
 
 def test_cli_imports_captions_and_refuses_unknown_layouts(tmp_path):

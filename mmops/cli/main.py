@@ -111,6 +111,10 @@ def data_import(
     as_: Annotated[str | None, typer.Option("--as", help="easy-vqa, imagefolder: 'captions' writes one row per "
                                             "image-caption pair (contrastive retrieval, captioning); imagefolder "
                                             "reads captions from <stem>.txt sidecars")] = None,
+    zero_shot_pairs: Annotated[str | None, typer.Option(
+        "--zero-shot-pairs", help="easy-vqa --as captions: 'default' puts every image of four colour-shape "
+        "pairs in test (CLIP's zero-shot split); 'none' holds none out (default: params "
+        "data.zero_shot_pairs)")] = None,
 ) -> None:
     """Write the manifest (one row per example) and its files under data/raw/."""
     from mmops.config import SOURCES
@@ -139,10 +143,15 @@ def data_import(
         console.print(f"wrote {manifest.relative_to(project.root)}")
         return
     if source == "easy-vqa":
-        from mmops.data.easyvqa import import_easy_vqa, import_easy_vqa_captions
+        from mmops.data.easyvqa import ZERO_SHOT_PAIRS, import_easy_vqa, import_easy_vqa_captions
 
-        importer = import_easy_vqa_captions if as_ == "captions" else import_easy_vqa
-        manifest = importer(project.raw_dir, limit)
+        pairs_choice = zero_shot_pairs or params.data.zero_shot_pairs
+        if pairs_choice not in ZERO_SHOT_PAIRS:
+            raise _fail(f"--zero-shot-pairs {pairs_choice}: choose one of {', '.join(ZERO_SHOT_PAIRS)}", 2)
+        if as_ == "captions":
+            manifest = import_easy_vqa_captions(project.raw_dir, limit, holdout=ZERO_SHOT_PAIRS[pairs_choice])
+        else:
+            manifest = import_easy_vqa(project.raw_dir, limit)
     elif path is None:
         raise _fail(f"{source}: where are the files? Pass --from PATH or set data.path in params.yaml", 2)
     else:

@@ -57,6 +57,9 @@ CAPTION_TEMPLATES = ("a {colour} {shape}", "a picture of a {colour} {shape}", "a
 #: Colour-shape pairs never seen in train or val: every colour and shape in them is seen in other pairs,
 #: so the test split measures compositional zero-shot ("a red circle" from "red" and "circle" seen apart).
 HOLDOUT_PAIRS = (("red", "circle"), ("blue", "triangle"), ("yellow", "rectangle"), ("teal", "circle"))
+#: ``zero_shot_pairs`` choices (params ``data.zero_shot_pairs``, ``--zero-shot-pairs``): the CLIP split holds
+#: HOLDOUT_PAIRS out; captioning holds none, so its test split asks only for pairs it can have learnt.
+ZERO_SHOT_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {"default": HOLDOUT_PAIRS, "none": ()}
 CAPTION_COLUMNS = ["image", "caption", "label", "split", "image_id", "colour", "shape", "zero_shot"]
 
 
@@ -99,7 +102,8 @@ def import_easy_vqa_captions(out_dir: Path, limit: int = 0, val_fraction: float 
     match, the contrastive target), ``split``, ``image_id`` (``<package split>/<id>``), ``colour``,
     ``shape`` and ``zero_shot`` (the pair is held out). Splits are by image, so no image has captions in
     two splits: the package's test images are test, ``val_fraction`` of its train images are val, and
-    every image of a ``holdout`` pair (from either package split) is test. ``limit`` keeps N images of
+    every image of a ``holdout`` pair (from either package split) is test (``holdout=()``, i.e.
+    ``ZERO_SHOT_PAIRS['none']``, keeps the package's split for every image). ``limit`` keeps N images of
     each split, drawn at random (seeded), so a small import still holds held-out pairs.
     """
     import easy_vqa
