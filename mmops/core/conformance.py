@@ -494,11 +494,12 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
         task = state["task"]
         torch.manual_seed(0)
         rows = len(state["stored"])
+        names = cls.example_inputs  # the inputs its network takes (a contrastive task's two towers)
         if cls.combines_inputs:  # its own network takes the inputs by name: token sequences if it asks
-            head = task.network({"input": 8}, 16, 0.0)
+            head = task.network(dict.fromkeys(names, 8), 16, 0.0)
             features = torch.randn(rows, 3, 8, requires_grad=True) if cls.needs_sequences else \
                 torch.randn(rows, 8, requires_grad=True)
-            outputs = head({"input": Tokens.full(features) if cls.needs_sequences else features})
+            outputs = head(dict.fromkeys(names, Tokens.full(features) if cls.needs_sequences else features))
         else:
             head = task.head(8, 16, 0.0)
             features = torch.randn(rows, 8, requires_grad=True)
@@ -511,7 +512,8 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
             raise AssertionError("the loss does not send gradients back to the fused vector")
         if cls.combines_inputs:  # outputs may hold the network itself (a decoder): run it again without grad
             with torch.no_grad():
-                state["outputs"] = head({"input": Tokens.full(features) if cls.needs_sequences else features})
+                given = Tokens.full(features) if cls.needs_sequences else features
+                state["outputs"] = head(dict.fromkeys(names, given))
         else:
             state["outputs"] = outputs.detach()
         return None

@@ -54,6 +54,9 @@ class Task(abc.ABC):
     #: With :attr:`combines_inputs`: whether :meth:`network` takes token sequences (:class:`Tokens`,
     #: cached for frozen encoders like an attending fusion's) rather than one vector per input.
     needs_sequences: ClassVar[bool] = False
+    #: With :attr:`combines_inputs`: the input names ``mmops plugins check`` hands :meth:`network`
+    #: (one random feature tensor under each name).
+    example_inputs: ClassVar[tuple[str, ...]] = ("input",)
 
     def __init__(self, labels: Sequence[str] = ()) -> None:
         self.labels = list(labels)

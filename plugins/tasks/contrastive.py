@@ -115,6 +115,7 @@ class ContrastiveTask(Task):
     }
     example_targets: ClassVar[tuple[str, ...]] = ("red circle", "blue box", "red circle", "green star", "blue box")
     combines_inputs = True
+    example_inputs: ClassVar[tuple[str, ...]] = ("image", "caption")  # the default towers' names
 
     def __init__(self, labels: Sequence[str] = (), image_input: str = "image", text_input: str = "caption",
                  width: int = 128, templates: Sequence[str] = ("a photo of a {}",)) -> None:
