@@ -168,14 +168,18 @@ def main() -> int:
     parser.add_argument("--two-stage", default="",
                         help="comma-separated attending fusions also trained on the CNN that `concat` trained "
                              "(frozen, its tokens cached), as VisualBERT reads a pre-trained detector's regions")
+    parser.add_argument("--cnn-from", type=Path,
+                        help="a saved concat model whose CNN the two-stage rows use (instead of training concat here)")
+    parser.add_argument("--two-stage-epochs", type=int, default=0,
+                        help="epochs of the two-stage rows (0: --epochs); say so wherever the row is quoted")
     parser.add_argument("--append", action="store_true",
                         help="keep rows of other candidates already in OUT/fusions.json (complete a table in parts)")
     args = parser.parse_args()
     two_stage = [f for f in args.two_stage.split(",") if f]
-    unknown = [f for f in [*args.fusions.split(","), *two_stage] if f not in FUSIONS]
+    unknown = [f for f in [*args.fusions.split(","), *two_stage] if f and f not in FUSIONS]
     if unknown:
         parser.error(f"unknown fusions {unknown}; choose from {list(FUSIONS)}")
-    if two_stage and "concat" not in args.fusions.split(","):
+    if two_stage and not args.cnn_from and "concat" not in args.fusions.split(","):
         parser.error("--two-stage reuses the CNN that `concat` trains: include concat in --fusions")
     if not args.append and (args.out / "fusions.json").is_file():
         (args.out / "fusions.json").unlink()
@@ -186,18 +190,23 @@ def main() -> int:
         work = Path(tmp)
         import_easy_vqa(work / "raw", args.limit)
         # concat first: the two-stage rows start from its CNN.
-        names = sorted(args.fusions.split(","), key=lambda f: f != "concat")
+        names = sorted([f for f in args.fusions.split(",") if f], key=lambda f: f != "concat")
         candidates = [{"name": f, "fusion": f, "params": FUSIONS[f]} for f in names]
         main_params = load_params(REPO / "params.yaml", args, candidates)
         if two_stage:
-            run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates[:1]}, args.out)
-            staged = load_params(REPO / "params.yaml", args, [{"name": f, "fusion": f, "params": FUSIONS[f]}
+            cnn = args.cnn_from
+            if cnn is None:
+                run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates[:1]}, args.out)
+                cnn, candidates = work / "fusions" / "models" / "concat", candidates[1:]
+            train = {"train": {"epochs": args.two_stage_epochs, "patience": args.two_stage_epochs}} \
+                if args.two_stage_epochs else {}
+            staged = load_params(REPO / "params.yaml", args, [{"name": f, "fusion": f, "params": FUSIONS[f], **train}
                                                                for f in two_stage])
             for spec in staged["inputs"].values():
                 if spec["encoder"] == "cnn_image":
-                    spec.update(init_from=str(work / "fusions" / "models" / "concat"), freeze=True)
-            run_project(work / "two-stage", work / "raw", staged, args.out, label="+cnn(concat)")
-            candidates = candidates[1:]
+                    spec.update(init_from=str(cnn.resolve()), freeze=True)
+            label = "+cnn(concat)" + (f", {args.two_stage_epochs} epochs" if args.two_stage_epochs else "")
+            run_project(work / "two-stage", work / "raw", staged, args.out, label=label)
         if candidates:
             run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates}, args.out)
         if not args.no_classic:
