@@ -70,7 +70,8 @@ def test_unknown_plugins_and_plugin_parameters_are_named_by_key(tmp_path):
     assert problems == [
         "inputs.image.params.chanels: unknown parameter of encoder 'cnn_image'; "
         "known: channels, augment, shift, rotate, scale, flip, token_grid",
-        "candidates[1].params.rnak: unknown parameter of fusion 'low_rank_tensor'; known: hidden, rank, dropout",
+        "candidates[1].params.rnak: unknown parameter of fusion 'low_rank_tensor'; known: hidden, rank, dropout, "
+        "normalize",
         f"candidates[2].fusion: unknown fusion 'no_such_fusion'; known fusions: {', '.join(sorted(discover('fusion')))}"
         " (see `mmops plugins list`)",
         "sweep.params.rank: unknown parameter of fusion 'concat'; known: hidden, dropout",

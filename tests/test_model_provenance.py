@@ -57,13 +57,13 @@ def _load_quietly(path, **kwargs) -> MultimodalModel:
 def test_the_spec_records_resolved_parameters_and_providers(tmp_path):
     path, _, _ = _saved(tmp_path)
     spec = json.loads((path / SPEC_FILE).read_text())
-    assert spec["fusion"]["params"] == {"hidden": 8, "rank": 4, "dropout": 0.1}  # the defaults applied
+    assert spec["fusion"]["params"] == {"hidden": 8, "rank": 4, "dropout": 0.1, "normalize": True}  # defaults applied
     assert spec["inputs"]["image"]["params"] == {"size": 4, "grayscale": False}
     version = discover("fusion")["low_rank_tensor"].version
     assert spec["fusion"]["plugin"] == {"package": "mmops", "version": version}
     assert all(i["plugin"] == {"package": "mmops", "version": version} for i in spec["inputs"].values())
     fusion = MultimodalModel(json.loads(json.dumps(SPEC))).fusion
-    assert fusion.config() == {"hidden": 8, "rank": 4, "dropout": 0.1}
+    assert fusion.config() == {"hidden": 8, "rank": 4, "dropout": 0.1, "normalize": True}
     # A task in the plugin form records its provider too.
     with_task = {**json.loads(json.dumps(SPEC)), "task": {"name": "classification", "params": {}}}
     MultimodalModel(with_task).save(tmp_path / "t")
@@ -104,7 +104,9 @@ def test_an_artifact_saved_before_provenance_still_loads(tmp_path, monkeypatch):
     spec = json.loads((path / SPEC_FILE).read_text())
     for entry in [*spec["inputs"].values(), spec["fusion"]]:
         entry.pop("plugin")
-    spec["fusion"]["params"] = {"hidden": 8}  # only what the user typed, as older specs kept
+    # Only what the user typed, as older specs kept; ``normalize`` stays: these weights are today's (with the
+    # LayerNorms), and a spec without it is one saved before it existed (tests/test_saved_model_compat.py).
+    spec["fusion"]["params"] = {"hidden": 8, "normalize": True}
     (path / SPEC_FILE).write_text(json.dumps(spec))
     monkeypatch.setenv("MMOPS_PLUGIN_VERSION_MISMATCH", "error")
     with torch.no_grad():

@@ -142,6 +142,9 @@ class Encoder(nn.Module, abc.ABC):
     modality: ClassVar[str]
     frozen: bool = False
     output_dim: int
+    # Values of parameters added after models were saved that give those models their old behaviour:
+    # :meth:`MultimodalModel.load` fills a saved spec's missing keys from them (docs/plugins.md).
+    saved_before: ClassVar[Mapping[str, Any]] = {}
 
     def train(self, mode: bool = True) -> Encoder:
         # A frozen encoder never enters training mode (no dropout, fixed batch-norm statistics):
@@ -211,6 +214,8 @@ class Fusion(nn.Module, abc.ABC):
     output_dim: int
     needs_sequences: ClassVar[bool] = False
     produces_logits: ClassVar[bool] = False
+    # As for encoders: the old-behaviour values of parameters added after models were saved.
+    saved_before: ClassVar[Mapping[str, Any]] = {}
 
     # Arguments mmops supplies itself (input sizes, class count): not part of a fusion's config.
     SUPPLIED: ClassVar[frozenset[str]] = frozenset({"dims", "num_classes"})

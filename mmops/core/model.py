@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmops.core.interfaces import Encoder, Fusion, Tokens, as_tokens
-from mmops.core.plugin_registry import discover, get_encoder, get_fusion
+from mmops.core.plugin_registry import PluginError, discover, get_encoder, get_fusion
 from mmops.core.provenance import check_provenance, record_provenance
 from mmops.core.tasks import Task, task_from_spec
 
@@ -297,6 +297,7 @@ class MultimodalModel(nn.Module):
             for key, value in item["params"].items():
                 if isinstance(value, str) and value.startswith("@artifact/"):
                     item["params"][key] = str(directory / value.removeprefix("@artifact/"))
+        _fill_saved_before(spec)
         model = cls(spec)
         state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -316,6 +317,26 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out[key] = value
     return out
+
+
+def _fill_saved_before(spec: dict[str, Any]) -> None:
+    """Give a saved spec the values of parameters its plugins gained after it was saved.
+
+    ``save`` writes every parameter, so a key a saved spec lacks predates that parameter: it takes the
+    value the plugin declares in ``saved_before`` (the one that reproduces the old behaviour), never the
+    new default. A saved value always wins; an unknown plugin is left to the build to report.
+    """
+    def legacy(get: Callable[[str], type], name: str) -> dict[str, Any]:
+        try:
+            return dict(get(name).saved_before)
+        except PluginError:
+            return {}
+
+    for item in spec["inputs"].values():
+        item["params"] = {**legacy(get_encoder, item["encoder"]), **item["params"]}
+    fusion = spec.get("fusion") or {}
+    if fusion.get("name"):
+        fusion["params"] = {**legacy(get_fusion, fusion["name"]), **(fusion.get("params") or {})}
 
 
 def _defaults(cls: type) -> dict[str, Any]:

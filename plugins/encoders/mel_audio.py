@@ -23,7 +23,7 @@ pooling: mean`` (windows in samples: 25 ms at 16 kHz but 50 ms at 8 kHz).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -85,6 +85,12 @@ FEATURES = ("logmel", "mfcc")
 
 class MelAudioEncoder(Encoder):
     modality = "audio"
+    # Models saved before these parameters existed had no normalisation, no augmentation, log-mel features
+    # pooled by a plain mean; their n_fft, hop and channels (saved by then, old defaults for older specs).
+    saved_before: ClassVar[dict[str, Any]] = {
+        "normalize": "none", "augment": False, "pooling": "mean", "features": "logmel", "use_deltas": False,
+        "n_fft": 400, "hop": 160, "channels": [16, 32, 64],
+    }
 
     def __init__(
         self, sample_rate: int = 16000, seconds: float = 1.0, n_fft: int | None = None, hop: int | None = None,

@@ -13,6 +13,7 @@ modulated positions are averaged over its real tokens only: padding never enters
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,9 +23,12 @@ from mmops.core.interfaces import Fusion, Tokens
 
 class FiLMFusion(Fusion):
     needs_sequences = True
+    # Models saved before ``normalize`` existed have neither the LayerNorms nor the new init.
+    saved_before: ClassVar[dict[str, Any]] = {"normalize": False}
 
     def __init__(
-        self, dims: Mapping[str, int], hidden: int = 128, target: str | None = None, dropout: float = 0.1
+        self, dims: Mapping[str, int], hidden: int = 128, target: str | None = None, dropout: float = 0.1,
+        normalize: bool = True,
     ) -> None:
         super().__init__(dims)
         names = sorted(dims)
@@ -32,13 +36,18 @@ class FiLMFusion(Fusion):
         if target not in dims:
             raise ValueError(f"film: target '{target}' is not an input; inputs are {names}")
         self.target, self.conditions = target, [n for n in names if n != target]
-        self.features = nn.Sequential(nn.Linear(dims[target], hidden), nn.LayerNorm(hidden))
-        self.condition_norm = nn.LayerNorm(sum(dims[n] for n in self.conditions))
-        self.film = nn.Linear(sum(dims[n] for n in self.conditions), 2 * hidden)
-        # Small initial gamma and beta: FiLM starts near the identity on normalised features and the
-        # condition's influence grows with training instead of swamping the target's features at step 0.
-        nn.init.normal_(self.film.weight, std=0.01)
-        nn.init.zeros_(self.film.bias)
+        width = sum(dims[n] for n in self.conditions)
+        if normalize:
+            self.features = nn.Sequential(nn.Linear(dims[target], hidden), nn.LayerNorm(hidden))
+            self.condition_norm: nn.Module = nn.LayerNorm(width)
+        else:
+            self.features, self.condition_norm = nn.Linear(dims[target], hidden), nn.Identity()
+        self.film = nn.Linear(width, 2 * hidden)
+        if normalize:
+            # Small initial gamma and beta: FiLM starts near the identity on normalised features and the
+            # condition's influence grows with training instead of swamping the target's features at step 0.
+            nn.init.normal_(self.film.weight, std=0.01)
+            nn.init.zeros_(self.film.bias)
         self.dropout = nn.Dropout(dropout)
         self.output_dim = hidden
 

@@ -9,6 +9,7 @@ from all inputs decide, per unit and per example, how much each modality contrib
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,15 +18,21 @@ from mmops.core.interfaces import Fusion
 
 
 class GatedFusion(Fusion):
-    def __init__(self, dims: Mapping[str, int], hidden: int = 256, dropout: float = 0.1) -> None:
+    # Models saved before ``normalize`` existed have neither the LayerNorms nor the new init.
+    saved_before: ClassVar[dict[str, Any]] = {"normalize": False}
+
+    def __init__(
+        self, dims: Mapping[str, int], hidden: int = 256, dropout: float = 0.1, normalize: bool = True
+    ) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
         # Inputs arrive at their encoders' scales (a CNN's ReLU means, MiniLM's unit vectors): each is
         # normalised first, so neither the tanh nor the gates saturate on the loudest one.
-        self.norm = nn.ModuleDict({n: nn.LayerNorm(dims[n]) for n in self.names})
+        self.norm = nn.ModuleDict({n: nn.LayerNorm(dims[n]) if normalize else nn.Identity() for n in self.names})
         self.proj = nn.ModuleDict({n: nn.Linear(dims[n], hidden) for n in self.names})
         self.gates = nn.Linear(sum(dims.values()), hidden * len(self.names))
-        nn.init.zeros_(self.gates.bias)  # every modality starts half open (sigmoid 0.5): none is shut out
+        if normalize:
+            nn.init.zeros_(self.gates.bias)  # every modality starts half open (sigmoid 0.5): none is shut out
         self.dropout = nn.Dropout(dropout)
         self.hidden = hidden
         self.output_dim = hidden

@@ -9,6 +9,7 @@ small (the paper used 32 for text, less for the others).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,15 +18,22 @@ from mmops.core.interfaces import Fusion
 
 
 class TensorFusion(Fusion):
-    def __init__(self, dims: Mapping[str, int], hidden: int = 16, dropout: float = 0.1) -> None:
+    # Models saved before ``normalize`` existed have neither the LayerNorms nor the new init.
+    saved_before: ClassVar[dict[str, Any]] = {"normalize": False}
+
+    def __init__(
+        self, dims: Mapping[str, int], hidden: int = 16, dropout: float = 0.1, normalize: bool = True
+    ) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
-        self.proj = nn.ModuleDict({n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden), nn.ReLU())
-                                   for n in self.names})
+        self.proj = nn.ModuleDict({
+            n: nn.Sequential(nn.Linear(dims[n], hidden), *([nn.LayerNorm(hidden)] if normalize else []), nn.ReLU())
+            for n in self.names
+        })
         self.dropout = nn.Dropout(dropout)
         self.output_dim = (hidden + 1) ** len(self.names)
         # The outer product multiplies M projections: normalised, its scale no longer grows with M.
-        self.out_norm = nn.LayerNorm(self.output_dim)
+        self.out_norm = nn.LayerNorm(self.output_dim) if normalize else nn.Identity()
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.check_inputs(features)
