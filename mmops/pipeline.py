@@ -369,7 +369,9 @@ def seed_summary(results: list[dict]) -> tuple[dict[str, float], dict[str, float
     keys = [k for k in per_seed[0] if all(k in s for s in per_seed)]
     final = {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
     std = {k: float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for k in keys}
-    seeds = [{"seed": r["seed"], "best_epoch": r["best_epoch"], **s} for r, s in zip(results, per_seed, strict=True)]
+    # Per-seed rows only where there are several seeds: one run's figures are already ``final``.
+    seeds = [{"seed": r["seed"], "best_epoch": r["best_epoch"], **s}
+             for r, s in zip(results, per_seed, strict=True)] if len(results) > 1 else []
     return final, std, seeds
 
 

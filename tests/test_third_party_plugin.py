@@ -51,7 +51,8 @@ def test_listed_and_conformant(with_plugin: Path, tmp_path: Path):
     line = next(x for x in listing.splitlines() if " mlb " in x)
     assert "fusion" in line and "mmops-mlb 0.1.0" in line and "ok" in line
     check = mmops(tmp_path, "plugins", "check", "mlb", "--params", '{"rank": 16, "hidden": 8}')
-    assert "6 passed, 0 failed" in check.stdout
+    # The six contract checks, and the fusion learns a XOR of its two inputs (`mmops plugins check` asks it).
+    assert "7 passed, 0 failed" in check.stdout and "PASS learns a two-input function" in check.stdout
 
 
 def test_not_visible_without_the_install(tmp_path: Path):

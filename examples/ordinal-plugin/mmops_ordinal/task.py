@@ -68,8 +68,11 @@ class OrdinalTask(Task):
                 "error": np.abs(predicted - targets).astype(float)}
 
     def answers(self, scores: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
-        above = torch.cat([torch.ones(len(scores), 1), scores, torch.zeros(len(scores), 1)], dim=1)
-        probs = (above[:, :-1] - above[:, 1:]).clamp(min=0)  # P(level = k), from the cumulative answers
+        # The K-1 answers are separate sigmoids, so P(level > k) may rise with k: made non-increasing
+        # first, the differences are a distribution (non-negative, summing to 1).
+        cumulative = torch.cummin(scores, dim=1).values
+        above = torch.cat([torch.ones(len(scores), 1), cumulative, torch.zeros(len(scores), 1)], dim=1)
+        probs = above[:, :-1] - above[:, 1:]  # P(level = k)
         return [{"answer": self.levels[int(level)],
                  "top_k": [{"answer": self.levels[int(i)], "probability": round(float(p), 6)}
                            for p, i in zip(*row.topk(min(top_k, len(self.levels))), strict=True)]}
