@@ -172,6 +172,8 @@ def main() -> int:
                         help="a saved concat model whose CNN the two-stage rows use (instead of training concat here)")
     parser.add_argument("--two-stage-epochs", type=int, default=0,
                         help="epochs of the two-stage rows (0: --epochs); say so wherever the row is quoted")
+    parser.add_argument("--two-stage-lr", type=float, default=0.0,
+                        help="peak learning rate of the two-stage rows (0: params.yaml's); named in the row")
     parser.add_argument("--append", action="store_true",
                         help="keep rows of other candidates already in OUT/fusions.json (complete a table in parts)")
     args = parser.parse_args()
@@ -198,14 +200,16 @@ def main() -> int:
             if cnn is None:
                 run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates[:1]}, args.out)
                 cnn, candidates = work / "fusions" / "models" / "concat", candidates[1:]
-            train = {"train": {"epochs": args.two_stage_epochs, "patience": args.two_stage_epochs}} \
-                if args.two_stage_epochs else {}
+            train = {**({"epochs": args.two_stage_epochs, "patience": args.two_stage_epochs}
+                        if args.two_stage_epochs else {}), **({"lr": args.two_stage_lr} if args.two_stage_lr else {})}
+            train = {"train": train} if train else {}
             staged = load_params(REPO / "params.yaml", args, [{"name": f, "fusion": f, "params": FUSIONS[f], **train}
                                                                for f in two_stage])
             for spec in staged["inputs"].values():
                 if spec["encoder"] == "cnn_image":
                     spec.update(init_from=str(cnn.resolve()), freeze=True)
-            label = "+cnn(concat)" + (f", {args.two_stage_epochs} epochs" if args.two_stage_epochs else "")
+            label = "+cnn(concat)" + (f", {args.two_stage_epochs} epochs" if args.two_stage_epochs else "") \
+                + (f", lr {args.two_stage_lr:g}" if args.two_stage_lr else "")
             run_project(work / "two-stage", work / "raw", staged, args.out, label=label)
         if candidates:
             run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates}, args.out)
