@@ -65,7 +65,7 @@ def save_rows(rows: list[dict], out: Path) -> list[dict]:
     """Rows into ``out/fusions.json``, replacing earlier rows of the same candidate: one table can be
     completed by several runs (each row keeps its own date and commit)."""
     path = out / "fusions.json"
-    kept = [r for r in json.loads(path.read_text())] if path.is_file() else []
+    kept = json.loads(path.read_text()) if path.is_file() else []
     names = {r["candidate"] for r in rows}
     merged = [r for r in kept if r["candidate"] not in names] + rows
     out.mkdir(parents=True, exist_ok=True)
