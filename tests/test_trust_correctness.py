@@ -131,6 +131,23 @@ def test_changing_a_plugins_code_retrains_its_candidate_and_nothing_else(tmp_pat
     assert new_code["acme-fuse 1.0"] != code["acme-fuse 1.0"] and new_code["mmops 0.1.0"] == code["mmops 0.1.0"]
 
 
+def test_plugin_code_is_fingerprinted_after_dask_distributed_is_imported(tmp_path, acme, monkeypatch):
+    """Importing ``distributed`` (the Dask runner does, in the process that trains) puts the
+    ``importlib_metadata`` backport's finder on ``sys.meta_path``: entry points then carry the backport's
+    distribution objects, and the plugin's package must still be in the candidate's code fingerprint."""
+    import importlib
+    import sys
+
+    pytest.importorskip("distributed")
+    importlib.import_module("distributed")
+    finders = [f for f in sys.meta_path if hasattr(f, "find_distributions")]
+    assert any("importlib_metadata" in getattr(f, "__module__", "") for f in finders), finders  # the case tested
+    plugin_registry.discover.cache_clear()
+    project = write_params(tmp_path / "proj", [{"name": "acme", "fusion": "acme_concat"}])
+    [candidate] = project.params.all_candidates()
+    assert set(pipeline.candidate_code(project, candidate)) == {"acme-fuse 1.0", "mmops 0.1.0"}
+
+
 # ---------------------------------------------------------------- 2. deterministic selection
 
 

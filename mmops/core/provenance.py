@@ -99,9 +99,18 @@ def distribution_code_hash(dist: Distribution) -> str:
 
 
 def _distribution_of(kind: str, name: str) -> Distribution | None:
+    """The distribution behind a plugin's entry point.
+
+    Checked by what it offers, not by class: once a library has put the ``importlib_metadata`` backport's
+    finder on ``sys.meta_path`` (one of mmops' dependencies does, on import), entry points come with the
+    backport's ``PathDistribution``, which is not a subclass of the standard library's ``Distribution``,
+    and an ``isinstance`` test silently dropped the plugin's package from the code fingerprint.
+    """
     info = discover(kind).get(name) if kind in GROUPS else None
     dist = getattr(info.entry, "dist", None) if info is not None else None
-    return dist if isinstance(dist, Distribution) else None
+    if dist is None or not all(hasattr(dist, a) for a in ("metadata", "version", "read_text", "files")):
+        return None
+    return dist
 
 
 def plugin_provenance(kind: str, name: str) -> dict[str, str] | None:
