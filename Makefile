@@ -25,13 +25,20 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/mmops run
 
-## test: the whole suite in one process. TEST_WORKERS=2 runs it in two (pytest-xdist: tests grouped by
-## file, the shared trained project's tests on one worker): about 32 minutes instead of more than 45 on
-## 2 cores, but the service's latency-bound tests then share the cores with the other worker and their
-## bounds can fail on timing alone, so CI runs the default.
-TEST_WORKERS ?= 0
+## test: the whole suite on two cores: two pytest-xdist workers (tests grouped by file, the shared
+## trained project's tests on one worker), then the latency-bound tests (marked `exclusive`) alone, so
+## that no other test shares the cores with them. Both sessions use one trained project, kept in a
+## temporary folder for the length of the command. TEST_WORKERS=0: everything in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+ifeq ($(TEST_WORKERS),0)
+	$(BIN)/pytest
+else
+	@shared=$$(mktemp -d -t mmops-tests.XXXXXX); status=0; \
+	MMOPS_TEST_SHARED=$$shared $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not exclusive" || status=$$?; \
+	MMOPS_TEST_SHARED=$$shared $(BIN)/pytest -m exclusive || status=$$?; \
+	rm -rf $$shared; exit $$status
+endif
 
 ## test-fast: unit tests only (no training, no serving)
 test-fast: install

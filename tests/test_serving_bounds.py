@@ -526,26 +526,38 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     return int(head[0].split()[1]), headers
 
 
-async def _raw_clients(port: int, request: bytes, clients: int, seconds: float) -> list[tuple[int, float, str | None]]:
+async def _raw_clients(
+    port: int, request: bytes, clients: int, seconds: float, warmup: float = 0.0
+) -> list[tuple[int, float, str | None]]:
     """``clients`` keep-alive connections, each sending ``request`` again as soon as it is answered
-    (after Retry-After on a 503); (status, seconds, Retry-After) per request, status 0 for one lost."""
+    (after Retry-After on a 503); (status, seconds, Retry-After) per request, status 0 for one lost.
+
+    Clients connect at random moments within the first half second, as independent clients do, and
+    requests sent in the first ``warmup`` seconds are not returned: 32 requests written in the same
+    millisecond are read one after another by the front's event loop, so the last of that burst is
+    answered (refused, mostly) some 30-60 ms late on 2 cores; that is the burst, not the service.
+    """
     results: list[tuple[int, float, str | None]] = []
-    until = time.monotonic() + seconds
+    start = time.monotonic()
+    until = start + warmup + seconds
 
     async def client(seed: int) -> None:
         rng = random.Random(seed)
+        await asyncio.sleep(rng.uniform(0, 0.5) if clients > 1 else 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while time.monotonic() < until:
+                measured = time.monotonic() - start >= warmup
                 t0 = time.perf_counter()
                 writer.write(request)
                 try:
                     status, headers = await asyncio.wait_for(_response(reader), timeout=60)
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                    results.append((0, time.perf_counter() - t0, None))
+                    results.append((0, time.perf_counter() - t0, None))  # lost: counted even in the warm-up
                     headers, status = {"connection": "close"}, 0
                 else:
-                    results.append((status, time.perf_counter() - t0, headers.get("retry-after")))
+                    if measured:
+                        results.append((status, time.perf_counter() - t0, headers.get("retry-after")))
                 if headers.get("connection") == "close":
                     writer.close()
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -559,10 +571,13 @@ async def _raw_clients(port: int, request: bytes, clients: int, seconds: float) 
 
 
 @pytest.mark.slow
-# A timing bound on 2 shared cores: on a quiet machine the same code passed 1 of 3 runs (refused p95
-# 110-128 ms against a bound of 59-62 ms, while refused p50 stayed 1.5 ms) and the code before this
-# session's service changes passed its one run at 66 ms. Every assertion must hold in one run; up to
-# two reruns let scheduling noise pass, never a refusal that waits in the queue every time.
+@pytest.mark.exclusive
+# A timing bound on 2 cores, run alone by `make test` (marked exclusive). Its refusal tail (p95 60-128 ms
+# against bounds of 55-62 ms, p50 1.5 ms, in CI and on a quiet machine) had two causes, both outside the
+# admission queue: the 32 clients' first requests, all written at once and refused one after another
+# (the last ~50 ms late), and full garbage collections of the service processes' 300,000-500,000
+# start-up objects (350-880 ms each, measured under load), now frozen at start-up. Every assertion must
+# hold in one run; up to two reruns let scheduling noise pass, never a refusal that waits every time.
 @pytest.mark.flaky(reruns=2, only_rerun=["AssertionError"])
 def test_overload_gets_503_with_retry_after_and_a_bounded_p99(trained_project):
     """Well past capacity (32 clients against a queue of 4): the excess gets 503 + Retry-After at
@@ -577,7 +592,7 @@ def test_overload_gets_503_with_retry_after_and_a_bounded_p99(trained_project):
         request = _multipart(port, png(32, 32), _question(root))
         alone = asyncio.run(_raw_clients(port, request, 1, 3))
         single = _percentile([s for code, s, _ in alone if code == 200], 0.5)
-        results = asyncio.run(_raw_clients(port, request, 32, 15))
+        results = asyncio.run(_raw_clients(port, request, 32, 15, warmup=1))
     accepted = [s for code, s, _ in results if code == 200]
     rejected = [(s, retry) for code, s, retry in results if code == 503]
     share = len(rejected) / len(results)
@@ -598,8 +613,10 @@ def test_overload_gets_503_with_retry_after_and_a_bounded_p99(trained_project):
     # a bound on it flaky. 3x leaves room for the tail and still sits far below 32 service times.
     service = 15 / len(accepted)
     bound = 3 * (queue + 1) * max(service, single)
-    assert p99 <= bound, (f"p99 {p99 * 1000:.1f} ms > {bound * 1000:.1f} ms (service time under load "
-                          f"{service * 1000:.1f} ms, a request alone {single * 1000:.1f} ms)")
+    assert p99 <= bound, (
+        f"p99 {p99 * 1000:.1f} ms > {bound * 1000:.1f} ms (service time under load "
+        f"{service * 1000:.1f} ms, a request alone {single * 1000:.1f} ms)"
+    )
     # Refused at once, not after waiting in a queue: typically faster than a request alone. (Its p99
     # is left to the noise of a shared 2-core machine: a process not scheduled for a few hundred ms.)
     assert _percentile(refused, 0.5) <= 2 * single and _percentile(refused, 0.95) <= bound
