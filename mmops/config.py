@@ -240,7 +240,8 @@ class IndexConfig(_Strict):
     input: str | None = Field(None, description="the input whose distinct values are indexed (default: the "
                               "task's image input; its text input makes captions searchable)")
     exact_below: int = Field(20_000, ge=0, description="galleries smaller than this are searched exactly; "
-                             "larger ones through an HNSW graph (approximate, much faster)")
+                             "larger ones approximately: product-quantised codes re-ranked exactly "
+                             "(faiss), or an HNSW graph (usearch) where faiss is missing")
 
 
 class PromotionConfig(_Strict):

@@ -171,9 +171,9 @@ def build_gallery(model_dir: Path, prepared_dir: Path, raw_dir: Path | None, spl
     ids = _ids(first, raw_dir, embedder.field(name), [values[i] for i in picked] if isinstance(values, list) else None)
     items = [{"id": i, "label": str(label), "split": split}
              for i, label, split in zip(ids, first["label"], first["split"], strict=True)]
-    folder = VectorIndex(vectors, items, exact_below).save(Path(model_dir) / INDEX_DIR)
-    log.info("gallery index: %d %s items of %s, %s search", len(items), name, list(splits),
-             "exact" if len(items) < exact_below else "HNSW")
+    index = VectorIndex(vectors, items, exact_below)
+    folder = index.save(Path(model_dir) / INDEX_DIR)
+    log.info("gallery index: %d %s items of %s, %s search", len(items), name, list(splits), index.kind)
     return folder
 
 
