@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,6 +217,70 @@ def test_a_rerun_whose_new_candidates_all_fail_leaves_production_untouched(tmp_p
     production = registry.production(name)
     assert production is not None and production.ref == shipped["model_version"]
     assert len(registry.events(name)) == events  # nothing moved, nothing to record
+
+
+class SeededStub(StubTraining):
+    """Test accuracy by candidate and seed: ``scores[name][k]`` for the k-th seed."""
+
+    def __init__(self, scores: dict[str, list[float]], base_seed: int) -> None:
+        super().__init__()
+        self.scores, self.base_seed = scores, base_seed
+
+    def __call__(self, params, candidate, data, out_dir: Path, **kwargs) -> dict:
+        result = super().__call__(params, candidate, data, out_dir, **kwargs)
+        value = self.scores[candidate.name][params.seed - self.base_seed]
+        result["metrics"] = {split: {"accuracy": value, "macro_f1": value} for split in ("val", "test")}
+        return {**result, "seed": params.seed, "best_epoch": 1}
+
+
+def test_champion_challenger_compares_seed_means_on_the_same_data(tmp_path, monkeypatch):
+    """With ``train.seeds: 3`` a challenger whose first seed is lucky (0.95 against the champion's 0.90)
+    but whose mean is lower (0.85 against 0.90) is staged, and one whose mean is higher is promoted;
+    the single models' figures stay in the event as evidence."""
+    from mmops.serving import package
+    from mmops.training import loop
+
+    monkeypatch.delenv("MMOPS_DB_URL", raising=False)
+    monkeypatch.setattr(loop.Dataset, "load", classmethod(lambda cls, *args, **kwargs: None))
+    import importlib
+
+    # The model store, stood in for: a stored model is its candidate's folder. (``bentoml.models`` is a
+    # lazy loader; the function lives in the module it loads.)
+    store = importlib.import_module("bentoml.models")
+    monkeypatch.setattr(package, "save_to_store", lambda model_dir, name, **_: f"{Path(model_dir).name}:stored")
+    monkeypatch.setattr(store, "get", lambda tag: SimpleNamespace(path=str(models / tag.split(":")[0])))
+    project = write_params(tmp_path / "proj", [{"name": "champ", "fusion": "concat"}])
+    models = project.models_dir
+    stub = SeededStub(
+        {"champ": [0.90, 0.90, 0.90], "lucky": [0.95, 0.80, 0.80], "steady": [0.93, 0.93, 0.93]}, project.params.seed
+    )
+    monkeypatch.setattr(loop, "train_candidate", stub)
+    (tmp_path / "proj" / "dvc.lock").write_text(
+        yaml.safe_dump({"schema": "2.0", "stages": {"prepare": {"outs": [{"path": "data/prepared", "md5": "ab"}]}}})
+    )
+
+    def evaluate(model_dir: Path, project: Project) -> dict:  # the first seed's model, as saved
+        value = stub.scores[Path(model_dir).name][0]
+        return {"accuracy": value, "macro_f1": value}
+
+    def ship(name: str) -> lifecycle.Outcome:
+        params = yaml.safe_load((tmp_path / "proj" / "params.yaml").read_text())
+        params["candidates"], params["train"]["seeds"] = [{"name": name, "fusion": "concat"}], 3
+        (tmp_path / "proj" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        current = Project.at(tmp_path / "proj")
+        [result] = [pipeline.train_one(current, c) for c in current.params.all_candidates()]
+        shipped = pipeline.register_and_package(current, result, build=False)
+        return lifecycle.champion_challenger(current, shipped["model_version"], Path(result["model_dir"]), evaluate)
+
+    assert ship("champ").decision == "promoted"
+    lucky = ship("lucky")
+    assert lucky.decision == "staged", lucky.summary()
+    assert (lucky.challenger_score, lucky.champion_score) == (pytest.approx(0.85), pytest.approx(0.90))
+    assert "means over seeds on the same data" in lucky.reason and "(3 seeds)" in lucky.reason
+    event = Registry(project.db_url).events(project.params.registry.model_name)[-1]
+    assert event.details["challenger_metrics"]["accuracy"] == 0.95  # the single model, kept as evidence
+    steady = ship("steady")
+    assert steady.decision == "promoted" and steady.challenger_score == pytest.approx(0.93), steady.summary()
 
 
 # ---------------------------------------------------------------- 20. rare labels never become silent classes

@@ -6,6 +6,10 @@ training code. The
 rule is in ``params.yaml`` (``promotion``): the challenger must meet the minimums and beat the
 champion by more than the margin; the first model that meets the minimums becomes production.
 Anything else leaves the champion alone and records the challenger as staging, with the reason.
+When the two were trained on the same data and at least one with several seeds (``train.seeds``),
+the rule is applied to their means over seeds, as recorded by their runs: one seed's model ranks luck
+(10 points between two seeds of one candidate were measured on a speaker-disjoint task). Both models
+are still evaluated, and those figures kept as evidence.
 No Prefect here: the flow and the CLI call these functions.
 """
 
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from mmops.config import PromotionConfig
 from mmops.project import Project
-from mmops.registry.store import NotComparable, Registry, parse_ref
+from mmops.registry.store import ModelVersion, NotComparable, Registry, parse_ref
 
 ACTOR = "retrain flow (champion/challenger)"
 
@@ -35,10 +39,17 @@ class Outcome:
     def summary(self) -> str:
         if self.decision == "kept":
             return f"{self.challenger} kept in production — {self.reason}"
-        vs = (f" vs champion {self.champion} {self.champion_score:.4f}" if self.champion_score is not None
-              else f" (champion {self.champion} not evaluated)" if self.champion else "")
-        return (f"{self.challenger} {self.decision} to {'production' if self.decision == 'promoted' else 'staging'}"
-                f": test {self.metric} {self.challenger_score:.4f}{vs} — {self.reason}")
+        vs = (
+            f" vs champion {self.champion} {self.champion_score:.4f}"
+            if self.champion_score is not None
+            else f" (champion {self.champion} not evaluated)"
+            if self.champion
+            else ""
+        )
+        return (
+            f"{self.challenger} {self.decision} to {'production' if self.decision == 'promoted' else 'staging'}"
+            f": test {self.metric} {self.challenger_score:.4f}{vs} — {self.reason}"
+        )
 
 
 def _below_minimum(metrics: dict, rule: PromotionConfig) -> str | None:
@@ -63,9 +74,42 @@ def decide(challenger: dict, champion: dict | None, rule: PromotionConfig, sign:
     return False, f"does not beat the champion by more than the margin {rule.margin} ({gain:+.4f})"
 
 
-def champion_challenger(project: Project, ref: str, challenger_dir: Path,
-                        evaluate: Callable[[Path, Project], dict],
-                        context: dict | None = None, actor: str = ACTOR) -> Outcome:
+def seed_means(registry: Registry, version: ModelVersion) -> tuple[dict[str, float], dict[str, float], int]:
+    """The test metrics of the run behind ``version`` as means over its seeds, their standard deviations,
+    and the number of seeds (1: the run's own figures, std 0)."""
+    run = registry.get_run(version.run_id)
+    final = run.final_metrics()
+    seeds = int((run.config.get("train") or {}).get("seeds") or 1)
+    means = {k[5:]: v for k, v in final.items() if k.startswith("test_") and not k.endswith("_std")}
+    stds = {k[5:-4]: v for k, v in final.items() if k.startswith("test_") and k.endswith("_std")}
+    return means, stds, seeds
+
+
+def _compare_means(
+    registry: Registry, challenger: ModelVersion, champion: ModelVersion, metric: str
+) -> tuple[dict, dict, str] | None:
+    """Seed means of both versions when they can be compared: the same data version, the metric recorded
+    by both runs, and more than one seed on at least one side. None otherwise."""
+    if challenger.data_version_id is None or challenger.data_version_id != champion.data_version_id:
+        return None
+    (new, new_std, new_n), (old, old_std, old_n) = seed_means(registry, challenger), seed_means(registry, champion)
+    if max(new_n, old_n) < 2 or metric not in new or metric not in old:
+        return None
+    note = (
+        f"means over seeds on the same data: challenger {new[metric]:.4f} ± {new_std.get(metric, 0.0):.4f} "
+        f"({new_n} seeds), champion {old[metric]:.4f} ± {old_std.get(metric, 0.0):.4f} ({old_n})"
+    )
+    return new, old, note
+
+
+def champion_challenger(
+    project: Project,
+    ref: str,
+    challenger_dir: Path,
+    evaluate: Callable[[Path, Project], dict],
+    context: dict | None = None,
+    actor: str = ACTOR,
+) -> Outcome:
     """Evaluate the new version ``ref`` against production, decide, and record the decision (with
     its evidence and ``context``, e.g. which data stages ran) as one stage change."""
     import bentoml
@@ -79,9 +123,15 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
         # A rerun whose new candidates all failed (or changed nothing) hands back the version already in
         # production: comparing it with itself can only "lose" by the margin and demote it to staging,
         # leaving the project with no production model. Nothing to decide, nothing to record.
-        return Outcome(decision="kept", challenger=version.ref, champion=champion.ref, metric=rule.metric,
-                       challenger_score=None, champion_score=None,
-                       reason="the run's best model is the production version itself; production unchanged")
+        return Outcome(
+            decision="kept",
+            challenger=version.ref,
+            champion=champion.ref,
+            metric=rule.metric,
+            challenger_score=None,
+            champion_score=None,
+            reason="the run's best model is the production version itself; production unchanged",
+        )
     challenger_metrics = evaluate(challenger_dir, project)
     champion_metrics = None
     if champion is None:
@@ -92,18 +142,42 @@ def champion_challenger(project: Project, ref: str, challenger_dir: Path,
                 raise NotComparable("it has no model in the BentoML store")
             champion_metrics = evaluate(Path(bentoml.models.get(champion.model_tag).path), project)
         except (NotComparable, bentoml.exceptions.NotFound) as exc:
-            promote, reason = False, f"champion {champion.ref} could not be evaluated on the current test data " \
-                                     f"({exc}); kept it — promote by hand if intended"
+            promote, reason = (
+                False,
+                f"champion {champion.ref} could not be evaluated on the current test data "
+                f"({exc}); kept it — promote by hand if intended",
+            )
         else:
             promote, reason = decide(challenger_metrics, champion_metrics, rule, sign)
+    scores = (challenger_metrics[rule.metric], champion_metrics[rule.metric] if champion_metrics else None)
+    means = _compare_means(registry, version, champion, rule.metric) if champion_metrics else None
+    if means is not None:
+        promote, reason = decide(means[0], means[1], rule, sign)
+        reason, scores = f"{reason}; {means[2]}", (means[0][rule.metric], means[1][rule.metric])
     outcome = Outcome(
-        decision="promoted" if promote else "staged", challenger=version.ref,
-        champion=champion.ref if champion else None, metric=rule.metric,
-        challenger_score=challenger_metrics[rule.metric],
-        champion_score=champion_metrics[rule.metric] if champion_metrics else None, reason=reason,
+        decision="promoted" if promote else "staged",
+        challenger=version.ref,
+        champion=champion.ref if champion else None,
+        metric=rule.metric,
+        challenger_score=scores[0],
+        champion_score=scores[1],
+        reason=reason,
     )
-    details = {**asdict(outcome), "rule": rule.model_dump(), "challenger_metrics": challenger_metrics,
-               "champion_metrics": champion_metrics, **(context or {})}
-    registry.transition(version.name, version.version, "production" if promote else "staging", reason,
-                        actor=actor, action="champion-challenger", details=details)
+    details = {
+        **asdict(outcome),
+        "rule": rule.model_dump(),
+        "challenger_metrics": challenger_metrics,
+        "champion_metrics": champion_metrics,
+        **({"challenger_seed_means": means[0], "champion_seed_means": means[1]} if means else {}),
+        **(context or {}),
+    }
+    registry.transition(
+        version.name,
+        version.version,
+        "production" if promote else "staging",
+        reason,
+        actor=actor,
+        action="champion-challenger",
+        details=details,
+    )
     return outcome
