@@ -43,7 +43,8 @@ def test_template_files(projects: dict[str, Path], template: str) -> None:
     assert {k: params["train"][k] for k in ("epochs", "batch_size", "lr", "patience")} == {
         "epochs": 10,
         "batch_size": 64,
-        "lr": 0.003,
+        # captioning's decoder reads the image only at the lower peak LR (docs/captioning.md, measured)
+        "lr": 0.001 if template == "captioning" else 0.003,
         "patience": 3,
     }
     assert params["runner"] == {"max_workers": 1}
