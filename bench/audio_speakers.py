@@ -99,6 +99,7 @@ def params_for(variant: dict, args: argparse.Namespace) -> dict:
             "lr": 3e-3,
             "head_hidden": 128,
             "dropout": args.dropout,
+            "ema": args.ema,
             "threads": args.threads,
         },
         "candidates": [{"name": "audio", "inputs": ["audio"]}],
@@ -144,13 +145,15 @@ def run_fold(table: pd.DataFrame, speaker: str, args: argparse.Namespace, work: 
     return out
 
 
-def encoder_defaults() -> dict:
-    """The encoder parameters the ``after`` variant ran with: mel_audio's defaults at 8 kHz."""
-    return {"defaults": True, **MelAudioEncoder(sample_rate=8000).config()}
+def encoder_defaults(changed: dict) -> dict:
+    """The encoder parameters the ``after`` variant ran with: mel_audio's defaults at 8 kHz, and which of
+    them ``--after`` changed."""
+    return {"defaults_changed": changed, **MelAudioEncoder(sample_rate=8000, **changed).config()}
 
 
-def summarize(folds: list[dict], variants: list[str]) -> dict:
-    """Per variant: mean test accuracy over the folds, the worst speaker, mean val accuracy."""
+def summarize(folds: list[dict], variants: list[str], encoders: dict[str, dict]) -> dict:
+    """Per variant: mean test accuracy over the folds, the worst speaker, mean val accuracy, and the
+    encoder parameters it ran with (``encoders``)."""
     summary = {}
     for name in variants:
         accs = {f["speaker"]: f[name]["test_accuracy"] for f in folds if name in f}
@@ -161,7 +164,7 @@ def summarize(folds: list[dict], variants: list[str]) -> dict:
             "worst_test_accuracy": accs[worst],
             "folds": len(accs),
             "mean_val_accuracy": sum(f[name]["val_accuracy"] for f in folds if name in f) / len(accs),
-            "encoder_params": VARIANTS[name] or encoder_defaults(),
+            "encoder_params": encoders[name],
         }
         print(f"{name}: mean {summary[name]['mean_test_accuracy']:.3f}, worst {worst} {accs[worst]:.3f}")
     return summary
@@ -178,7 +181,9 @@ def merge(paths: list[Path], out: Path) -> None:
     variants = sorted({v for r in reports for v in r["summary"]}, key=list(VARIANTS).index)
     merged = {
         **reports[0],
-        "summary": summarize(folds, variants),
+        "summary": summarize(
+            folds, variants, {v: r["summary"][v]["encoder_params"] for r in reports for v in r["summary"]}
+        ),
         "folds": folds,
         "seconds": max(r["seconds"] for r in reports),
         "processes": len(reports),
@@ -195,6 +200,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dropout", type=float, default=0.3, help="the head's dropout (train.dropout)")
+    parser.add_argument("--ema", type=float, default=0.0, help="train.ema: a moving average of the weights (0: off)")
     parser.add_argument(
         "--protocol",
         choices=list(PROTOCOLS),
@@ -210,9 +216,18 @@ def main() -> None:
     parser.add_argument("--folds", default="", help="comma-separated test speakers (default: every speaker)")
     parser.add_argument("--variants", default="before,after")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--after",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='encoder parameters that the "after" variant sets over the defaults, e.g. '
+        "'{\"dynamic_range\": 30}' (the report records them)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "audio_speakers.json")
     args = parser.parse_args()
     args.variants = args.variants.split(",")
+    VARIANTS["after"] = dict(args.after)
     if args.merge:
         merge(args.merge, args.out)
         return
@@ -224,7 +239,7 @@ def main() -> None:
         (Path(tmp) / "raw").mkdir()
         shutil.copytree(args.data / "recordings", Path(tmp) / "raw" / "recordings")  # paths stay inside the root
         folds = [run_fold(table, s, args, Path(tmp)) for s in speakers]
-    summary = summarize(folds, args.variants)
+    summary = summarize(folds, args.variants, {"before": BEFORE, "after": encoder_defaults(VARIANTS["after"])})
     report = {
         "protocol": f"{args.protocol}: {PROTOCOLS[args.protocol]}",
         "recordings": len(table),
@@ -232,6 +247,7 @@ def main() -> None:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "dropout": args.dropout,
+        "ema": args.ema,
         "lr": 3e-3,
         "seed": args.seed,
         "summary": summary,

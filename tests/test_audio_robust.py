@@ -124,6 +124,8 @@ def test_bad_choices_are_named():
         get_encoder("mel_audio")(normalize="loud")
     with pytest.raises(ValueError, match="'pooling'"):
         get_encoder("mel_audio")(pooling="max")
+    with pytest.raises(ValueError, match="'arch' must be one of tdnn, cnn2d"):
+        get_encoder("mel_audio")(arch="rnn")
 
 
 def test_tdnn_keeps_one_token_per_real_frame():
