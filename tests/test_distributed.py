@@ -75,3 +75,64 @@ def test_two_gloo_ranks_train_one_model_that_rank_0_saves_and_records(project):
     # One process's global batch and schedule: accuracy in its band (600 questions, 4 epochs).
     assert abs(parallel["final"]["val_accuracy"] - single["final"]["val_accuracy"]) <= 0.05
     assert [h["epoch"] for h in parallel["history"]] == [1, 2, 3, 4]  # rank 0's epochs reached the parent
+
+
+def _sync_bn_rank(rank: int, port: int, out: str) -> None:
+    import torch
+    from torch import distributed as dist
+
+    from mmops.training.distributed import sync_batch_norm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, g, bn = _sync_bn_case()
+        part = slice(rank * 5, (rank + 1) * 5)  # two unequal halves would do too; the counts are summed
+        model = sync_batch_norm(torch.nn.Sequential(bn)).train()
+        xr = x[part].clone().requires_grad_(True)
+        y = model(xr)
+        (y * g[part]).sum().backward()
+        torch.save({"y": y.detach(), "x_grad": xr.grad, "w_grad": model[0].weight.grad,
+                    "b_grad": model[0].bias.grad, "running_mean": model[0].running_mean,
+                    "running_var": model[0].running_var}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_bn_case():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, 4, 4, generator=gen) * 3 + 1
+    g = torch.randn(10, 3, 4, 4, generator=gen)
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(3, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(3, generator=gen))
+    return x, g, bn
+
+
+def test_cpu_sync_batch_norm_over_two_gloo_ranks_equals_one_batch_norm_over_the_whole_batch(tmp_path):
+    """Outputs, input gradients, the affine parameters' gradients (summed over ranks, as DDP's
+    all-reduce does before averaging) and the running statistics equal one process's batch norm over
+    the whole batch; each rank's own half-batch statistics would not."""
+    import torch
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    mp.spawn(_sync_bn_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x, g, bn = _sync_bn_case()
+    x.requires_grad_(True)
+    y = bn.train()(x)
+    (y * g).sum().backward()
+    close = dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad, **close)
+    torch.testing.assert_close(ranks[0]["w_grad"] + ranks[1]["w_grad"], bn.weight.grad, **close)
+    torch.testing.assert_close(ranks[0]["b_grad"] + ranks[1]["b_grad"], bn.bias.grad, **close)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], bn.running_mean, **close)
+        torch.testing.assert_close(r["running_var"], bn.running_var, **close)
+    _, _, alone = _sync_bn_case()
+    half = alone.train()(x[:5].detach())
+    assert not torch.allclose(half, y[:5].detach(), atol=1e-3)  # the half batch alone normalises otherwise
