@@ -136,3 +136,18 @@ def test_cpu_sync_batch_norm_over_two_gloo_ranks_equals_one_batch_norm_over_the_
     _, _, alone = _sync_bn_case()
     half = alone.train()(x[:5].detach())
     assert not torch.allclose(half, y[:5].detach(), atol=1e-3)  # the half batch alone normalises otherwise
+
+
+def test_sync_batch_norm_keeps_the_layers_own_parameters_so_a_frozen_layer_stays_frozen():
+    import torch
+
+    from mmops.training.distributed import SyncBatchNorm, sync_batch_norm
+
+    frozen, trained = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(4)
+    frozen.requires_grad_(False)
+    frozen.eval()
+    model = sync_batch_norm(torch.nn.Sequential(frozen, torch.nn.Sequential(trained)))
+    assert isinstance(model[0], SyncBatchNorm) and isinstance(model[1][0], SyncBatchNorm)
+    assert model[0].weight is frozen.weight and not model[0].weight.requires_grad and not model[0].training
+    assert model[0].running_mean is frozen.running_mean and model[1][0].bias is trained.bias
+    assert model[1][0].bias.requires_grad

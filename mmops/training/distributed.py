@@ -93,11 +93,14 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def sync_batch_norm(module: nn.Module) -> nn.Module:
-    """Every batch-norm layer of ``module`` replaced by :class:`SyncBatchNorm`, weights and statistics kept."""
+    """Every batch-norm layer of ``module`` replaced by :class:`SyncBatchNorm` holding the layer's own
+    parameters and buffers (the same objects, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does): a
+    frozen layer stays frozen, and nothing is copied."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         synced = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                module.track_running_stats)
-        synced.load_state_dict(module.state_dict())
+        for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(synced, name, value)
         synced.train(module.training)
         return synced
     for name, child in module.named_children():
