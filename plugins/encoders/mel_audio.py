@@ -20,6 +20,12 @@ What makes it hold up on voices it never heard (measured in ``bench/audio_speake
   MFCC it warps the spectrum they encode), of the time axis (``stretch``, a faster or slower speaker),
   a time shift, and SpecAugment's frequency and time masks (Park et al., 2019); ``model.eval()`` turns
   it off;
+* optional, off by default: ``trim_db`` (leading and trailing frames that far below the clip's loudest
+  frame become padding, so every word starts at frame 0 and pooling and normalisation see the word, not
+  the pauses around it; in ``preprocess``, so the service trims alike), ``fixed_frames`` (the trimmed word
+  resampled to that many frames), and on the waveform in training only: ``speed`` (resampling by a
+  factor drawn among those given, e.g. ``[0.9, 1.0, 1.1]`` as Kaldi) and ``noise_snr`` (white, pink or
+  babble noise, ``noise_kind``, mixed in at a random SNR in that dB range);
 * ``arch: tdnn`` (the default): the bands are the channels of dilated 1-D convolutions over time, so a
   speaker's formants need not sit on the same rows; small (50 k weights) and fast on a CPU; the
   2-D CNN (``arch: cnn2d``) generalised far worse across speakers in that benchmark, and costs more;
@@ -95,6 +101,7 @@ NORMALIZE = ("cmvn", "utterance", "none")
 ARCH = ("tdnn", "cnn2d")
 POOLING = ("stats", "attention", "mean")
 FEATURES = ("logmel", "mfcc")
+NOISE = ("white", "pink", "babble")
 
 
 class MelAudioEncoder(Encoder):
@@ -143,6 +150,11 @@ class MelAudioEncoder(Encoder):
         warp: float = 0.15,
         stretch: float = 0.15,
         dynamic_range: float = 40.0,
+        speed: Sequence[float] = (),
+        noise_snr: Sequence[float] = (),
+        noise_kind: str = "pink",
+        trim_db: float = 0.0,
+        fixed_frames: int = 0,
     ) -> None:
         super().__init__()
         if not channels:
@@ -152,6 +164,7 @@ class MelAudioEncoder(Encoder):
             ("pooling", pooling, POOLING),
             ("features", features, FEATURES),
             ("arch", arch, ARCH),
+            ("noise_kind", noise_kind, NOISE),
         ):
             if value not in allowed:
                 raise ValueError(f"mel_audio: '{key}' must be one of {', '.join(allowed)}, got '{value}'")
@@ -168,6 +181,14 @@ class MelAudioEncoder(Encoder):
         self.channels = [int(c) for c in channels]
         self.arch, self.warp, self.stretch = arch, float(warp), float(stretch)
         self.dynamic_range = float(dynamic_range)
+        self.speed = [float(f) for f in speed]
+        self.noise_snr = [float(v) for v in noise_snr]
+        self.noise_kind = noise_kind
+        self.trim_db, self.fixed_frames = float(trim_db), int(fixed_frames)
+        if any(f <= 0 for f in self.speed):
+            raise ValueError(f"mel_audio: 'speed' factors must be positive, got {self.speed}")
+        if self.noise_snr and (len(self.noise_snr) != 2 or self.noise_snr[0] > self.noise_snr[1]):
+            raise ValueError(f"mel_audio: 'noise_snr' is [lowest, highest] dB, got {self.noise_snr}")
         self.samples = round(sample_rate * seconds)
         # Padding frames keep one exact value: the log floor of digital silence, or 0 once normalised.
         self.pad_value = float(SILENCE) if normalize == "none" else 0.0
@@ -207,14 +228,18 @@ class MelAudioEncoder(Encoder):
     def preprocess(self, values: Sequence[Any]) -> torch.Tensor:
         """Audio to ``(batch, 1 or 3, bands, frames)`` normalised log-mel (or MFCC) features.
 
-        Deterministic: training and the service compute exactly this; augmentation happens in
-        ``forward`` and only in training mode."""
+        Deterministic in eval mode: the service (and featurize, and evaluation) compute exactly this.
+        In training mode with ``augment``, the waveforms are first perturbed (``speed``, ``noise_snr``:
+        :meth:`_perturb_waves`); the rest of the augmentation happens in ``forward``."""
         waves = np.zeros((len(values), self.samples), dtype=np.float32)
         for i, value in enumerate(values):
             wave = decode_wav(value, self.sample_rate)[: self.samples]
             waves[i, : len(wave)] = wave
+        audio = torch.from_numpy(waves)
+        if self.training and self.augment and (self.speed or self.noise_snr):
+            audio = self._perturb_waves(audio)
         spec = torch.stft(
-            torch.from_numpy(waves),
+            audio,
             self.n_fft,
             self.hop,
             win_length=self.win_length,
@@ -223,6 +248,8 @@ class MelAudioEncoder(Encoder):
         )
         logmel = torch.log((spec.abs() ** 2).transpose(1, 2) @ self.filters + FLOOR).transpose(1, 2)  # (B, mels, T)
         real = (logmel != SILENCE).any(dim=1, keepdim=True)  # (B, 1, T): frames that are not padding
+        if self.trim_db or self.fixed_frames:
+            logmel, real = self._align(logmel, real)
         if self.dynamic_range:  # nothing quieter than the clip's loudest band by more than this many dB
             floor = logmel.amax(dim=(1, 2), keepdim=True) - self.dynamic_range * np.log(10) / 10
             logmel = torch.maximum(logmel, floor)
@@ -242,6 +269,73 @@ class MelAudioEncoder(Encoder):
         else:
             x = x.unsqueeze(1)
         return x.masked_fill(~real.unsqueeze(1), self.pad_value)
+
+    def _align(self, logmel: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leading and trailing frames quieter than ``trim_db`` below the clip's loudest frame become padding
+        (the word starts at frame 0); with ``fixed_frames``, the word is then resampled to that many frames
+        (every speaker's word takes the same time)."""
+        b, _, t = logmel.shape
+        energy = torch.logsumexp(logmel, dim=1).masked_fill(~real[:, 0], float("-inf"))  # (B, T)
+        peak = energy.amax(dim=1, keepdim=True)
+        voiced = energy >= peak - (self.trim_db or 1e9) * np.log(10) / 10
+        voiced &= real[:, 0]
+        voiced[:, 0] |= ~voiced.any(dim=1)
+        span = torch.arange(t)
+        start = torch.where(voiced, span, t).amin(dim=1)
+        end = torch.where(voiced, span, -1).amax(dim=1) + 1
+        out = torch.full_like(logmel, float(SILENCE))
+        fixed = min(self.fixed_frames, t) if self.fixed_frames else 0
+        for i in range(b):
+            word = logmel[i : i + 1, :, int(start[i]) : int(end[i])]
+            if fixed:
+                word = F.interpolate(word, size=fixed, mode="linear", align_corners=True)
+            out[i, :, : word.shape[2]] = word[0]
+        real = (out != SILENCE).any(dim=1, keepdim=True)
+        return out, real
+
+    def _perturb_waves(self, waves: torch.Tensor) -> torch.Tensor:
+        """Training only, each clip its own draw: speed perturbation (``speed``: a factor among those given,
+        the clip resampled so it plays that much faster, pitch and tempo together, as Kaldi's 0.9/1.0/1.1),
+        then noise mixed in at a random signal-to-noise ratio (``noise_snr``: [lowest, highest] dB against
+        the clip's RMS; ``noise_kind``: white, pink (1/f power) or babble (another clip of the batch)).
+        Only the clip's own samples (up to its last non-zero one) change: padding stays digital silence, so
+        the frames the model pools over are the real ones, as in eval."""
+        b, n = waves.shape
+        nonzero = waves != 0
+        lengths = torch.where(nonzero.any(dim=1), n - nonzero.flip(1).float().argmax(dim=1), 0)
+        if self.speed:
+            factors = torch.tensor(self.speed)[torch.randint(len(self.speed), (b,))]
+            out = torch.zeros_like(waves)
+            for i in range(b):
+                length, f = int(lengths[i]), float(factors[i])
+                if length < 2 or f == 1.0:
+                    out[i] = waves[i]
+                    continue
+                size = max(2, round(length / f))
+                clip = F.interpolate(waves[i, None, None, :length], size=size, mode="linear", align_corners=True)
+                out[i, : min(size, n)] = clip[0, 0, :n]
+                lengths[i] = min(size, n)
+            waves = out
+        if self.noise_snr:
+            inside = (torch.arange(n)[None, :] < lengths[:, None]).float()
+            if self.noise_kind == "babble":
+                noise = waves.roll(1, dims=0)
+            else:
+                noise = torch.randn(b, n)
+                if self.noise_kind == "pink":  # power falling as 1/f: amplitudes scaled by 1/sqrt(f)
+                    spectrum = torch.fft.rfft(noise, dim=1)
+                    spectrum = spectrum / torch.arange(spectrum.shape[1]).clamp(min=1).sqrt()
+                    noise = torch.fft.irfft(spectrum, n=n, dim=1)
+            noise = noise * inside
+
+            def rms(x: torch.Tensor) -> torch.Tensor:
+                return ((x**2).sum(dim=1) / lengths.clamp(min=1)).sqrt()
+
+            low, high = self.noise_snr
+            snr = low + torch.rand(b) * (high - low)
+            scale = rms(waves) / (rms(noise) + 1e-8) / 10 ** (snr / 20)
+            waves = waves + noise * scale[:, None]
+        return waves
 
     def _real(self, batch: torch.Tensor) -> torch.Tensor:
         """``(B, T)``: frames that are not padding (the first always counts: a silent clip has one)."""
@@ -367,4 +461,9 @@ class MelAudioEncoder(Encoder):
             "warp": self.warp,
             "stretch": self.stretch,
             "dynamic_range": self.dynamic_range,
+            "speed": self.speed,
+            "noise_snr": self.noise_snr,
+            "noise_kind": self.noise_kind,
+            "trim_db": self.trim_db,
+            "fixed_frames": self.fixed_frames,
         }
