@@ -63,8 +63,15 @@ class LoadResult:
 
 def _env(project: Path, bentoml_home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BENTOML_", "MMOPS_"))}
-    env.update({"BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1",
-                "MMOPS_PROJECT": str(project), "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "BENTOML_HOME": str(bentoml_home),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "HF_HUB_OFFLINE": "1",
+            "MMOPS_PROJECT": str(project),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     return env
 
 
@@ -116,13 +123,16 @@ def load_rows(n: int) -> list[tuple[bytes, str]]:
 def multipart_request(port: int, image: bytes, question: str) -> bytes:
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n".encode() + image
-        + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n{question}"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + image
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="question"\r\n\r\n{question}'
         f"\r\n--{boundary}--\r\n".encode()
     )
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -137,11 +147,11 @@ def in_process(model_dir: Path, rows: list[tuple[bytes, str]], batch: int, secon
     records = [{"image": img, "question": q} for img, q in rows]
     predictor.predict(records[:64])  # warm the text cache and the allocator, as the server's warm-up does
     for start in range(0, len(records), 64):
-        predictor.predict(records[start:start + 64])
+        predictor.predict(records[start : start + 64])
     done, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         start = random.randrange(0, len(records) - batch)
-        predictor.predict(records[start:start + batch])
+        predictor.predict(records[start : start + batch])
         done += batch
     return done / (time.perf_counter() - t0)
 
@@ -215,8 +225,12 @@ def serve(bento: str, env: dict[str, str], port: int, log: Path, extra: tuple[st
 
     bentoml = Path(sys.executable).parent / "bentoml"
     out = log.open("w")
-    proc = subprocess.Popen([str(bentoml), "serve", bento, "--host", "127.0.0.1", "--port", str(port), *extra],
-                            env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(bentoml), "serve", bento, "--host", "127.0.0.1", "--port", str(port), *extra],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -242,19 +256,24 @@ def stop(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- report
 
 
-def report(args: argparse.Namespace, bento: str, limit_bs: float, limit_1: float,
-           runs: list[LoadResult], batch_max: int) -> str:
+def report(
+    args: argparse.Namespace, bento: str, limit_bs: float, limit_1: float, runs: list[LoadResult], batch_max: int
+) -> str:
     batched, single, floor = runs[0], runs[1], runs[2]
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     lines = [
         "# Serving load test (`bench/serve_load.py`)",
         "",
         f"Run {dt.datetime.now().isoformat(timespec='minutes')} on {os.cpu_count()} CPU cores ({cpu}), "
         f"shared with other work, so absolute figures are noisy; the ratios come from one run.",
-        f"Bento `{bento}`; {args.clients} concurrent clients for {args.seconds:.0f} s per configuration, "
+        f"Bento `{bento}`; {args.clients} concurrent clients for {args.seconds:.0f} s per configuration "
+        f"(in {args.rounds} turns, the three configurations interleaved), "
         "each posting a random easy-VQA test image and its question to `/predict` (multipart), "
         "one request at a time over a keep-alive connection.",
         "",
@@ -267,8 +286,7 @@ def report(args: argparse.Namespace, bento: str, limit_bs: float, limit_1: float
         f"| in-process `Predictor.predict`, batches of {batch_max} (the limit) | {limit_bs:.1f} | | | |",
         f"| in-process `Predictor.predict`, batches of 1 | {limit_1:.1f} | | | |",
         "",
-        f"- Service with adaptive batching / in-process limit: **{batched.throughput / limit_bs:.0%}** "
-        "(goal ≥ 70%).",
+        f"- Service with adaptive batching / in-process limit: **{batched.throughput / limit_bs:.0%}** (goal ≥ 70%).",
         f"- Adaptive batching / batch size 1 (`MMOPS_ADAPTIVE_BATCHING=0`): "
         f"**{batched.throughput / max(single.throughput, 1e-9):.2f}×** (goal ≥ 3×).",
         f"- Service with adaptive batching / the BentoML floor (same endpoint shape, image decoded, constant "
@@ -287,6 +305,7 @@ def main() -> None:
     parser.add_argument("--project", type=Path, default=REPO, help="project with a packaged bento (default: repo)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="per configuration (at most 120)")
+    parser.add_argument("--rounds", type=int, default=4, help="turns each configuration takes, interleaved")
     parser.add_argument("--rows", type=int, default=2000, help="distinct test rows to draw requests from")
     parser.add_argument("--write", type=Path, default=RESULTS, help="markdown report ('-' for none)")
     args = parser.parse_args()
@@ -314,43 +333,65 @@ def main() -> None:
     limit_1 = in_process(model_dir, rows, 1, min(args.seconds, 10))
     print(f"in-process: {limit_bs:.1f} rows/s at batch {BATCH_MAX_SIZE}, {limit_1:.1f} rows/s at batch 1")
 
-    runs = []
+    # All three servers stay up and take turns, a slice of each round apiece, so that load from
+    # anything else on the machine falls on all three alike (run one after another, a busy minute
+    # could land on one of them only and move the ratio by tens of points).
+    configs = [
+        (f"service, adaptive batching (max {BATCH_MAX_SIZE})", bento, {}, ()),
+        ("service, batch size 1", bento, {"MMOPS_ADAPTIVE_BATCHING": "0"}, ()),
+        ("BentoML floor (constant answer)", "floor_service:Floor", {}, ("--working-dir", str(REPO / "bench"))),
+    ]
     log_dir = Path(tempfile.mkdtemp(prefix="mmops-serve-log-"))
-    for label, extra in [(f"service, adaptive batching (max {BATCH_MAX_SIZE})", {}),
-                         ("service, batch size 1", {"MMOPS_ADAPTIVE_BATCHING": "0"})]:
-        port = free_port()
-        proc = serve(bento, {**env, **extra}, port, log_dir / f"serve-{len(runs)}.log")
-        try:
-            requests = [multipart_request(port, img, q) for img, q in rows]
-            drive(port, requests, args.clients, 3, "warm-up")  # the dispatcher trains its latency model
-            result = drive(port, requests, args.clients, args.seconds, label)
-        finally:
-            stop(proc)
-        runs.append(result)
-        print(f"{label}: {result.throughput:.1f} req/s, p50 {result.pct(0.5):.1f} ms, "
-              f"p99 {result.pct(0.99):.1f} ms, errors {result.errors} {result.statuses}")
-    port = free_port()  # the framework's floor: same requests, same clients, no model
-    proc = serve("floor_service:Floor", env, port, log_dir / "floor.log", ("--working-dir", str(REPO / "bench")))
+    servers = []
     try:
-        requests = [multipart_request(port, img, q) for img, q in rows]
-        drive(port, requests, args.clients, 3, "warm-up")
-        runs.append(drive(port, requests, args.clients, args.seconds, "BentoML floor (constant answer)"))
+        for i, (label, target, extra, flags) in enumerate(configs):
+            port = free_port()
+            servers.append((label, port, serve(target, {**env, **extra}, port, log_dir / f"serve-{i}.log", flags)))
+        loads = {label: [multipart_request(port, img, q) for img, q in rows] for label, port, _ in servers}
+        for label, port, _ in servers:
+            drive(port, loads[label], args.clients, 3, "warm-up")  # caches, allocator, connections
+        runs = [LoadResult(label, 0.0) for label, _, _ in servers]
+        for round_ in range(args.rounds):
+            for run, (label, port, _) in zip(runs, servers, strict=True):
+                part = drive(port, loads[label], args.clients, args.seconds / args.rounds, label)
+                run.seconds += part.seconds
+                run.latencies += part.latencies
+                run.errors += part.errors
+                for status, n in part.statuses.items():
+                    run.statuses[status] = run.statuses.get(status, 0) + n
+                print(f"round {round_ + 1}/{args.rounds} {label}: {part.throughput:.1f} req/s")
     finally:
-        stop(proc)
-    print(f"floor: {runs[-1].throughput:.1f} req/s, errors {runs[-1].errors} {runs[-1].statuses}")
+        for _, _, proc in servers:
+            stop(proc)
+    for run in runs:
+        print(
+            f"{run.label}: {run.throughput:.1f} req/s, p50 {run.pct(0.5):.1f} ms, "
+            f"p99 {run.pct(0.99):.1f} ms, errors {run.errors} {run.statuses}"
+        )
 
     text = report(args, bento, limit_bs, limit_1, runs, BATCH_MAX_SIZE)
     print("\n" + text)
     if str(args.write) != "-":
         args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text(text)
-        figures = {"clients": args.clients, "seconds": args.seconds, "cores": os.cpu_count(),
-                   "in_process_rows_per_s": {"batch_max": round(limit_bs, 1), "batch_1": round(limit_1, 1)},
-                   **{r.label: {"requests_per_s": round(r.throughput, 1), "p50_ms": round(r.pct(0.5), 1),
-                                "p99_ms": round(r.pct(0.99), 1), "errors": r.errors} for r in runs},
-                   "fraction_of_floor": round(runs[0].throughput / max(runs[2].throughput, 1e-9), 3),
-                   "fraction_of_in_process": round(runs[0].throughput / limit_bs, 3),
-                   "batching_gain": round(runs[0].throughput / max(runs[1].throughput, 1e-9), 3)}
+        figures = {
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "cores": os.cpu_count(),
+            "in_process_rows_per_s": {"batch_max": round(limit_bs, 1), "batch_1": round(limit_1, 1)},
+            **{
+                r.label: {
+                    "requests_per_s": round(r.throughput, 1),
+                    "p50_ms": round(r.pct(0.5), 1),
+                    "p99_ms": round(r.pct(0.99), 1),
+                    "errors": r.errors,
+                }
+                for r in runs
+            },
+            "fraction_of_floor": round(runs[0].throughput / max(runs[2].throughput, 1e-9), 3),
+            "fraction_of_in_process": round(runs[0].throughput / limit_bs, 3),
+            "batching_gain": round(runs[0].throughput / max(runs[1].throughput, 1e-9), 3),
+        }
         args.write.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
         print(f"written to {args.write} and {args.write.with_suffix('.json')}")
     if scratch is not None:

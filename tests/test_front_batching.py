@@ -1,0 +1,104 @@
+"""The front's adaptive batching (``service._RowBatcher``): rows of concurrent requests cross to the model
+process together, each request gets back exactly its own answers, failures reach every request of the batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mmops.serving.service import _RowBatcher
+
+
+class _Model:
+    """A model process stand-in: answers each row with its own value, recording the batches it saw."""
+
+    def __init__(self, delay: float = 0.01, fail: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.delay, self.fail, self.concurrent, self.most_concurrent = delay, fail, 0, 0
+
+    async def __call__(self, rows: list[int]) -> list[int]:
+        self.batches.append(list(rows))
+        self.concurrent += 1
+        self.most_concurrent = max(self.most_concurrent, self.concurrent)
+        try:
+            await asyncio.sleep(self.delay)
+            if self.fail:
+                raise RuntimeError("forward pass failed")
+            return [row * 10 for row in rows]
+        finally:
+            self.concurrent -= 1
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answers():
+    model = _Model()
+
+    async def main() -> list[list[int]]:
+        batcher = _RowBatcher(model, max_rows=8, max_inflight=1)
+        requests = [[i] for i in range(20)] + [[100, 101, 102]]
+        return await asyncio.gather(*(batcher(rows) for rows in requests))
+
+    answers = asyncio.run(main())
+    assert answers[:20] == [[i * 10] for i in range(20)]
+    assert answers[20] == [1000, 1010, 1020]
+    assert len(model.batches) < 21  # batched: far fewer crossings than requests
+    assert all(len(batch) <= 8 for batch in model.batches)
+    assert sorted(row for batch in model.batches for row in batch) == [*range(20), 100, 101, 102]
+
+
+def test_a_lone_request_goes_at_once_and_a_large_one_alone():
+    model = _Model()
+
+    async def main() -> tuple[list[int], list[int]]:
+        batcher = _RowBatcher(model, max_rows=4, max_inflight=2)
+        alone = await asyncio.wait_for(batcher([7]), timeout=1)  # no timer to wait for
+        large = await batcher(list(range(10)))  # over max_rows: sent whole, never split or stuck
+        return alone, large
+
+    alone, large = asyncio.run(main())
+    assert alone == [70] and large == [i * 10 for i in range(10)]
+    assert model.batches == [[7], list(range(10))]
+
+
+def test_batches_in_flight_are_bounded():
+    model = _Model(delay=0.02)
+
+    async def main() -> None:
+        batcher = _RowBatcher(model, max_rows=2, max_inflight=2)
+        await asyncio.gather(*(batcher([i]) for i in range(12)))
+
+    asyncio.run(main())
+    assert model.most_concurrent == 2
+
+
+def test_a_failed_batch_fails_each_of_its_requests_and_the_next_batch_still_runs():
+    model = _Model(fail=True)
+
+    async def main() -> list[object]:
+        batcher = _RowBatcher(model, max_rows=8, max_inflight=1)
+        failed = await asyncio.gather(*(batcher([i]) for i in range(3)), return_exceptions=True)
+        model.fail = False
+        return [*failed, await batcher([5])]
+
+    *failed, after = asyncio.run(main())
+    assert all(isinstance(f, RuntimeError) for f in failed)
+    assert after == [50]
+
+
+def test_a_request_whose_client_left_does_not_break_its_batch():
+    model = _Model(delay=0.05)
+
+    async def main() -> list[int]:
+        batcher = _RowBatcher(model, max_rows=8, max_inflight=1)
+        first = asyncio.ensure_future(batcher([1]))
+        await asyncio.sleep(0)
+        gone = asyncio.ensure_future(batcher([2]))
+        kept = asyncio.ensure_future(batcher([3]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await kept
+
+    assert asyncio.run(main()) == [30]
