@@ -73,10 +73,17 @@ def main() -> int:
         for candidate in candidates:
             print(f"training {candidate.name} ...", flush=True)
             result = train_candidate(params, candidate, data, work / "models" / candidate.name)
-            rows.append({"candidate": candidate.name, "inputs": result["inputs"], "fusion": candidate.fusion,
-                         "val_accuracy": result["metrics"]["val"]["accuracy"],
-                         "test_accuracy": result["metrics"]["test"]["accuracy"],
-                         "train_seconds": result["train_seconds"], "best_epoch": result["best_epoch"]})
+            rows.append(
+                {
+                    "candidate": candidate.name,
+                    "inputs": result["inputs"],
+                    "fusion": candidate.fusion,
+                    "val_accuracy": result["metrics"]["val"]["accuracy"],
+                    "test_accuracy": result["metrics"]["test"]["accuracy"],
+                    "train_seconds": result["train_seconds"],
+                    "best_epoch": result["best_epoch"],
+                }
+            )
             print(f"  val {rows[-1]['val_accuracy']:.4f}  test {rows[-1]['test_accuracy']:.4f}", flush=True)
     epochs = params.train.epochs
     lines = [
@@ -93,8 +100,10 @@ def main() -> int:
         "|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {' + '.join(r['inputs'])} | {r['candidate']} | {r['fusion'] or '-'} | "
-                     f"{r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {' + '.join(r['inputs'])} | {r['candidate']} | {r['fusion'] or '-'} | "
+            f"{r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['train_seconds']:.0f} s |"
+        )
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ablation.md").write_text(text)

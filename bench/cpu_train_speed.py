@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mmops-cpu-speed-"))
-    source = subprocess.run(["git", "show", f"{args.before}:mmops/training/loop.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{args.before}:mmops/training/loop.py"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
     (tmp / "loop_before.py").write_text(source)
     spec = importlib.util.spec_from_file_location("loop_before", tmp / "loop_before.py")
     before = importlib.util.module_from_spec(spec)
@@ -60,9 +61,16 @@ def main() -> None:
         accuracy[label] = round(result["metrics"]["val"]["accuracy"], 4)
         print(label, times[label][-1], "s", accuracy[label])
     mean = {k: sum(v) / len(v) for k, v in times.items()}
-    figures = {"before": args.before, "questions_per_split": args.limit, "epochs": args.epochs, "threads": 1,
-               "train_seconds": times, "mean_s": {k: round(v, 2) for k, v in mean.items()},
-               "after_over_before": round(mean["after"] / mean["before"], 3), "val_accuracy": accuracy}
+    figures = {
+        "before": args.before,
+        "questions_per_split": args.limit,
+        "epochs": args.epochs,
+        "threads": 1,
+        "train_seconds": times,
+        "mean_s": {k: round(v, 2) for k, v in mean.items()},
+        "after_over_before": round(mean["after"] / mean["before"], 3),
+        "val_accuracy": accuracy,
+    }
     print(json.dumps(figures, indent=2))
     (REPO / "bench" / "results" / "cpu_train_speed.json").write_text(json.dumps(figures, indent=2) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -44,8 +44,11 @@ def make_project(root: Path, limit: int, epochs: int) -> None:
     params["train"].update(epochs=epochs, patience=epochs, threads=1, batch_size=64)
     params["inputs"]["image"]["params"] = {"channels": [8, 16, 32]}
     params["candidates"] = []
-    params["sweep"] = {"fusion": ["concat", "product"], "params": {"hidden": [64, 128]},
-                       "train": {"lr": [0.003, 0.005]}}
+    params["sweep"] = {
+        "fusion": ["concat", "product"],
+        "params": {"hidden": [64, 128]},
+        "train": {"lr": [0.003, 0.005]},
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
 
@@ -82,13 +85,36 @@ def main() -> None:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ}
-    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
-        procs += [subprocess.Popen([BIN / "dask", "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                                    "--local-directory", str(tmp / f"w{i}")], cwd=root, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+        procs += [
+            subprocess.Popen(
+                [
+                    BIN / "dask",
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(tmp / f"w{i}"),
+                ],
+                cwd=root,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(2)
+        ]
         from distributed import Client
 
         with Client(address, timeout=60) as client:
@@ -105,12 +131,18 @@ def main() -> None:
         return sorted(((r["candidate"], r["final"]["val_accuracy"]) for r in out["results"]), key=lambda r: -r[1])
 
     figures = {
-        "candidates": len(out_threads["results"]), "questions_per_split": args.limit, "epochs": args.epochs,
-        "cores": os.cpu_count(), "first_threads_sweep_s (server, stages, featurize)": round(first, 1),
-        "threads_2x1_s": round(t_threads, 1), "dask_2_workers_cold_s": round(t_cold, 1),
+        "candidates": len(out_threads["results"]),
+        "questions_per_split": args.limit,
+        "epochs": args.epochs,
+        "cores": os.cpu_count(),
+        "first_threads_sweep_s (server, stages, featurize)": round(first, 1),
+        "threads_2x1_s": round(t_threads, 1),
+        "dask_2_workers_cold_s": round(t_cold, 1),
         "dask_2_workers_warm_s": round(t_warm, 1),
-        "ratio_warm": round(t_warm / t_threads, 3), "ratio_cold": round(t_cold / t_threads, 3),
-        "goal_ratio_warm": 1.10, "same_ranking": ranking(out_threads) == ranking(out_warm),
+        "ratio_warm": round(t_warm / t_threads, 3),
+        "ratio_cold": round(t_cold / t_threads, 3),
+        "goal_ratio_warm": 1.10,
+        "same_ranking": ranking(out_threads) == ranking(out_warm),
         "candidate_train_seconds_threads": round(sum(r["train_seconds"] for r in out_threads["results"]), 1),
         "candidate_train_seconds_dask_warm": round(sum(r["train_seconds"] for r in out_warm["results"]), 1),
     }

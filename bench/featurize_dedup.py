@@ -58,8 +58,9 @@ def main() -> None:
 
         t0 = time.perf_counter()
         every_vector = encode_all(encoder, rows)
-        every_tokens = RaggedTokens.concatenate(list(encode_sequences(encoder, rows, batch_size=256)),
-                                                encoder.output_dim)
+        every_tokens = RaggedTokens.concatenate(
+            list(encode_sequences(encoder, rows, batch_size=256)), encoder.output_dim
+        )
         naive_s = time.perf_counter() - t0
 
         assert len(set(hashes)) == len(distinct) == stats["computed"] == token_stats["tokens_computed"]

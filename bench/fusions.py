@@ -80,8 +80,7 @@ def commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def run_project(work: Path, raw_dir: Path, raw_params: dict, out: Path | None = None,
-                label: str = "") -> list[dict]:
+def run_project(work: Path, raw_dir: Path, raw_params: dict, out: Path | None = None, label: str = "") -> list[dict]:
     from mmops.config import Params
     from mmops.core.model import MultimodalModel
     from mmops.data.featurize import featurize
@@ -99,20 +98,31 @@ def run_project(work: Path, raw_dir: Path, raw_params: dict, out: Path | None = 
         model = MultimodalModel.load(work / "models" / candidate.name)
         trainable = sum(v.numel() for v in model.trainable_state().values())
         fusion = sum(p.numel() for p in model.fusion.parameters())
-        rows.append({
-            "candidate": candidate.name + label, "fusion": candidate.fusion, "params": candidate.params,
-            "image_encoder": "frozen, from concat (two-stage)" if label else "trained end to end",
-            "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit(), "torch_threads": torch.get_num_threads(),
-            "sequences": model.fusion.needs_sequences,
-            "encoders": {n: i.encoder for n, i in params.inputs.items()},
-            "val_accuracy": result["metrics"]["val"]["accuracy"],
-            "test_accuracy": result["metrics"]["test"]["accuracy"],
-            "trained_parameters": trainable, "fusion_parameters": fusion,
-            "train_seconds": result["train_seconds"], "epochs_run": result["epochs_run"],
-            "best_epoch": result["best_epoch"],
-        })
-        print(f"  val {rows[-1]['val_accuracy']:.4f}  test {rows[-1]['test_accuracy']:.4f}  "
-              f"{rows[-1]['train_seconds']:.0f} s", flush=True)
+        rows.append(
+            {
+                "candidate": candidate.name + label,
+                "fusion": candidate.fusion,
+                "params": candidate.params,
+                "image_encoder": "frozen, from concat (two-stage)" if label else "trained end to end",
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "commit": commit(),
+                "torch_threads": torch.get_num_threads(),
+                "sequences": model.fusion.needs_sequences,
+                "encoders": {n: i.encoder for n, i in params.inputs.items()},
+                "val_accuracy": result["metrics"]["val"]["accuracy"],
+                "test_accuracy": result["metrics"]["test"]["accuracy"],
+                "trained_parameters": trainable,
+                "fusion_parameters": fusion,
+                "train_seconds": result["train_seconds"],
+                "epochs_run": result["epochs_run"],
+                "best_epoch": result["best_epoch"],
+            }
+        )
+        print(
+            f"  val {rows[-1]['val_accuracy']:.4f}  test {rows[-1]['test_accuracy']:.4f}  "
+            f"{rows[-1]['train_seconds']:.0f} s",
+            flush=True,
+        )
         if out is not None:  # a long run keeps what it finished
             save_rows(rows, out)
     return rows
@@ -147,9 +157,11 @@ def write_table(rows: list[dict], args: argparse.Namespace, epochs: int) -> str:
         if r.get("image_encoder", "").startswith("frozen"):
             enc += " (CNN frozen, from concat)"
         old = f"{before[r['candidate']]:.4f}" if r.get("sequences") and r["candidate"] in before else ""
-        lines.append(f"| {r['candidate']} | `{r['fusion']}` | {'tokens' if r.get('sequences') else 'vectors'} | "
-                     f"{enc} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {old} | "
-                     f"{r['trained_parameters']:,} | {r['fusion_parameters']:,} | {r['train_seconds']:.0f} s |")
+        lines.append(
+            f"| {r['candidate']} | `{r['fusion']}` | {'tokens' if r.get('sequences') else 'vectors'} | "
+            f"{enc} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {old} | "
+            f"{r['trained_parameters']:,} | {r['fusion_parameters']:,} | {r['train_seconds']:.0f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -161,21 +173,46 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--no-classic", action="store_true", help="skip the classic pipeline row")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--before", type=Path, default=RESULTS / "fusions_pooled.json",
-                        help="an earlier fusions.json to compare the attending fusions with")
-    parser.add_argument("--token-grid", type=int, default=4,
-                        help="CNN positions averaged to N×N tokens for attending fusions (0: the whole 8×8 map)")
-    parser.add_argument("--two-stage", default="",
-                        help="comma-separated attending fusions also trained on the CNN that `concat` trained "
-                             "(frozen, its tokens cached), as VisualBERT reads a pre-trained detector's regions")
-    parser.add_argument("--cnn-from", type=Path,
-                        help="a saved concat model whose CNN the two-stage rows use (instead of training concat here)")
-    parser.add_argument("--two-stage-epochs", type=int, default=0,
-                        help="epochs of the two-stage rows (0: --epochs); say so wherever the row is quoted")
-    parser.add_argument("--two-stage-lr", type=float, default=0.0,
-                        help="peak learning rate of the two-stage rows (0: params.yaml's); named in the row")
-    parser.add_argument("--append", action="store_true",
-                        help="keep rows of other candidates already in OUT/fusions.json (complete a table in parts)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=RESULTS / "fusions_pooled.json",
+        help="an earlier fusions.json to compare the attending fusions with",
+    )
+    parser.add_argument(
+        "--token-grid",
+        type=int,
+        default=4,
+        help="CNN positions averaged to N×N tokens for attending fusions (0: the whole 8×8 map)",
+    )
+    parser.add_argument(
+        "--two-stage",
+        default="",
+        help="comma-separated attending fusions also trained on the CNN that `concat` trained "
+        "(frozen, its tokens cached), as VisualBERT reads a pre-trained detector's regions",
+    )
+    parser.add_argument(
+        "--cnn-from",
+        type=Path,
+        help="a saved concat model whose CNN the two-stage rows use (instead of training concat here)",
+    )
+    parser.add_argument(
+        "--two-stage-epochs",
+        type=int,
+        default=0,
+        help="epochs of the two-stage rows (0: --epochs); say so wherever the row is quoted",
+    )
+    parser.add_argument(
+        "--two-stage-lr",
+        type=float,
+        default=0.0,
+        help="peak learning rate of the two-stage rows (0: params.yaml's); named in the row",
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep rows of other candidates already in OUT/fusions.json (complete a table in parts)",
+    )
     args = parser.parse_args()
     two_stage = [f for f in args.two_stage.split(",") if f]
     unknown = [f for f in [*args.fusions.split(","), *two_stage] if f and f not in FUSIONS]
@@ -200,23 +237,34 @@ def main() -> int:
             if cnn is None:
                 run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates[:1]}, args.out)
                 cnn, candidates = work / "fusions" / "models" / "concat", candidates[1:]
-            train = {**({"epochs": args.two_stage_epochs, "patience": args.two_stage_epochs}
-                        if args.two_stage_epochs else {}), **({"lr": args.two_stage_lr} if args.two_stage_lr else {})}
+            train = {
+                **(
+                    {"epochs": args.two_stage_epochs, "patience": args.two_stage_epochs}
+                    if args.two_stage_epochs
+                    else {}
+                ),
+                **({"lr": args.two_stage_lr} if args.two_stage_lr else {}),
+            }
             train = {"train": train} if train else {}
-            staged = load_params(REPO / "params.yaml", args, [{"name": f, "fusion": f, "params": FUSIONS[f], **train}
-                                                               for f in two_stage])
+            staged = load_params(
+                REPO / "params.yaml", args, [{"name": f, "fusion": f, "params": FUSIONS[f], **train} for f in two_stage]
+            )
             for spec in staged["inputs"].values():
                 if spec["encoder"] == "cnn_image":
                     spec.update(init_from=str(cnn.resolve()), freeze=True)
-            label = "+cnn(concat)" + (f", {args.two_stage_epochs} epochs" if args.two_stage_epochs else "") \
+            label = (
+                "+cnn(concat)"
+                + (f", {args.two_stage_epochs} epochs" if args.two_stage_epochs else "")
                 + (f", lr {args.two_stage_lr:g}" if args.two_stage_lr else "")
+            )
             run_project(work / "two-stage", work / "raw", staged, args.out, label=label)
         if candidates:
             run_project(work / "fusions", work / "raw", {**main_params, "candidates": candidates}, args.out)
         if not args.no_classic:
             classic = yaml.safe_load((REPO / "configs" / "classic.yaml").read_text())["candidates"]
-            run_project(work / "classic", work / "raw", load_params(REPO / "configs" / "classic.yaml", args, classic),
-                        args.out)
+            run_project(
+                work / "classic", work / "raw", load_params(REPO / "configs" / "classic.yaml", args, classic), args.out
+            )
     rows = json.loads((args.out / "fusions.json").read_text())
     table = write_table(rows, args, main_params["train"]["epochs"])
     (args.out / "fusions.md").write_text(table)

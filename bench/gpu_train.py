@@ -56,13 +56,16 @@ def main() -> None:
 
     training = {}
     for device, precision in setups:
-        chosen = loaded.model_copy(update={"train": loaded.train.model_copy(update={"device": device,
-                                                                                   "precision": precision})})
+        chosen = loaded.model_copy(
+            update={"train": loaded.train.model_copy(update={"device": device, "precision": precision})}
+        )
         train_candidate(chosen, chosen.candidates[0], data, root / "warm")  # CUDA context, kernels, caches
         result = train_candidate(chosen, chosen.candidates[0], data, root / f"{device}-{precision}")
-        training[f"{device}_{precision}"] = {"epoch_s": round(result["history"][0]["seconds"], 3),
-                                              "device": result["device"],
-                                              "val_accuracy": round(result["history"][0]["val_accuracy"], 4)}
+        training[f"{device}_{precision}"] = {
+            "epoch_s": round(result["history"][0]["seconds"], 3),
+            "device": result["device"],
+            "val_accuracy": round(result["history"][0]["val_accuracy"], 4),
+        }
         print(device, precision, training[f"{device}_{precision}"])
     base = training["cpu_fp32"]["epoch_s"]
     for row in training.values():
@@ -84,10 +87,17 @@ def main() -> None:
     encoder.to("cpu")
 
     figures = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    figures.update({"torch": torch.__version__, "cuda": torch.version.cuda,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "cpu_cores": os.cpu_count(), "questions_per_split": args.limit,
-                    "training": training, "featurize": featurizing})
+    figures.update(
+        {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_cores": os.cpu_count(),
+            "questions_per_split": args.limit,
+            "training": training,
+            "featurize": featurizing,
+        }
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"written to {args.out}")

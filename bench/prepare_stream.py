@@ -32,9 +32,40 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-WORDS = ["red", "green", "blue", "small", "large", "round", "square", "bright", "dark", "old", "new", "shiny",
-         "matte", "soft", "hard", "light", "heavy", "striped", "plain", "wooden", "metal", "glass", "paper",
-         "cotton", "leather", "cheap", "fancy", "tiny", "huge", "simple", "classic", "modern"]
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "small",
+    "large",
+    "round",
+    "square",
+    "bright",
+    "dark",
+    "old",
+    "new",
+    "shiny",
+    "matte",
+    "soft",
+    "hard",
+    "light",
+    "heavy",
+    "striped",
+    "plain",
+    "wooden",
+    "metal",
+    "glass",
+    "paper",
+    "cotton",
+    "leather",
+    "cheap",
+    "fancy",
+    "tiny",
+    "huge",
+    "simple",
+    "classic",
+    "modern",
+]
 SHOPS = [f"shop_{i:02d}" for i in range(40)]
 LABELS = [f"class_{i}" for i in range(10)]
 
@@ -77,7 +108,7 @@ def generate(raw: Path, rows: int, images: int, seed: int) -> dict[str, int]:
         pixels = np.empty((32, 32, 3), dtype=np.uint8)
         pixels[:] = rng.integers(0, 256, 3, dtype=np.uint8)
         x, y = rng.integers(0, 24, 2)
-        pixels[y:y + 8, x:x + 8] //= 2
+        pixels[y : y + 8, x : x + 8] //= 2
         Image.fromarray(pixels).save(raw / "images" / f"{i:05d}.png")
 
     n_text = max(1, round(rows * 0.05))
@@ -90,19 +121,24 @@ def generate(raw: Path, rows: int, images: int, seed: int) -> dict[str, int]:
     widths, heights = rng.integers(200, 2000, images), rng.integers(200, 2000, images)
 
     img = rng.integers(0, images, rows)
-    manifest = pd.DataFrame({
-        "text": text_pool[rng.integers(0, n_text, rows)],
-        "image": image_paths[img],
-        "width": widths[img],
-        "height": heights[img],
-        "shop": np.array(SHOPS, dtype=object)[rng.integers(0, len(SHOPS), rows)],
-        "label": np.array(LABELS, dtype=object)[rng.integers(0, len(LABELS), rows)],
-        "split": np.where(rng.random(rows) < 0.8, "train", "test"),
-    })
+    manifest = pd.DataFrame(
+        {
+            "text": text_pool[rng.integers(0, n_text, rows)],
+            "image": image_paths[img],
+            "width": widths[img],
+            "height": heights[img],
+            "shop": np.array(SHOPS, dtype=object)[rng.integers(0, len(SHOPS), rows)],
+            "label": np.array(LABELS, dtype=object)[rng.integers(0, len(LABELS), rows)],
+            "split": np.where(rng.random(rows) < 0.8, "train", "test"),
+        }
+    )
     manifest.to_csv(raw / "manifest.csv", index=False)
-    return {"text": int(manifest["text"].nunique()), "image": int(manifest["image"].nunique()),
-            "size": int(manifest[["width", "height"]].drop_duplicates().shape[0]),
-            "shop": int(manifest["shop"].nunique())}
+    return {
+        "text": int(manifest["text"].nunique()),
+        "image": int(manifest["image"].nunique()),
+        "size": int(manifest[["width", "height"]].drop_duplicates().shape[0]),
+        "shop": int(manifest["shop"].nunique()),
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -124,8 +160,20 @@ def child(args: argparse.Namespace) -> None:
 def spawn(kind: str, work: Path, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """One fresh child process; its figures come back through a file, since rich may print to stdout."""
     result = work / f"{name}.result.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--result", str(result),
-           "--raw", str(work / "raw"), "--out", str(work / name), "--params", json.dumps(params or {})]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        kind,
+        "--result",
+        str(result),
+        "--raw",
+        str(work / "raw"),
+        "--out",
+        str(work / name),
+        "--params",
+        json.dumps(params or {}),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -166,8 +214,15 @@ def profile(work: Path, rows: int, chunk_rows: int, top: int) -> None:
     stats.sort_stats("tottime").print_stats(top)
 
 
-def report(rows: int, chunk_rows: int, distinct: dict[str, int], gen_s: float, base: dict[str, Any],
-           runs: list[dict[str, Any]], identical: bool) -> dict[str, Any]:
+def report(
+    rows: int,
+    chunk_rows: int,
+    distinct: dict[str, int],
+    gen_s: float,
+    base: dict[str, Any],
+    runs: list[dict[str, Any]],
+    identical: bool,
+) -> dict[str, Any]:
     """Print the table and ratios; return what goes into bench/results/prepare_stream.json."""
     from rich.console import Console
     from rich.table import Table
@@ -187,25 +242,41 @@ def report(rows: int, chunk_rows: int, distinct: dict[str, int], gen_s: float, b
         table.add_column(col, justify="left" if col == "way" else "right", no_wrap=True)
     table.add_row("imports only", "-", f"{base['import_seconds']:.2f}", f"{floor:.0f}", "0", "-")
     for run in runs:
-        table.add_row(run["way"], f"{run['chunk_rows']:,}", f"{run['seconds']:.1f}", f"{run['peak_rss_mb']:.0f}",
-                      f"{run['added_rss_mb']:.0f}", f"{run['rows_per_s']:,.0f}")
+        table.add_row(
+            run["way"],
+            f"{run['chunk_rows']:,}",
+            f"{run['seconds']:.1f}",
+            f"{run['peak_rss_mb']:.0f}",
+            f"{run['added_rss_mb']:.0f}",
+            f"{run['rows_per_s']:,.0f}",
+        )
     console = Console()
     console.print(table)
     added = ratios["added_rss_b_over_a"]
-    console.print(f"peak memory b/a: {ratios['peak_rss_b_over_a']:.2f}x"
-                  + (f"   (memory prepare adds, b/a: {added:.2f}x)" if added is not None else "")
-                  + f"   time a/b: {ratios['time_a_over_b']:.2f}x")
-    console.print(f"added MB: peak RSS over the imports-only child. Same prepared data both ways: "
-                  f"{'yes' if identical else 'NO'}. Data set written in {gen_s:.1f} s; cores: {os.cpu_count()}")
+    console.print(
+        f"peak memory b/a: {ratios['peak_rss_b_over_a']:.2f}x"
+        + (f"   (memory prepare adds, b/a: {added:.2f}x)" if added is not None else "")
+        + f"   time a/b: {ratios['time_a_over_b']:.2f}x"
+    )
+    console.print(
+        f"added MB: peak RSS over the imports-only child. Same prepared data both ways: "
+        f"{'yes' if identical else 'NO'}. Data set written in {gen_s:.1f} s; cores: {os.cpu_count()}"
+    )
     if rows <= chunk_rows:
         console.print(f"note: rows ({rows:,}) <= chunk_rows ({chunk_rows:,}): both ways read one chunk")
     return {
-        "benchmark": "prepare_stream", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "benchmark": "prepare_stream",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "rows": rows, "distinct": distinct, "generate_seconds": gen_s, "identical_outputs": identical,
+        "rows": rows,
+        "distinct": distinct,
+        "generate_seconds": gen_s,
+        "identical_outputs": identical,
         "baseline": {"import_seconds": base["import_seconds"], "peak_rss_mb": floor},
-        "runs": [{k: r[k] for k in ("way", "chunk_rows", "seconds", "peak_rss_mb", "added_rss_mb", "rows_per_s")}
-                 for r in runs],
+        "runs": [
+            {k: r[k] for k in ("way", "chunk_rows", "seconds", "peak_rss_mb", "added_rss_mb", "rows_per_s")}
+            for r in runs
+        ],
         "ratios": ratios,
         "summary": a["summary"],
     }

@@ -10,8 +10,17 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["featurize_dedup.py", "sweep.py", "noop_run.py", "serve_load.py", "fusions.py",
-           "prepare_stream.py", "dask_overhead.py", "ddp_overhead.py", "cpu_train_speed.py"]
+SCRIPTS = [
+    "featurize_dedup.py",
+    "sweep.py",
+    "noop_run.py",
+    "serve_load.py",
+    "fusions.py",
+    "prepare_stream.py",
+    "dask_overhead.py",
+    "ddp_overhead.py",
+    "cpu_train_speed.py",
+]
 
 if __name__ == "__main__":
     failed = []

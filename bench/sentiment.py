@@ -63,9 +63,17 @@ def run(work: Path, sizes: tuple[int, int, int], seed: int, epochs: int, names: 
         print(f"seed {seed}: training {candidate.name} ...", flush=True)
         started = time.perf_counter()
         result = train_candidate(params, candidate, data, work / "models" / candidate.name.split()[0])
-        rows.append({"candidate": candidate.name, "seed": seed, "epochs_run": result["epochs_run"],
-                     "best_epoch": result["best_epoch"], "seconds": round(time.perf_counter() - started, 1),
-                     "val": result["metrics"]["val"], "test": result["metrics"]["test"]})
+        rows.append(
+            {
+                "candidate": candidate.name,
+                "seed": seed,
+                "epochs_run": result["epochs_run"],
+                "best_epoch": result["best_epoch"],
+                "seconds": round(time.perf_counter() - started, 1),
+                "val": result["metrics"]["val"],
+                "test": result["metrics"]["test"],
+            }
+        )
         print(f"  test mae {rows[-1]['test']['mae']:.3f} acc2_non0 {rows[-1]['test']['acc2_non0']:.3f}", flush=True)
     return rows
 
@@ -88,11 +96,15 @@ def markdown(table: list[dict], meta: dict) -> str:
     head = "| model | Acc-2 (non0) | F1 (non0) | Acc-2 (has0) | F1 (has0) | MAE | Corr | Acc-7 | s/run |"
     lines = [head, "|" + "---|" * 9]
     for e in table:
-        cells = [f"{100 * e[m]:.1f} ± {100 * e[m + '_std']:.1f}" if m in pct else f"{e[m]:.3f} ± {e[m + '_std']:.3f}"
-                 for m in SHOWN]
+        cells = [
+            f"{100 * e[m]:.1f} ± {100 * e[m + '_std']:.1f}" if m in pct else f"{e[m]:.3f} ± {e[m + '_std']:.3f}"
+            for m in SHOWN
+        ]
         lines.append(f"| {e['candidate']} | {' | '.join(cells)} | {e['seconds']} |")
-    intro = (f"SYNTHETIC data (mmops.data.mmsa.synthetic_mmsa), test split of {meta['sizes'][2]} rows; mean ± std "
-             f"over {meta['seeds']} seeds; {meta['epochs']} epochs at most; {meta['machine']}.")
+    intro = (
+        f"SYNTHETIC data (mmops.data.mmsa.synthetic_mmsa), test split of {meta['sizes'][2]} rows; mean ± std "
+        f"over {meta['seeds']} seeds; {meta['epochs']} epochs at most; {meta['machine']}."
+    )
     return intro + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -112,9 +124,14 @@ def main() -> None:
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             rows += run(Path(tmp), tuple(args.rows), seed, args.epochs, names)
-    meta = {"sizes": args.rows, "seeds": args.seeds, "epochs": args.epochs,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread, CPU shared with other jobs",
-            "wall_seconds": round(time.perf_counter() - started), "data": "synthetic (mmops.data.mmsa.synthetic_mmsa)"}
+    meta = {
+        "sizes": args.rows,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread, CPU shared with other jobs",
+        "wall_seconds": round(time.perf_counter() - started),
+        "data": "synthetic (mmops.data.mmsa.synthetic_mmsa)",
+    }
     table = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sentiment.json").write_text(json.dumps({"meta": meta, "table": table, "runs": rows}, indent=2))

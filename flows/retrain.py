@@ -44,9 +44,18 @@ def retrain(project_dir: str = ".", build_bento: bool = True, force: bool = Fals
         swept = sweep_flow.run_sweep(project, RunnerConfig(**runner) if runner else None, force=force)
         stages, results, best = swept["stages"], swept["results"], swept["best"]
         shipped = register_and_package(str(project.root), best, build_bento)
-        promotion = champion_challenger(str(project.root), shipped["model_version"], best["model_dir"],
-                                        {"stages": stages, "flow_run_id": str(flow_run.id) if flow_run.id else None})
+        promotion = champion_challenger(
+            str(project.root),
+            shipped["model_version"],
+            best["model_dir"],
+            {"stages": stages, "flow_run_id": str(flow_run.id) if flow_run.id else None},
+        )
         html = report(str(project.root), best["candidate"])
-    return {"stages": stages, "results": results, "best": best["candidate"], **shipped, "promotion": promotion,
-            "report": html}
-
+    return {
+        "stages": stages,
+        "results": results,
+        "best": best["candidate"],
+        **shipped,
+        "promotion": promotion,
+        "report": html,
+    }

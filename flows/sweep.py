@@ -76,16 +76,23 @@ def sweep(project_dir: str = ".", force: bool = False, threads: int | None = Non
     # Recorded on each registry run: the top flow run (retrain's, as `mmops schedule run` prints and a
     # schedule creates), not this sweep's own subflow run.
     run_id = str(flow_run.root_flow_run_id or flow_run.id) if flow_run.id else None
-    futures = [train_candidate.submit(str(project.root), c.name, run_id, threads, force)
-               for c in params.all_candidates()]
+    futures = [
+        train_candidate.submit(str(project.root), c.name, run_id, threads, force) for c in params.all_candidates()
+    ]
     wait(futures)
     results = []
     for candidate, future in zip(params.all_candidates(), futures, strict=True):
         try:
             results.append(future.result())
         except Exception as exc:  # retries exhausted: record it, rank the others
-            results.append({"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
-                            "error": f"{type(exc).__name__}: {exc}"})
+            results.append(
+                {
+                    "candidate": candidate.name,
+                    "fusion": candidate.fusion,
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
     best = pipeline.select_best(results, params.select_metric, params.metric_sign(params.select_metric))
     pipeline.write_metrics(project, results, best)
     return {"stages": stages, "results": results, "best": best}

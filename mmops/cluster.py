@@ -94,9 +94,15 @@ def dask_address(project: Project, runner: RunnerConfig) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         address = runner.address
         if not address:
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=runner.max_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                host="127.0.0.1"))
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=runner.max_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    host="127.0.0.1",
+                )
+            )
             address = cluster.scheduler_address
         with Client(address, set_as_default=False) as client:
             client.register_plugin(WarmWorker(str(project.root)))

@@ -35,24 +35,33 @@ SOURCES = ("easy-vqa", "manifest", "vqa-v2", "coco-captions", "imagefolder", "mm
 
 class DataConfig(_Strict):
     source: str = "easy-vqa"
-    path: str | None = Field(None, description="the source's files (a folder, or a manifest file), relative to "
-                             "the project root; easy-vqa needs none")
+    path: str | None = Field(
+        None,
+        description="the source's files (a folder, or a manifest file), relative to "
+        "the project root; easy-vqa needs none",
+    )
     limit: int = Field(0, ge=0, description="keep this many questions per source split; 0 keeps all")
     image_size: int = Field(64, ge=8, le=1024)
     sample_rate: int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
     audio_seconds: float = Field(1.0, gt=0, le=60, description="audio is padded or cut to this length")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     zero_shot_pairs: Literal["default", "none"] = Field(
-        "default", description="easy-vqa --as captions: 'default' puts every image of four colour-shape pairs in "
-        "test (compositional zero-shot, for CLIP); 'none' holds none out, so every test pair is seen in train")
+        "default",
+        description="easy-vqa --as captions: 'default' puts every image of four colour-shape pairs in "
+        "test (compositional zero-shot, for CLIP); 'none' holds none out, so every test pair is seen in train",
+    )
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="carved when the manifest has no split column")
     chunk_rows: int = Field(50_000, ge=100, description="manifest rows read at a time: bounds prepare's memory")
     group_column: str | None = Field(
-        None, description="a manifest column (speaker, patient, user, session) whose rows belong together: "
-        "val and a carved test split hold groups never seen in train, so validation predicts new users")
+        None,
+        description="a manifest column (speaker, patient, user, session) whose rows belong together: "
+        "val and a carved test split hold groups never seen in train, so validation predicts new users",
+    )
     val_groups: list[str] = Field(default_factory=list, description="with group_column: these groups are val")
-    test_groups: list[str] = Field(default_factory=list, description="with group_column: these groups are test "
-                                   "(only when the manifest has no split column)")
+    test_groups: list[str] = Field(
+        default_factory=list,
+        description="with group_column: these groups are test (only when the manifest has no split column)",
+    )
 
     @model_validator(mode="after")
     def _groups_need_column(self) -> DataConfig:
@@ -73,8 +82,13 @@ class DataConfig(_Strict):
 
 # Manifest column types that map onto the tabular modality, with the encoder each defaults to.
 COLUMN_KINDS = {"number": "numeric", "category": "categorical"}
-DEFAULT_ENCODERS = {"text": "bow_text", "image": "cnn_image", "audio": "mel_audio", "vectors": "seq_features",
-                    **COLUMN_KINDS}
+DEFAULT_ENCODERS = {
+    "text": "bow_text",
+    "image": "cnn_image",
+    "audio": "mel_audio",
+    "vectors": "seq_features",
+    **COLUMN_KINDS,
+}
 
 
 class InputConfig(_Strict):
@@ -123,8 +137,11 @@ class InputConfig(_Strict):
 
 class TargetConfig(_Strict):
     column: str = "answer"
-    type: str = Field("classification", description="a task plugin (`mmops plugins list`): classification, "
-                      "multilabel, regression, or one a package adds")
+    type: str = Field(
+        "classification",
+        description="a task plugin (`mmops plugins list`): classification, "
+        "multilabel, regression, or one a package adds",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the task plugin's own parameters")
     separator: str = Field("|", min_length=1, description="multilabel: separates a row's labels in one cell")
     threshold: float = Field(0.5, gt=0, lt=1, description="multilabel: a label is predicted above this score")
@@ -146,24 +163,45 @@ class TrainConfig(_Strict):
     head_hidden: int = Field(256, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     threads: int = Field(0, ge=0, description="torch threads per candidate; 0 = cores / parallel candidates")
-    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps; "
-                        "the MMOPS_DEVICE environment variable overrides it")
+    device: str = Field(
+        "auto",
+        description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps; "
+        "the MMOPS_DEVICE environment variable overrides it",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="bf16: autocast on CUDA or CPU; fp16: autocast with a gradient scaler, CUDA only")
+        "fp32", description="bf16: autocast on CUDA or CPU; fp16: autocast with a gradient scaler, CUDA only"
+    )
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig,
-        description="data-parallel training of each candidate over several processes (`mmops train --nproc N`)")
-    feature_cache: bool = Field(
-        True, description="use cached frozen features and encode each distinct value once per batch; "
-        "false recomputes every encoder for every row (the naive baseline the benchmarks compare with)"
+        description="data-parallel training of each candidate over several processes (`mmops train --nproc N`)",
     )
-    ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights that val "
-                       "judges and the artifact keeps (0.99-0.999 typical); 0 = off")
-    smoothing: int = Field(1, ge=1, le=20, description="early stopping: patience counts from the best mean of the "
-                           "last N val scores, so one lucky epoch on a small val split does not stop training")
-    seeds: int = Field(1, ge=1, le=20, description="train each candidate with this many seeds (seed, seed+1, ...): "
-                       "the leaderboard and registry show mean ± std and selection uses the mean; the artifact "
-                       "is the first seed's model")
+    feature_cache: bool = Field(
+        True,
+        description="use cached frozen features and encode each distinct value once per batch; "
+        "false recomputes every encoder for every row (the naive baseline the benchmarks compare with)",
+    )
+    ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights that val "
+        "judges and the artifact keeps (0.99-0.999 typical); 0 = off",
+    )
+    smoothing: int = Field(
+        1,
+        ge=1,
+        le=20,
+        description="early stopping: patience counts from the best mean of the "
+        "last N val scores, so one lucky epoch on a small val split does not stop training",
+    )
+    seeds: int = Field(
+        1,
+        ge=1,
+        le=20,
+        description="train each candidate with this many seeds (seed, seed+1, ...): "
+        "the leaderboard and registry show mean ± std and selection uses the mean; the artifact "
+        "is the first seed's model",
+    )
 
 
 class CandidateConfig(_Strict):
@@ -172,8 +210,11 @@ class CandidateConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the train section")
     inputs: list[str] | None = Field(
-        None, min_length=1, description="the inputs this candidate reads (default: all); one input trains a "
-        "unimodal baseline with no fusion, the first question of any multimodal project")
+        None,
+        min_length=1,
+        description="the inputs this candidate reads (default: all); one input trains a "
+        "unimodal baseline with no fusion, the first question of any multimodal project",
+    )
 
     def input_names(self, all_inputs: list[str]) -> list[str]:
         return list(self.inputs) if self.inputs else list(all_inputs)
@@ -188,8 +229,11 @@ class SweepConfig(_Strict):
     fusion: list[str] = Field(default_factory=list)
     params: dict[str, list[Any]] = Field(default_factory=dict, description="fusion parameters to vary")
     train: dict[str, list[Any]] = Field(default_factory=dict, description="train settings to vary")
-    ablation: bool = Field(False, description="also train every single input and every leave-one-out subset "
-                           "next to the first candidate (the modality table in the leaderboard and report)")
+    ablation: bool = Field(
+        False,
+        description="also train every single input and every leave-one-out subset "
+        "next to the first candidate (the modality table in the leaderboard and report)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -235,20 +279,31 @@ class IndexConfig(_Strict):
     """The vector index a contrastive model's bento ships: which rows are searchable, and how."""
 
     splits: list[Literal["train", "val", "test"]] = Field(
-        default_factory=lambda: ["train", "val"], min_length=1,
-        description="the prepared splits whose rows form the gallery (test stays unseen by default)")
-    input: str | None = Field(None, description="the input whose distinct values are indexed (default: the "
-                              "task's image input; its text input makes captions searchable)")
-    exact_below: int = Field(20_000, ge=0, description="galleries smaller than this are searched exactly; "
-                             "larger ones approximately: product-quantised codes re-ranked exactly "
-                             "(faiss), or an HNSW graph (usearch) where faiss is missing")
+        default_factory=lambda: ["train", "val"],
+        min_length=1,
+        description="the prepared splits whose rows form the gallery (test stays unseen by default)",
+    )
+    input: str | None = Field(
+        None,
+        description="the input whose distinct values are indexed (default: the "
+        "task's image input; its text input makes captions searchable)",
+    )
+    exact_below: int = Field(
+        20_000,
+        ge=0,
+        description="galleries smaller than this are searched exactly; "
+        "larger ones approximately: product-quantised codes re-ranked exactly "
+        "(faiss), or an HNSW graph (usearch) where faiss is missing",
+    )
 
 
 class PromotionConfig(_Strict):
     """Champion/challenger: measured on the test split, where both models are evaluated alike."""
 
-    metric: str = Field("accuracy", description="a test metric of the task (accuracy, macro_f1, mae...); "
-                        "when left out, the task's first metric")
+    metric: str = Field(
+        "accuracy",
+        description="a test metric of the task (accuracy, macro_f1, mae...); when left out, the task's first metric",
+    )
     margin: float = Field(0.002, ge=0, description="the challenger must beat the champion by more than this")
     min_accuracy: float = Field(0.5, ge=0, le=1, description="below this a model never reaches production")
     min_macro_f1: float = Field(0.0, ge=0, le=1)
@@ -287,12 +342,15 @@ class Params(_Strict):
                 f"select_metric: a {task} target is selected on one of {allowed}, got '{self.select_metric}'"
             )
         if self.promotion.metric not in metrics:
-            raise ValueError(f"promotion.metric: a {task} target is compared on one of {metrics}, "
-                             f"got '{self.promotion.metric}'")
+            raise ValueError(
+                f"promotion.metric: a {task} target is compared on one of {metrics}, got '{self.promotion.metric}'"
+            )
         for name, spec in self.inputs.items():
             if spec.kind == "audio" and spec.params.get("sample_rate", self.data.sample_rate) != self.data.sample_rate:
-                raise ValueError(f"inputs.{name}.params.sample_rate must equal data.sample_rate "
-                                 f"({self.data.sample_rate}): prepare resamples audio to that rate")
+                raise ValueError(
+                    f"inputs.{name}.params.sample_rate must equal data.sample_rate "
+                    f"({self.data.sample_rate}): prepare resamples audio to that rate"
+                )
         if not self.inputs:
             raise ValueError("inputs: declare at least one input")
         if not self.candidates and not (self.sweep and self.sweep.fusion):
@@ -303,8 +361,10 @@ class Params(_Strict):
             if unknown:
                 raise ValueError(f"candidates[{c.name}].inputs: unknown {unknown}; the inputs are {list(self.inputs)}")
             if len(used) > 1 and c.fusion is None and not self.task_combines_inputs:
-                raise ValueError(f"candidates[{c.name}]: {len(used)} inputs: name a fusion (only a one-input "
-                                 "candidate, or one of a task that combines the inputs itself, has none)")
+                raise ValueError(
+                    f"candidates[{c.name}]: {len(used)} inputs: name a fusion (only a one-input "
+                    "candidate, or one of a task that combines the inputs itself, has none)"
+                )
         names = [c.name for c in self.all_candidates()]
         if len(set(names)) != len(names):
             raise ValueError(f"candidates: names must be unique, got {names}")
@@ -354,11 +414,20 @@ class Params(_Strict):
         subsets = [[n] for n in names]
         if len(names) > 2:
             subsets += [[m for m in names if m != n] for n in names]
-        return [base.model_copy(update={
-            "name": f"{base.name}-only-{s[0]}" if len(s) == 1 else f"{base.name}-without-"
-            + next(n for n in names if n not in s),
-            "inputs": s, "fusion": base.fusion if len(s) > 1 else None, "params": base.params if len(s) > 1 else {}})
-            for s in subsets if len(s) < len(names)]
+        return [
+            base.model_copy(
+                update={
+                    "name": f"{base.name}-only-{s[0]}"
+                    if len(s) == 1
+                    else f"{base.name}-without-" + next(n for n in names if n not in s),
+                    "inputs": s,
+                    "fusion": base.fusion if len(s) > 1 else None,
+                    "params": base.params if len(s) > 1 else {},
+                }
+            )
+            for s in subsets
+            if len(s) < len(names)
+        ]
 
     def candidate(self, name: str) -> CandidateConfig:
         for c in self.all_candidates():
@@ -387,7 +456,5 @@ def load_params(path: Path) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
-        ]
+        lines = [f"  {'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()]
         raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None

@@ -126,14 +126,18 @@ def recover_interrupted(project: Project) -> list[str]:
         registry = Registry(project.db_url)
         for run_id, info in orphans.items():
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if "started" in info else "?"
-            aborted += registry.mark_aborted([run_id], f"aborted: the process running it (pid {info.get('pid', '?')} "
-                                                       f"on {info.get('host', '?')}, started {when}) ended without "
-                                                       "finishing it (killed?); found by the next run")
+            aborted += registry.mark_aborted(
+                [run_id],
+                f"aborted: the process running it (pid {info.get('pid', '?')} "
+                f"on {info.get('host', '?')}, started {when}) ended without "
+                "finishing it (killed?); found by the next run",
+            )
         for marker in markers:
             if marker.stem in orphans:
                 marker.unlink(missing_ok=True)
-    remove_stale_temp_files(project.models_dir, project.metrics_dir, project.root / "data" / "feature-cache",
-                            project.state_dir / "running")
+    remove_stale_temp_files(
+        project.models_dir, project.metrics_dir, project.root / "data" / "feature-cache", project.state_dir / "running"
+    )
     return aborted
 
 
@@ -187,9 +191,7 @@ def data_version(project: Project) -> dict[str, str]:
         return {}
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     return {
-        f"{stage}:{out['path']}": out.get("md5", "")
-        for stage, body in stages.items()
-        for out in body.get("outs", [])
+        f"{stage}:{out['path']}": out.get("md5", "") for stage, body in stages.items() for out in body.get("outs", [])
     }
 
 
@@ -217,11 +219,16 @@ def fingerprint(project: Project, candidate: CandidateConfig) -> str:
 
     params = project.params
     data = {k: v for k, v in data_version(project).items() if k.startswith(("prepare:", "featurize:"))}
-    payload = {"candidate": candidate.model_dump(),
-               "train": params.train_for(candidate).model_dump(exclude={"threads"}),
-               "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "seed": params.seed,
-               "target": params.target.model_dump(),
-               "data": data, "mmops": mmops.__version__, "code": candidate_code(project, candidate)}
+    payload = {
+        "candidate": candidate.model_dump(),
+        "train": params.train_for(candidate).model_dump(exclude={"threads"}),
+        "inputs": {k: v.model_dump() for k, v in params.inputs.items()},
+        "seed": params.seed,
+        "target": params.target.model_dump(),
+        "data": data,
+        "mmops": mmops.__version__,
+        "code": candidate_code(project, candidate),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -257,8 +264,9 @@ def resolve_artifact(project: Project, ref: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
-def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | None = None,
-              threads: int = 0, force: bool = False) -> dict:
+def train_one(
+    project: Project, candidate: CandidateConfig, flow_run_id: str | None = None, threads: int = 0, force: bool = False
+) -> dict:
     """Train, evaluate and record one candidate; a failure is recorded, returned, never raised.
 
     A candidate whose fingerprint is unchanged since its last completed run is not retrained: its
@@ -276,10 +284,17 @@ def train_one(project: Project, candidate: CandidateConfig, flow_run_id: str | N
     registry = Registry(project.db_url)
     run_id = registry.start_run(
         name=candidate.name,
-        config={"candidate": candidate.model_dump(), "train": params.train_for(candidate).model_dump(),
-                "inputs": {k: v.model_dump() for k, v in params.inputs.items()}, "data": params.data.model_dump(),
-                "code": candidate_code(project, candidate), "runtime": runtime(params.train_for(candidate))},
-        seed=params.seed, data_version=data_version(project), git_commit=project.git_commit(),
+        config={
+            "candidate": candidate.model_dump(),
+            "train": params.train_for(candidate).model_dump(),
+            "inputs": {k: v.model_dump() for k, v in params.inputs.items()},
+            "data": params.data.model_dump(),
+            "code": candidate_code(project, candidate),
+            "runtime": runtime(params.train_for(candidate)),
+        },
+        seed=params.seed,
+        data_version=data_version(project),
+        git_commit=project.git_commit(),
         flow_run_id=flow_run_id,
     )
     marker = _mark_running(project, run_id)
@@ -313,8 +328,9 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
     started = time.perf_counter()
 
     def on_epoch(_: str, record: dict) -> None:
-        registry.log_metrics(run_id, {k: v for k, v in record.items() if k == "train_loss" or k.startswith("val_")},
-                             step=record["epoch"])
+        registry.log_metrics(
+            run_id, {k: v for k, v in record.items() if k == "train_loss" or k.startswith("val_")}, step=record["epoch"]
+        )
         _notify("epoch", candidate.name, record=record)
 
     _notify("start", candidate.name, epochs=params.train_for(candidate).epochs)
@@ -323,36 +339,67 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
         if (processes := params.train_for(candidate).distributed.processes) > 1:
             from mmops.training.distributed import train_parallel
 
-            result = train_parallel(params, candidate, project.prepared_dir, project.features_dir,
-                                    project.models_dir / candidate.name, processes, on_epoch, resolve)
+            result = train_parallel(
+                params,
+                candidate,
+                project.prepared_dir,
+                project.features_dir,
+                project.models_dir / candidate.name,
+                processes,
+                on_epoch,
+                resolve,
+            )
         else:
-            data = Dataset.load(project.prepared_dir, project.features_dir, params,
-                                use_cache=params.train_for(candidate).feature_cache)
-            result = train_candidate(params, candidate, data, project.models_dir / candidate.name,
-                                     resolve=resolve, on_epoch=on_epoch)
+            data = Dataset.load(
+                project.prepared_dir, project.features_dir, params, use_cache=params.train_for(candidate).feature_cache
+            )
+            result = train_candidate(
+                params, candidate, data, project.models_dir / candidate.name, resolve=resolve, on_epoch=on_epoch
+            )
         more = []
         for k in range(1, params.train_for(candidate).seeds):  # the other seeds: their figures, not their models
             seeded = params.model_copy(update={"seed": params.seed + k})
             with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:
                 if processes > 1:  # each seed data-parallel too
-                    more.append(train_parallel(seeded, candidate, project.prepared_dir, project.features_dir,
-                                               Path(tmp), processes, None, resolve))
+                    more.append(
+                        train_parallel(
+                            seeded,
+                            candidate,
+                            project.prepared_dir,
+                            project.features_dir,
+                            Path(tmp),
+                            processes,
+                            None,
+                            resolve,
+                        )
+                    )
                 else:
                     more.append(train_candidate(seeded, candidate, data, Path(tmp), resolve=resolve))
     except Exception as exc:  # one bad candidate must not sink the sweep
-        registry.finish_run(run_id, "failed", time.perf_counter() - started,
-                            error="".join(traceback.format_exception_only(exc)).strip())
+        registry.finish_run(
+            run_id, "failed", time.perf_counter() - started, error="".join(traceback.format_exception_only(exc)).strip()
+        )
         _notify("end", candidate.name, status="failed", error=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, TRANSIENT):
             raise
-        return {"candidate": candidate.name, "fusion": candidate.fusion, "status": "failed",
-                "inputs": candidate.input_names(list(params.inputs)),
-                "error": f"{type(exc).__name__}: {exc}", "run_id": run_id}
+        return {
+            "candidate": candidate.name,
+            "fusion": candidate.fusion,
+            "status": "failed",
+            "inputs": candidate.input_names(list(params.inputs)),
+            "error": f"{type(exc).__name__}: {exc}",
+            "run_id": run_id,
+        }
     final, final_std, seeds = seed_summary([result, *more])
     registry.log_metrics(run_id, {**final, **{f"{k}_std": v for k, v in final_std.items()}})
     registry.finish_run(run_id, "completed", time.perf_counter() - started, artifact=result["model_dir"])
-    done = {**result, "run_id": run_id, "final": final, "fingerprint": fingerprint(project, candidate),
-            **({"final_std": final_std, "seeds": seeds} if more else {})}
+    done = {
+        **result,
+        "run_id": run_id,
+        "final": final,
+        "fingerprint": fingerprint(project, candidate),
+        **({"final_std": final_std, "seeds": seeds} if more else {}),
+    }
     # result.json is what makes a trained candidate reusable: written whole or not at all.
     atomic_write(Path(result["model_dir"]) / "result.json", json.dumps(done, indent=2))
     _notify("end", candidate.name, status="completed")
@@ -364,14 +411,24 @@ def seed_summary(results: list[dict]) -> tuple[dict[str, float], dict[str, float
 
     One seed's result ranks luck (10 points between two seeds of one candidate were measured on a
     speaker-disjoint task); with ``train.seeds`` the mean is what selection and the registry see."""
-    per_seed = [{f"{split}_{key}": value for split, m in r["metrics"].items()
-                 for key, value in m.items() if isinstance(value, float)} for r in results]
+    per_seed = [
+        {
+            f"{split}_{key}": value
+            for split, m in r["metrics"].items()
+            for key, value in m.items()
+            if isinstance(value, float)
+        }
+        for r in results
+    ]
     keys = [k for k in per_seed[0] if all(k in s for s in per_seed)]
     final = {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
     std = {k: float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for k in keys}
     # Per-seed rows only where there are several seeds: one run's figures are already ``final``.
-    seeds = [{"seed": r["seed"], "best_epoch": r["best_epoch"], **s}
-             for r, s in zip(results, per_seed, strict=True)] if len(results) > 1 else []
+    seeds = (
+        [{"seed": r["seed"], "best_epoch": r["best_epoch"], **s} for r, s in zip(results, per_seed, strict=True)]
+        if len(results) > 1
+        else []
+    )
     return final, std, seeds
 
 
@@ -410,30 +467,46 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
     done = [r for r in results if r.get("status") == "completed"]
     keys = [f"{split}_{m}" for split in ("val", "test") for m in project.params.task_metrics]
     leaderboard = [
-        {"candidate": r["candidate"], "fusion": r.get("fusion"), "inputs": r.get("inputs"), "status": r["status"],
-         **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
-         **({f"{k}_std": r["final_std"].get(k) for k in keys} if r.get("final_std") else {}),
-         **({"seeds": len(r["seeds"])} if r.get("seeds") else {}),
-         "train_seconds": r.get("train_seconds"), "run_id": r.get("run_id"),
-         **({"params": int(n) if (n := model_size(r)) != math.inf else None} if r["status"] == "completed" else {})}
+        {
+            "candidate": r["candidate"],
+            "fusion": r.get("fusion"),
+            "inputs": r.get("inputs"),
+            "status": r["status"],
+            **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
+            **({f"{k}_std": r["final_std"].get(k) for k in keys} if r.get("final_std") else {}),
+            **({"seeds": len(r["seeds"])} if r.get("seeds") else {}),
+            "train_seconds": r.get("train_seconds"),
+            "run_id": r.get("run_id"),
+            **({"params": int(n) if (n := model_size(r)) != math.inf else None} if r["status"] == "completed" else {}),
+        }
         for r in results
     ]
     atomic_write(out / "leaderboard.json", json.dumps(leaderboard, indent=2))
     params = project.params
-    modalities = modality_table(results, params.select_metric, params.metric_sign(params.select_metric),
-                                list(params.inputs))
+    modalities = modality_table(
+        results, params.select_metric, params.metric_sign(params.select_metric), list(params.inputs)
+    )
     if modalities:
         atomic_write(out / "modalities.json", json.dumps(modalities, indent=2))
-    summary = {"best": best["candidate"], "selected_by": project.params.select_metric, "ties": TIE_BREAK,
-               "val": _scalars(best["metrics"]["val"]), "test": _scalars(best["metrics"]["test"])}
+    summary = {
+        "best": best["candidate"],
+        "selected_by": project.params.select_metric,
+        "ties": TIE_BREAK,
+        "val": _scalars(best["metrics"]["val"]),
+        "test": _scalars(best["metrics"]["test"]),
+    }
     if best.get("seeds"):  # the artifact is the first seed's model; selection used the mean over seeds
         summary["seeds"] = {"n": len(best["seeds"]), "mean": best["final"], "std": best["final_std"]}
     atomic_write(out / "best.json", json.dumps(summary, indent=2))
     # DVC plots: the confusion matrix (classification), calibration bins, and learning curves.
     labels = json.loads((project.prepared_dir / "labels.json").read_text())
     test = best["metrics"]["test"]
-    pairs = [{"actual": labels[i], "predicted": labels[j]}
-             for i, row in enumerate(test.get("confusion", [])) for j, n in enumerate(row) for _ in range(n)]
+    pairs = [
+        {"actual": labels[i], "predicted": labels[j]}
+        for i, row in enumerate(test.get("confusion", []))
+        for j, n in enumerate(row)
+        for _ in range(n)
+    ]
     atomic_write(out / "confusion.json", json.dumps(pairs))
     atomic_write(out / "calibration.json", json.dumps(test.get("calibration", [])))
     metric = project.params.select_metric
@@ -457,8 +530,15 @@ def modality_table(results: list[dict], select_metric: str, sign: float, all_inp
     for inputs in sorted(sets, key=lambda s: (len(s), s)):
         group = [r for r in done if tuple(r.get("inputs") or all_inputs) == inputs]
         best = max(group, key=lambda r: sign * r["final"][select_metric])
-        rows.append({"inputs": list(inputs), "candidate": best["candidate"], "fusion": best.get("fusion"),
-                     select_metric: best["final"][select_metric], test_metric: best["final"].get(test_metric)})
+        rows.append(
+            {
+                "inputs": list(inputs),
+                "candidate": best["candidate"],
+                "fusion": best.get("fusion"),
+                select_metric: best["final"][select_metric],
+                test_metric: best["final"].get(test_metric),
+            }
+        )
     return rows
 
 
@@ -483,10 +563,12 @@ def register_and_package(project: Project, best: dict, build: bool = True) -> di
         from mmops.serving.retrieval import build_gallery
 
         index = project.params.index
-        build_gallery(Path(best["model_dir"]), project.prepared_dir, project.raw_dir, index.splits, index.input,
-                      index.exact_below)
+        build_gallery(
+            Path(best["model_dir"]), project.prepared_dir, project.raw_dir, index.splits, index.input, index.exact_below
+        )
     model_tag = save_to_store(
-        Path(best["model_dir"]), name,
+        Path(best["model_dir"]),
+        name,
         labels={"registry_version": version.ref, "candidate": best["candidate"]},
         metadata={"run_id": best["run_id"], **best["final"]},
     )
@@ -547,6 +629,11 @@ def write_run_report(project: Project, run: str | None = None, out: Path | None 
     candidates = json.loads(board.read_text()) if board.is_file() else None
     out = out or project.root / "reports" / f"{name}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_report(project.models_dir / name, project.prepared_dir, out, candidates,
-                        title=f"{project.params.registry.model_name}: {name}",
-                        select_metric=project.params.select_metric)
+    return write_report(
+        project.models_dir / name,
+        project.prepared_dir,
+        out,
+        candidates,
+        title=f"{project.params.registry.model_name}: {name}",
+        select_metric=project.params.select_metric,
+    )

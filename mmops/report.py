@@ -218,14 +218,18 @@ def _per_class_section(view: str, metrics: dict) -> str:
         return _table(["split", "mse", "mae", "r2", "n"], rows)
     cols = ["precision", "recall", "f1", *(["ap"] if view == "sets" else []), "support"]
     per_class = metrics.get("test", {}).get("per_class", {})
-    return _table(["label", *cols], [[_fmt(k), *(_fmt(v.get(c)) for c in cols)] for k, v in per_class.items()]) \
-        + _per_group_table(metrics)
+    return _table(
+        ["label", *cols], [[_fmt(k), *(_fmt(v.get(c)) for c in cols)] for k, v in per_class.items()]
+    ) + _per_group_table(metrics)
 
 
 def _per_group_table(metrics: dict) -> str:
     """data.group_column: each speaker / patient / user of val and test, by the task's first metric."""
-    rows = [[split, _fmt(g), _fmt(v)] for split in ("val", "test")
-            for g, v in metrics.get(split, {}).get("by_group", {}).items()]
+    rows = [
+        [split, _fmt(g), _fmt(v)]
+        for split in ("val", "test")
+        for g, v in metrics.get(split, {}).get("by_group", {}).items()
+    ]
     return "<h3>Per group (data.group_column)</h3>" + _table(["split", "group", "score"], rows) if rows else ""
 
 
@@ -366,11 +370,14 @@ def _modalities(candidates: list[dict], metric: str, sign: float) -> str:
     rows = []
     for inputs in sorted(groups, key=lambda s: (len(s), s)):
         top = max(groups[inputs], key=lambda c: sign * c[metric])
-        rows.append([_fmt(" + ".join(inputs)), _fmt(top.get("candidate")), _fmt(top.get(metric)),
-                     _fmt(top.get(test_metric))])
-    return ("<h3>Modalities</h3><p>Does fusion beat the best single input, and what does each input add? "
-            "Each set of inputs with its best candidate, selected on val.</p>"
-            + _table(["inputs", "candidate", metric, test_metric], rows))
+        rows.append(
+            [_fmt(" + ".join(inputs)), _fmt(top.get("candidate")), _fmt(top.get(metric)), _fmt(top.get(test_metric))]
+        )
+    return (
+        "<h3>Modalities</h3><p>Does fusion beat the best single input, and what does each input add? "
+        "Each set of inputs with its best candidate, selected on val.</p>"
+        + _table(["inputs", "candidate", metric, test_metric], rows)
+    )
 
 
 def _candidates_section(candidates: list[dict] | None, best: str | None, metric: str, sign: float = 1.0) -> str:
@@ -443,7 +450,8 @@ def write_report(
         "confusion": _confusion_section(view, metrics.get("test", {}), labels, preds),
         "per-class": _per_class_section(view, metrics),
         "calibration": _calibration_section(view, metrics.get("test", {}), preds),
-        "mistakes": _captions_section(preds, inputs, prepared_dir) if "cider" in metrics.get("test", {})
+        "mistakes": _captions_section(preds, inputs, prepared_dir)
+        if "cider" in metrics.get("test", {})
         else _mistakes_section(view, preds, inputs, prepared_dir),
         "candidates": _candidates_section(candidates, result.get("candidate"), metric, _sign(result, metric)),
     }

@@ -28,14 +28,18 @@ def _params(tmp_path: Path, edit) -> Path:
 def test_a_candidate_may_read_one_input_without_a_fusion(tmp_path: Path):
     params = load_params(_params(tmp_path, lambda p: p["candidates"].append({"name": "img", "inputs": ["image"]})))
     assert params.candidate("img").fusion is None and params.candidate("img").input_names(list(params.inputs)) == [
-        "image"]
+        "image"
+    ]
 
 
-@pytest.mark.parametrize(("candidate", "needle"), [
-    ({"name": "x", "inputs": ["picture"]}, "candidates[x].inputs: unknown ['picture']"),
-    ({"name": "x", "inputs": ["image", "question"]}, "name a fusion"),
-    ({"name": "x", "fusion": "concat", "inputs": []}, "inputs"),
-])
+@pytest.mark.parametrize(
+    ("candidate", "needle"),
+    [
+        ({"name": "x", "inputs": ["picture"]}, "candidates[x].inputs: unknown ['picture']"),
+        ({"name": "x", "inputs": ["image", "question"]}, "name a fusion"),
+        ({"name": "x", "fusion": "concat", "inputs": []}, "inputs"),
+    ],
+)
 def test_bad_input_subsets_fail_early_naming_the_candidate(tmp_path: Path, candidate: dict, needle: str):
     with pytest.raises(ConfigError, match=None) as info:
         load_params(_params(tmp_path, lambda p: p["candidates"].append(candidate)))
@@ -49,17 +53,32 @@ def test_ablation_expands_to_single_inputs_and_leave_one_out(tmp_path: Path):
 
     params = load_params(_params(tmp_path, three_inputs))
     names = {c.name: c for c in params.all_candidates()}
-    assert {"concat", "product", "concat-only-question", "concat-only-image", "concat-only-caption",
-            "concat-without-question", "concat-without-image", "concat-without-caption"} == set(names)
+    assert {
+        "concat",
+        "product",
+        "concat-only-question",
+        "concat-only-image",
+        "concat-only-caption",
+        "concat-without-question",
+        "concat-without-image",
+        "concat-without-caption",
+    } == set(names)
     assert names["concat-without-image"].inputs == [n for n in params.inputs if n != "image"]
     assert names["concat-without-image"].fusion == "concat" and names["concat-only-image"].fusion is None
 
 
 def test_a_one_input_model_has_no_fusion_and_round_trips(tmp_path: Path):
-    spec = {"candidate": "img", "labels": ["a", "b"], "image_size": 16, "target": "answer", "seed": 0,
-            "inputs": {"image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}}},
-            "fusion": {"name": None, "params": {}}, "head": {"hidden": 8, "dropout": 0.0},
-            "task": {"name": "classification", "params": {}}}
+    spec = {
+        "candidate": "img",
+        "labels": ["a", "b"],
+        "image_size": 16,
+        "target": "answer",
+        "seed": 0,
+        "inputs": {"image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}}},
+        "fusion": {"name": None, "params": {}},
+        "head": {"hidden": 8, "dropout": 0.0},
+        "task": {"name": "classification", "params": {}},
+    }
     torch.manual_seed(0)
     model = MultimodalModel(spec).eval()
     assert isinstance(model.fusion, SingleInput)
@@ -75,11 +94,14 @@ def test_a_one_input_model_has_no_fusion_and_round_trips(tmp_path: Path):
 
 @pytest.mark.slow
 def test_mmops_ablate_trains_each_subset_and_reports_the_modality_table(tmp_path: Path):
-    root = make_project(tmp_path / "proj", {
-        "data": {"limit": 600, "image_size": 32},
-        "train": {"epochs": 3, "patience": 3, "batch_size": 64},
-        "candidates": [{"name": "concat", "fusion": "concat", "params": {"hidden": 64}}],
-    })
+    root = make_project(
+        tmp_path / "proj",
+        {
+            "data": {"limit": 600, "image_size": 32},
+            "train": {"epochs": 3, "patience": 3, "batch_size": 64},
+            "candidates": [{"name": "concat", "fusion": "concat", "params": {"hidden": 64}}],
+        },
+    )
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["inputs"]["question"].update(encoder="bow_text", params={})
     params["inputs"]["image"].update(encoder="cnn_image", params={"channels": [8, 16]})
@@ -97,4 +119,3 @@ def test_mmops_ablate_trains_each_subset_and_reports_the_modality_table(tmp_path
     report = mmops(root, "report", "concat").stdout
     html = Path(report.split("report: ", 1)[1].split()[0]).read_text() if "report: " in report else ""
     assert "Modalities" in html
-

@@ -25,10 +25,15 @@ CASES = {
     # kind: (template, params edits, the test metric and the bar it must clear)
     "classification": ("classification", {}, ("accuracy", 0.6)),  # chance: 1/3
     "regression": ("regression", {}, ("r2", 0.3)),
-    "multilabel": ("classification", {
-        "target": {"column": "tags", "type": "multilabel"}, "select_metric": "val_micro_f1",
-        "promotion": {"metric": "micro_f1", "margin": 0.002},
-    }, ("micro_f1", 0.5)),
+    "multilabel": (
+        "classification",
+        {
+            "target": {"column": "tags", "type": "multilabel"},
+            "select_metric": "val_micro_f1",
+            "promotion": {"metric": "micro_f1", "margin": 0.002},
+        },
+        ("micro_f1", 0.5),
+    ),
 }
 
 
@@ -42,8 +47,13 @@ def _edit(root: Path, edits: dict) -> None:
 
 
 def _row(incoming: Path, row: pd.Series, with_audio: bool = True) -> dict:
-    item = {"text": row["text"], "image": base64.b64encode((incoming / row["image"]).read_bytes()).decode(),
-            "width": float(row["width"]), "height": float(row["height"]), "shop": row["shop"]}
+    item = {
+        "text": row["text"],
+        "image": base64.b64encode((incoming / row["image"]).read_bytes()).decode(),
+        "width": float(row["width"]),
+        "height": float(row["height"]),
+        "shop": row["shop"],
+    }
     if with_audio and row["audio"]:
         item["audio"] = base64.b64encode((incoming / row["audio"]).read_bytes()).decode()
     return item
@@ -102,8 +112,10 @@ def test_files_to_served_model(tmp_path: Path, kind: str) -> None:
         assert bad.status_code == 400 and "image" in bad.text
         # /predict takes this model's own fields as a form, the audio as a file part (it was a 500).
         first = test_rows.iloc[0]
-        files = {"image": ("x.png", (incoming / first["image"]).read_bytes(), "image/png"),
-                 "audio": ("x.wav", (incoming / first["audio"]).read_bytes(), "audio/wav")}
+        files = {
+            "image": ("x.png", (incoming / first["image"]).read_bytes(), "image/png"),
+            "audio": ("x.wav", (incoming / first["audio"]).read_bytes(), "audio/wav"),
+        }
         fields = {c: first[c] for c in ("text", "width", "height", "shop")}
         form = httpx.post(f"{url}/predict", files=files, data=fields, timeout=30)
         assert form.status_code == 200, form.text

@@ -22,8 +22,16 @@ def tiny_vit(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("vit") / "tiny-vit"
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)).save_pretrained(path)
+    ViTModel(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -35,17 +43,21 @@ def _project(root, checkpoint: str) -> Params:
         (root / "raw" / "images").mkdir(parents=True, exist_ok=True)
         pixels = np.clip(np.array(rgb) + np.random.default_rng(i).integers(-20, 20, (16, 16, 3)), 0, 255)
         Image.fromarray(pixels.astype(np.uint8)).save(root / "raw" / "images" / f"{i}.png")
-        rows += [{"image": f"images/{i}.png", "caption": f"a {name} picture"},
-                 {"image": f"images/{i}.png", "caption": f"all {name}"}]
+        rows += [
+            {"image": f"images/{i}.png", "caption": f"a {name} picture"},
+            {"image": f"images/{i}.png", "caption": f"all {name}"},
+        ]
     pd.DataFrame(rows).to_csv(root / "raw" / "manifest.csv", index=False)
-    return Params.model_validate({
-        "data": {"image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2},
-        "inputs": {"image": {"modality": "image", "encoder": "hf_image", "params": {"checkpoint": checkpoint}}},
-        "target": {"column": "caption", "type": "captioning", "params": {"max_length": 4, "num_beams": 1}},
-        "select_metric": "val_cider",
-        "train": {"epochs": 1, "batch_size": 16, "head_hidden": 16, "threads": 1},
-        "candidates": [{"name": "small"}, {"name": "wide", "train": {"head_hidden": 32}}],
-    })
+    return Params.model_validate(
+        {
+            "data": {"image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2},
+            "inputs": {"image": {"modality": "image", "encoder": "hf_image", "params": {"checkpoint": checkpoint}}},
+            "target": {"column": "caption", "type": "captioning", "params": {"max_length": 4, "num_beams": 1}},
+            "select_metric": "val_cider",
+            "train": {"epochs": 1, "batch_size": 16, "head_hidden": 16, "threads": 1},
+            "candidates": [{"name": "small"}, {"name": "wide", "train": {"head_hidden": 32}}],
+        }
+    )
 
 
 def test_second_decoder_size_reuses_cached_image_tokens(tmp_path, tiny_vit, monkeypatch):

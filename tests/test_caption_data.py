@@ -23,13 +23,15 @@ def _png(path: Path, colour: tuple[int, int, int]) -> None:
 
 
 def _params(**data) -> Params:
-    return Params.model_validate({
-        "data": {"image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2, **data},
-        "inputs": {"image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4]}}},
-        "target": {"column": "caption", "type": "captioning"},
-        "select_metric": "val_cider",
-        "candidates": [{"name": "decoder"}],
-    })
+    return Params.model_validate(
+        {
+            "data": {"image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2, **data},
+            "inputs": {"image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4]}}},
+            "target": {"column": "caption", "type": "captioning"},
+            "select_metric": "val_cider",
+            "candidates": [{"name": "decoder"}],
+        }
+    )
 
 
 def test_sidecar_folder_gives_one_row_per_caption_line(tmp_path):
@@ -55,19 +57,31 @@ def test_sidecar_folder_gives_one_row_per_caption_line(tmp_path):
         import_caption_folder(src, tmp_path / "bad")
 
 
-def _coco(root: Path, subset: str, images: list[tuple[int, str, tuple[int, int, int]]],
-          captions: list[tuple[int, int, str]]) -> None:
+def _coco(
+    root: Path, subset: str, images: list[tuple[int, str, tuple[int, int, int]]], captions: list[tuple[int, int, str]]
+) -> None:
     """A ``captions_<subset>.json`` in COCO's own schema (info, licenses, images, annotations), with its images."""
     for _, name, colour in images:
         _png(root / subset / name, colour)
     doc = {
         "info": {"description": "COCO 2017 Dataset", "version": "1.0", "year": 2017},
         "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "BY-NC-SA"}],
-        "images": [{"license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/{subset}/{name}",
-                    "height": 16, "width": 16, "date_captured": "2013-11-14 17:02:52", "flickr_url": "", "id": i}
-                   for i, name, _ in images],
-        "annotations": [{"image_id": image_id, "id": ann_id, "caption": caption}
-                        for ann_id, image_id, caption in captions],
+        "images": [
+            {
+                "license": 1,
+                "file_name": name,
+                "coco_url": f"http://images.cocodataset.org/{subset}/{name}",
+                "height": 16,
+                "width": 16,
+                "date_captured": "2013-11-14 17:02:52",
+                "flickr_url": "",
+                "id": i,
+            }
+            for i, name, _ in images
+        ],
+        "annotations": [
+            {"image_id": image_id, "id": ann_id, "caption": caption} for ann_id, image_id, caption in captions
+        ],
     }
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / f"captions_{subset}.json").write_text(json.dumps(doc))
@@ -79,11 +93,23 @@ def test_coco_captions_schema_feeds_the_caption_task_with_all_references(tmp_pat
     train = [(100 + i, f"{100 + i:012d}.jpg", colours[c]) for i, c in enumerate(["red", "blue", "green"] * 4)]
     phrasings = ["a {} square", "a {} box", "the square is {}", "a plain {} picture", "{} all over"]
     names = {v: k for k, v in colours.items()}
-    _coco(src, "train2017", train, [(1000 + 5 * n + k, i, phrasings[k].format(names[c]).capitalize() + ".")
-                                    for n, (i, _, c) in enumerate(train) for k in range(5)])
+    _coco(
+        src,
+        "train2017",
+        train,
+        [
+            (1000 + 5 * n + k, i, phrasings[k].format(names[c]).capitalize() + ".")
+            for n, (i, _, c) in enumerate(train)
+            for k in range(5)
+        ],
+    )
     test = [(7, "000000000007.jpg", colours["red"]), (9, "000000000009.jpg", colours["blue"])]
-    _coco(src, "val2017", test, [(5000 + 5 * n + k, i, phrasings[k].format(names[c]))
-                                 for n, (i, _, c) in enumerate(test) for k in range(5)])
+    _coco(
+        src,
+        "val2017",
+        test,
+        [(5000 + 5 * n + k, i, phrasings[k].format(names[c])) for n, (i, _, c) in enumerate(test) for k in range(5)],
+    )
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
     manifest = pd.read_csv(import_coco_captions(src, raw))
     assert len(manifest) == 70 and set(manifest["split"]) == {"train", "test"}
@@ -103,7 +129,7 @@ def test_coco_captions_schema_feeds_the_caption_task_with_all_references(tmp_pat
     first = test_rows.groupby(groups)["label"].transform("first")
     ids = task.ids(first.tolist())[:, 1:-1]
     scores = np.zeros((len(test_rows), 2 + task.max_length), dtype=np.float32)
-    scores[:, 2:2 + ids.shape[1]] = ids
+    scores[:, 2 : 2 + ids.shape[1]] = ids
     metrics = task.evaluate(task.targets(test_rows["label"].tolist()), scores, groups)
     assert metrics["images"] == 2 and metrics["exact_match"] == 1.0 and metrics["bleu_1"] == pytest.approx(1.0)
 
@@ -112,9 +138,13 @@ def test_report_lists_test_images_with_references_worst_cider_first(tmp_path):
     from mmops.report import _captions_section
 
     np.save(tmp_path / "image.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
-    preds = pd.DataFrame({"image_idx": [0, 0, 1, 1],
-                          "target": ["a red circle", "a picture of a red circle", "a blue square", "blue square"],
-                          "prediction": ["a red circle", "a red circle", "a green triangle", "a green triangle"]})
+    preds = pd.DataFrame(
+        {
+            "image_idx": [0, 0, 1, 1],
+            "target": ["a red circle", "a picture of a red circle", "a blue square", "blue square"],
+            "prediction": ["a red circle", "a red circle", "a green triangle", "a green triangle"],
+        }
+    )
     page = _captions_section(preds, {"image": {"modality": "image"}}, tmp_path)
     assert "2 of 2 test images" in page and page.count("<img") == 2
     assert page.index("a green triangle") < page.index("a red circle</td>")  # the wrong one first

@@ -15,25 +15,51 @@ from pycocoevalcap.rouge.rouge import Rouge
 # Four images, five references each (as COCO has), lower case without punctuation (what pycocoevalcap's
 # PTB tokenizer would leave), and one generated caption each.
 REFERENCES = {
-    "img1": ["a man riding a horse on a beach", "a person rides a brown horse along the sea",
-             "a rider on a horse near the water", "man on horseback at the beach",
-             "a horse and its rider by the ocean"],
-    "img2": ["two dogs playing in the snow", "a pair of dogs run through snow", "dogs playing outside in winter",
-             "two puppies in the snow", "a couple of dogs play in a snowy field"],
-    "img3": ["a plate of food with broccoli", "broccoli and rice on a white plate", "a meal of rice and vegetables",
-             "a dinner plate with broccoli and chicken", "food on a plate on a table"],
-    "img4": ["a red bus on a city street", "a double decker bus drives down the road", "a bus in traffic",
-             "a red double decker bus", "the bus is parked by the curb"],
+    "img1": [
+        "a man riding a horse on a beach",
+        "a person rides a brown horse along the sea",
+        "a rider on a horse near the water",
+        "man on horseback at the beach",
+        "a horse and its rider by the ocean",
+    ],
+    "img2": [
+        "two dogs playing in the snow",
+        "a pair of dogs run through snow",
+        "dogs playing outside in winter",
+        "two puppies in the snow",
+        "a couple of dogs play in a snowy field",
+    ],
+    "img3": [
+        "a plate of food with broccoli",
+        "broccoli and rice on a white plate",
+        "a meal of rice and vegetables",
+        "a dinner plate with broccoli and chicken",
+        "food on a plate on a table",
+    ],
+    "img4": [
+        "a red bus on a city street",
+        "a double decker bus drives down the road",
+        "a bus in traffic",
+        "a red double decker bus",
+        "the bus is parked by the curb",
+    ],
 }
-GENERATED = {"img1": "a man riding a horse on the beach", "img2": "two dogs play in the snow",
-             "img3": "a plate of rice and broccoli", "img4": "a red double decker bus"}
+GENERATED = {
+    "img1": "a man riding a horse on the beach",
+    "img2": "two dogs play in the snow",
+    "img3": "a plate of rice and broccoli",
+    "img4": "a red double decker bus",
+}
 
 
 def _direct() -> dict[str, float]:
     gts, res = REFERENCES, {k: [v] for k, v in GENERATED.items()}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {**{f"bleu_{n + 1}": b for n, b in enumerate(bleu)}, "rouge_l": Rouge().compute_score(gts, res)[0],
-            "cider": Cider().compute_score(gts, res)[0]}
+    return {
+        **{f"bleu_{n + 1}": b for n, b in enumerate(bleu)},
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+        "cider": Cider().compute_score(gts, res)[0],
+    }
 
 
 def test_metrics_equal_pycocoevalcap_on_five_references():
@@ -48,15 +74,18 @@ def test_the_task_takes_every_row_of_an_image_as_a_reference():
     """Twenty rows (image, caption), as the importers write them: the task's metrics on them, grouped by
     image, are the same figures as the direct call on four images with five references each."""
     keys = list(REFERENCES)
-    task = CaptioningTask(labels=CaptioningTask().vocabulary(
-        [CaptioningTask().parse(c) for refs in REFERENCES.values() for c in [*refs, *GENERATED.values()]]),
-        max_length=12)
+    task = CaptioningTask(
+        labels=CaptioningTask().vocabulary(
+            [CaptioningTask().parse(c) for refs in REFERENCES.values() for c in [*refs, *GENERATED.values()]]
+        ),
+        max_length=12,
+    )
     rows = [(k, ref) for k in keys for ref in REFERENCES[k]]
     groups = np.array([keys.index(k) for k, _ in rows])
     targets = np.array([ref for _, ref in rows])
     generated = task.ids([GENERATED[k] for k, _ in rows])[:, 1:-1]
     scores = np.zeros((len(rows), 2 + task.max_length), dtype=np.float32)
-    scores[:, 2:2 + generated.shape[1]] = generated
+    scores[:, 2 : 2 + generated.shape[1]] = generated
     metrics = task.evaluate(targets, scores, groups)
     assert metrics["images"] == 4 and metrics["n"] == 20
     for name, value in _direct().items():

@@ -63,8 +63,10 @@ def test_decoder_is_causal_and_ignores_padding():
     assert torch.allclose(first[:, :2], changed[:, :2], atol=1e-5)
     assert not torch.allclose(first[1, 2:], changed[1, 2:], atol=1e-5)
     # Padded memory positions change nothing, whatever they hold.
-    padded = Tokens(torch.cat([memory.values, torch.randn(2, 3, 8) * 50], 1),
-                    torch.cat([memory.mask, torch.zeros(2, 3, dtype=torch.bool)], 1))
+    padded = Tokens(
+        torch.cat([memory.values, torch.randn(2, 3, 8) * 50], 1),
+        torch.cat([memory.mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
+    )
     out_padded = net({"image": padded})
     assert torch.allclose(logits, net.logits(out_padded.memory, out_padded.padding, ids), atol=1e-5)
     # Padding in the caption (a shorter one) changes nothing before it.
@@ -95,8 +97,7 @@ def test_beam_search_is_at_least_as_likely_as_greedy(seed):
     out = net({"image": memory})
     with torch.no_grad():
         g_ids, _, g_logp = generate(net, out.memory, out.padding, num_beams=1, max_length=6, length_penalty=0.0)
-        b_ids, b_score, b_logp = generate(net, out.memory, out.padding, num_beams=5, max_length=6,
-                                          length_penalty=0.0)
+        b_ids, b_score, b_logp = generate(net, out.memory, out.padding, num_beams=5, max_length=6, length_penalty=0.0)
         assert torch.all(b_logp >= g_logp - 1e-4)
         assert torch.allclose(b_score, b_logp)
         # The reported log-probabilities are the decoder's own (teacher forcing agrees).
@@ -110,8 +111,7 @@ def test_decoding_constraints_and_batching():
     memory = _memory(4)
     out = net({"image": memory})
     with torch.no_grad():
-        ids, _, _ = generate(net, out.memory, out.padding, num_beams=3, max_length=8, min_length=5,
-                             no_repeat_ngram=1)
+        ids, _, _ = generate(net, out.memory, out.padding, num_beams=3, max_length=8, min_length=5, no_repeat_ngram=1)
         for row in ids.tolist():
             words = [t for t in row if t != PAD]
             assert len(words) >= 5
@@ -119,8 +119,9 @@ def test_decoding_constraints_and_batching():
         short, _, _ = generate(net, out.memory, out.padding, num_beams=2, max_length=2)
         assert short.shape == (4, 2)
         # A batch decodes each row as it would alone, and duplicated rows decode once, identically.
-        alone = [generate(net, out.memory[i:i + 1], out.padding[i:i + 1], num_beams=3, max_length=6)[0]
-                 for i in range(4)]
+        alone = [
+            generate(net, out.memory[i : i + 1], out.padding[i : i + 1], num_beams=3, max_length=6)[0] for i in range(4)
+        ]
         twice = torch.cat([out.memory, out.memory[:2]])
         batch, _, _ = generate(net, twice, torch.cat([out.padding, out.padding[:2]]), num_beams=3, max_length=6)
         assert torch.equal(batch[:4], torch.cat(alone)) and torch.equal(batch[4:], batch[:2])
@@ -140,10 +141,17 @@ def test_exact_match_and_groups_use_every_reference():
 
 
 def _image_model(task: CaptioningTask) -> MultimodalModel:
-    spec = {"candidate": "c", "labels": task.labels, "image_size": 16, "target": "caption", "seed": 0,
-            "inputs": {"image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [8, 16]}}},
-            "fusion": {"name": None, "params": {}}, "head": {"hidden": 32, "dropout": 0.0},
-            "task": {"name": "captioning", "params": task.config()}}
+    spec = {
+        "candidate": "c",
+        "labels": task.labels,
+        "image_size": 16,
+        "target": "caption",
+        "seed": 0,
+        "inputs": {"image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [8, 16]}}},
+        "fusion": {"name": None, "params": {}},
+        "head": {"hidden": 32, "dropout": 0.0},
+        "task": {"name": "captioning", "params": task.config()},
+    }
     torch.manual_seed(0)
     return MultimodalModel(spec, {"image": build_input_encoder(spec["inputs"]["image"])})
 

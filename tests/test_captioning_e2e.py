@@ -72,14 +72,14 @@ def test_captioning_template_from_sidecars_to_served_captions(tmp_path: Path) ->
     assert sum(row["caption"] in references[Path(row["image"])] for row in cli) >= len(tests) - 1, cli
 
     with serve_bento(root, bento) as (url, _):
-        answer = httpx.post(f"{url}/caption", json={"images": [_b64(p) for p in tests], "num_beams": 3},
-                            timeout=60)
+        answer = httpx.post(f"{url}/caption", json={"images": [_b64(p) for p in tests], "num_beams": 3}, timeout=60)
         assert answer.status_code == 200, answer.text
         served = answer.json()
         assert sum(a["caption"] in references[p] for a, p in zip(served, tests, strict=True)) >= len(tests) - 1
         assert all(a["score"] <= 0 and a["model"] for a in served)
-        greedy = httpx.post(f"{url}/caption", json={"images": [_b64(tests[0])], "num_beams": 1, "max_length": 2},
-                            timeout=30)
+        greedy = httpx.post(
+            f"{url}/caption", json={"images": [_b64(tests[0])], "num_beams": 1, "max_length": 2}, timeout=30
+        )
         assert greedy.status_code == 200 and len(greedy.json()[0]["caption"].split()) <= 2, greedy.text
 
         text = base64.b64encode(b"this is not an image").decode()

@@ -15,11 +15,36 @@ from mmops.core.interfaces import Fusion
 from mmops.core.model import MultimodalModel
 from mmops.core.plugin_registry import discover, get_fusion
 
-FUSIONS = ["early_concat", "concat", "product", "weighted_sum", "attention", "cross_attention", "gated", "tensor",
-           "low_rank_tensor", "film", "late", "mm_transformer", "mult"]
+FUSIONS = [
+    "early_concat",
+    "concat",
+    "product",
+    "weighted_sum",
+    "attention",
+    "cross_attention",
+    "gated",
+    "tensor",
+    "low_rank_tensor",
+    "film",
+    "late",
+    "mm_transformer",
+    "mult",
+]
 ATTENDING = {"attention", "cross_attention", "film", "mm_transformer", "mult"}
-ENCODERS = ["hf_text", "bow_text", "word2vec_text", "gru_text", "cnn_image", "hf_image", "pixels", "mel_audio",
-            "numeric", "categorical", "seq_features", "mean_features"]
+ENCODERS = [
+    "hf_text",
+    "bow_text",
+    "word2vec_text",
+    "gru_text",
+    "cnn_image",
+    "hf_image",
+    "pixels",
+    "mel_audio",
+    "numeric",
+    "categorical",
+    "seq_features",
+    "mean_features",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +54,16 @@ def tiny_vit(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("vit") / "tiny-vit"
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64)).save_pretrained(path)
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -91,11 +124,19 @@ def test_the_check_catches_a_broken_fusion(monkeypatch):
 
 def test_frozen_encoder_gives_its_tokens_cached_or_not(tiny_vit):
     """A frozen encoder's cached features for a fusion that attends are its tokens (patches), not one vector."""
-    spec = {"candidate": "t", "labels": ["a", "b"], "image_size": 32, "target": "answer", "seed": 0,
-            "inputs": {"image": {"modality": "image", "encoder": "hf_image", "params": {"checkpoint": tiny_vit}},
-                       "n": {"modality": "tabular", "encoder": "numeric", "params": {"n_features": 3}}},
-            "fusion": {"name": "cross_attention", "params": {"hidden": 8, "heads": 2}},
-            "head": {"hidden": 8, "dropout": 0.0}}
+    spec = {
+        "candidate": "t",
+        "labels": ["a", "b"],
+        "image_size": 32,
+        "target": "answer",
+        "seed": 0,
+        "inputs": {
+            "image": {"modality": "image", "encoder": "hf_image", "params": {"checkpoint": tiny_vit}},
+            "n": {"modality": "tabular", "encoder": "numeric", "params": {"n_features": 3}},
+        },
+        "fusion": {"name": "cross_attention", "params": {"hidden": 8, "heads": 2}},
+        "head": {"hidden": 8, "dropout": 0.0},
+    }
     model = MultimodalModel(spec).eval()
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     raw = {"image": model.encoders["image"].preprocess(images), "n": torch.zeros(3, 3)}

@@ -48,9 +48,13 @@ def test_same_target_pairs_are_not_negatives():
 
 
 def test_ranks_worked_by_hand():
-    sim = np.array([[0.9, 0.5, 0.1],   # positive at 0 is best: rank 1
-                    [0.8, 0.2, 0.7],   # positive at 1 is last: two negatives above, rank 3
-                    [0.3, 0.6, 0.4]])  # positives 0 and 2: best positive 0.4, one negative (0.6) above: rank 2
+    sim = np.array(
+        [
+            [0.9, 0.5, 0.1],  # positive at 0 is best: rank 1
+            [0.8, 0.2, 0.7],  # positive at 1 is last: two negatives above, rank 3
+            [0.3, 0.6, 0.4],
+        ]
+    )  # positives 0 and 2: best positive 0.4, one negative (0.6) above: rank 2
     positive = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=bool)
     assert retrieval_ranks(sim, positive).tolist() == [1, 3, 2]
 
@@ -103,9 +107,15 @@ def test_bad_parameters_and_towers_are_named():
 
 def test_a_two_tower_model_trains_both_towers_and_round_trips(tmp_path):
     spec = {
-        "candidate": "clip", "labels": ["red circle", "blue square"], "image_size": 16, "target": "label", "seed": 0,
-        "inputs": {"caption": {"modality": "text", "encoder": "bow_text", "params": {}},
-                   "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}}},
+        "candidate": "clip",
+        "labels": ["red circle", "blue square"],
+        "image_size": 16,
+        "target": "label",
+        "seed": 0,
+        "inputs": {
+            "caption": {"modality": "text", "encoder": "bow_text", "params": {}},
+            "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}},
+        },
         "fusion": {"name": None, "params": {}},
         "head": {"hidden": 8, "dropout": 0.0},
         "task": {"name": "contrastive", "params": {"width": 4}},
@@ -115,8 +125,10 @@ def test_a_two_tower_model_trains_both_towers_and_round_trips(tmp_path):
     encoders["caption"].fit(["a red circle", "a blue square"])
     model = MultimodalModel(spec, encoders)
     images = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
-    inputs = {"caption": model.encoders["caption"].preprocess(["a red circle", "a blue square"]),
-              "image": model.encoders["image"].preprocess(images)}
+    inputs = {
+        "caption": model.encoders["caption"].preprocess(["a red circle", "a blue square"]),
+        "image": model.encoders["image"].preprocess(images),
+    }
     outputs = model(inputs)
     assert outputs.shape == (2, 8)
     assert torch.allclose(outputs[:, :4].norm(dim=1), torch.ones(2), atol=1e-5)
@@ -127,5 +139,9 @@ def test_a_two_tower_model_trains_both_towers_and_round_trips(tmp_path):
     loaded = MultimodalModel.load(tmp_path / "m")
     with torch.no_grad():
         assert torch.allclose(model(inputs), loaded(inputs))
-    assert loaded.task.config() == {"image_input": "image", "text_input": "caption", "width": 4,
-                                    "templates": ["a photo of a {}"]}
+    assert loaded.task.config() == {
+        "image_input": "image",
+        "text_input": "caption",
+        "width": 4,
+        "templates": ["a photo of a {}"],
+    }

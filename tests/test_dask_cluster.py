@@ -55,21 +55,50 @@ def test_sweep_on_a_dask_cluster_joined_by_address(tmp_path):
     logs.mkdir()
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], cwd=root, env=env, stdout=(logs / "scheduler.log").open("w"),
-                              stderr=subprocess.STDOUT)]
+    procs = [
+        subprocess.Popen(
+            [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            cwd=root,
+            env=env,
+            stdout=(logs / "scheduler.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+    ]
     try:
-        workers = [subprocess.Popen([BIN / "dask", "worker", address, "--nthreads", "1", "--no-nanny",
-                                     "--no-dashboard", "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
-                                    cwd=root, env=env, stdout=(logs / f"w{i}.log").open("w"),
-                                    stderr=subprocess.STDOUT) for i in range(2)]
+        workers = [
+            subprocess.Popen(
+                [
+                    BIN / "dask",
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--name",
+                    f"w{i}",
+                    "--local-directory",
+                    str(tmp_path / f"w{i}"),
+                ],
+                cwd=root,
+                env=env,
+                stdout=(logs / f"w{i}.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(2)
+        ]
         procs += workers
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
 
         started = time.time()
-        sweep = subprocess.Popen([BIN / "mmops", "sweep", "--runner", "dask", "--address", address, "--force"],
-                                 cwd=root, env=env, stdout=(logs / "sweep.log").open("w"), stderr=subprocess.STDOUT)
+        sweep = subprocess.Popen(
+            [BIN / "mmops", "sweep", "--runner", "dask", "--address", address, "--force"],
+            cwd=root,
+            env=env,
+            stdout=(logs / "sweep.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         killed_run, completed_on = None, set()
         while sweep.poll() is None:  # kill the first worker to start a second candidate, in the middle of it
             done = set(_pids(root, started).values())

@@ -31,12 +31,15 @@ def test_device_comes_from_the_environment_then_the_config_then_auto(monkeypatch
         resolve_device("cpu")
 
 
-@pytest.mark.parametrize(("asked", "message"), [
-    ("cuda", r"train.device='cuda': CUDA is not available here .*set train.device to auto or cpu"),
-    ("mps", r"train.device='mps': MPS \(Apple GPU\) is not available here"),
-    ("tpu", r"train.device='tpu': not a device; use auto, cpu, cuda, cuda:N or mps"),
-    ("meta", r"train.device='meta': mmops trains on cpu, cuda, cuda:N or mps"),
-])
+@pytest.mark.parametrize(
+    ("asked", "message"),
+    [
+        ("cuda", r"train.device='cuda': CUDA is not available here .*set train.device to auto or cpu"),
+        ("mps", r"train.device='mps': MPS \(Apple GPU\) is not available here"),
+        ("tpu", r"train.device='tpu': not a device; use auto, cpu, cuda, cuda:N or mps"),
+        ("meta", r"train.device='meta': mmops trains on cpu, cuda, cuda:N or mps"),
+    ],
+)
 def test_a_device_this_machine_lacks_fails_with_the_reason(monkeypatch, asked, message):
     monkeypatch.delenv("MMOPS_DEVICE", raising=False)
     with pytest.raises(DeviceError, match=message):
@@ -84,8 +87,7 @@ def test_bf16_trains_on_the_cpu_and_the_run_records_device_and_precision(project
     assert result["status"] == "completed", result.get("error")
     assert result["device"] == "cpu" and result["precision"] == "bf16"
     assert 0.3 < result["final"]["val_accuracy"] <= 1.0
-    assert _run_config(project, result["run_id"])["runtime"] == {"device": "cpu", "precision": "bf16",
-                                                                  "processes": 1}
+    assert _run_config(project, result["run_id"])["runtime"] == {"device": "cpu", "precision": "bf16", "processes": 1}
     # Autocast computes in bfloat16 but the weights stay float32: the artifact is the same kind as fp32's.
     weights = load_file(str(Path(result["model_dir"]) / "model.safetensors"))
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}

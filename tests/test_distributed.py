@@ -91,9 +91,17 @@ def _sync_bn_rank(rank: int, port: int, out: str) -> None:
         xr = x[part].clone().requires_grad_(True)
         y = model(xr)
         (y * g[part]).sum().backward()
-        torch.save({"y": y.detach(), "x_grad": xr.grad, "w_grad": model[0].weight.grad,
-                    "b_grad": model[0].bias.grad, "running_mean": model[0].running_mean,
-                    "running_var": model[0].running_var}, f"{out}/rank{rank}.pt")
+        torch.save(
+            {
+                "y": y.detach(),
+                "x_grad": xr.grad,
+                "w_grad": model[0].weight.grad,
+                "b_grad": model[0].bias.grad,
+                "running_mean": model[0].running_mean,
+                "running_var": model[0].running_var,
+            },
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

@@ -43,8 +43,9 @@ def test_run_versions_trains_registers_and_packages(trained_project):
     [decision] = registry.events("easy-vqa")
     assert decision.action == "champion-challenger" and decision.details["stages"]["prepare"] == "ran"
 
-    status = subprocess.run([BIN / "dvc", "status"], cwd=root, env=project_env(root), capture_output=True,
-                            text=True, check=True)
+    status = subprocess.run(
+        [BIN / "dvc", "status"], cwd=root, env=project_env(root), capture_output=True, text=True, check=True
+    )
     assert "up to date" in status.stdout
 
 
@@ -70,7 +71,10 @@ def test_forced_rerun_skips_unchanged_stages_and_is_deterministic(trained_projec
     assert {a["run_id"] for a in after}.isdisjoint({b["run_id"] for b in before})  # really retrained
     for a, b in zip(before, after, strict=True):
         assert (a["candidate"], a["val_accuracy"], a["test_accuracy"]) == (
-            b["candidate"], b["val_accuracy"], b["test_accuracy"])
+            b["candidate"],
+            b["val_accuracy"],
+            b["test_accuracy"],
+        )
 
 
 def test_cli_evaluate_and_predict(trained_project):

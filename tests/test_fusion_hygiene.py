@@ -12,8 +12,21 @@ from mmops.core import conformance
 from mmops.core.conformance import check_plugin, learns_xor
 from mmops.core.interfaces import Fusion
 
-FUSIONS = ["early_concat", "concat", "product", "weighted_sum", "attention", "cross_attention", "gated", "tensor",
-           "low_rank_tensor", "film", "late", "mm_transformer", "mult"]
+FUSIONS = [
+    "early_concat",
+    "concat",
+    "product",
+    "weighted_sum",
+    "attention",
+    "cross_attention",
+    "gated",
+    "tensor",
+    "low_rank_tensor",
+    "film",
+    "late",
+    "mm_transformer",
+    "mult",
+]
 
 
 @pytest.mark.slow
@@ -46,8 +59,9 @@ class _OneInputOnly(Fusion):
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.check_inputs(features)
         nudge = sum(0.0 * self.unused[n](features[n]).sum() for n in features)  # gradients, but no information
-        return torch.relu(self.proj(features["a"])) + nudge + 0.0 * sum(features[n].sum(1, keepdim=True)
-                                                                          for n in features)
+        return (
+            torch.relu(self.proj(features["a"])) + nudge + 0.0 * sum(features[n].sum(1, keepdim=True) for n in features)
+        )
 
 
 def test_a_fusion_that_drops_an_input_fails_the_learning_check(monkeypatch):

@@ -21,17 +21,27 @@ def _manifest(folder, groups: int = 12, per_group: int = 30, split: bool = False
     for g in range(groups):
         for i in range(per_group):
             label = ["a", "b", "c"][(g + i) % 3]  # every group has every label, in near-equal parts
-            rows.append({"x": float(rng.normal()), "speaker": f"spk{g:02d}", "label": label,
-                         **({"split": "test" if g == 0 else "train"} if split else {})})
+            rows.append(
+                {
+                    "x": float(rng.normal()),
+                    "speaker": f"spk{g:02d}",
+                    "label": label,
+                    **({"split": "test" if g == 0 else "train"} if split else {}),
+                }
+            )
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
 
 
 def _params(**data) -> Params:
-    return Params.model_validate({
-        "data": {"source": "manifest", "group_column": "speaker", **data},
-        "inputs": {"x": {"modality": "number"}}, "target": "label",
-        "candidates": [{"name": "x", "inputs": ["x"]}]})
+    return Params.model_validate(
+        {
+            "data": {"source": "manifest", "group_column": "speaker", **data},
+            "inputs": {"x": {"modality": "number"}},
+            "target": "label",
+            "candidates": [{"name": "x", "inputs": ["x"]}],
+        }
+    )
 
 
 def test_no_group_in_two_splits_and_labels_stay_stratified(tmp_path):
@@ -73,8 +83,13 @@ def test_bad_group_settings_are_named(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"speaker has no \['nobody'\]"):
         prepare(tmp_path / "raw", tmp_path / "out", _params(val_groups=["nobody"]))
     with pytest.raises(ValueError, match="set group_column too"):
-        Params.model_validate({"data": {"val_groups": ["a"]}, "inputs": {"x": {"modality": "number"}},
-                               "candidates": [{"name": "x", "inputs": ["x"]}]})
+        Params.model_validate(
+            {
+                "data": {"val_groups": ["a"]},
+                "inputs": {"x": {"modality": "number"}},
+                "candidates": [{"name": "x", "inputs": ["x"]}],
+            }
+        )
     with pytest.raises(ValueError, match="a group belongs to one split"):
         _params(val_groups=["spk01"], test_groups=["spk01"])
     # One group cannot give a held-out split.
@@ -134,9 +149,11 @@ def test_per_group_scores_and_report_table():
 def test_params_file_with_groups_loads(tmp_path):
     (tmp_path / "params.yaml").write_text(
         "data: {source: manifest, group_column: speaker, val_groups: [s1]}\n"
-        "inputs: {x: {modality: number}}\ntarget: label\ncandidates: [{name: x, inputs: [x]}]\n")
+        "inputs: {x: {modality: number}}\ntarget: label\ncandidates: [{name: x, inputs: [x]}]\n"
+    )
     assert load_params(tmp_path / "params.yaml").data.val_groups == ["s1"]
-    (tmp_path / "params.yaml").write_text("data: {val_groups: [s1]}\ninputs: {x: {modality: number}}\n"
-                                          "candidates: [{name: x, inputs: [x]}]\n")
+    (tmp_path / "params.yaml").write_text(
+        "data: {val_groups: [s1]}\ninputs: {x: {modality: number}}\ncandidates: [{name: x, inputs: [x]}]\n"
+    )
     with pytest.raises(ConfigError, match="group_column"):
         load_params(tmp_path / "params.yaml")

@@ -34,8 +34,10 @@ def test_zero_ranges_are_the_identity_and_flip_mirrors():
     torch.manual_seed(3)
     out = flips._augmented(batch)
     for i in range(len(batch)):
-        same, mirrored = torch.allclose(out[i], batch[i], atol=1e-5), torch.allclose(out[i], batch[i].flip(-1),
-                                                                                      atol=1e-5)
+        same, mirrored = (
+            torch.allclose(out[i], batch[i], atol=1e-5),
+            torch.allclose(out[i], batch[i].flip(-1), atol=1e-5),
+        )
         assert same or mirrored
     assert any(torch.allclose(out[i], batch[i].flip(-1), atol=1e-5) for i in range(len(batch)))
 

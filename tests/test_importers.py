@@ -347,10 +347,13 @@ def test_imported_bad_rows_are_quarantined_by_manifest_line_with_their_origin(tm
     (source / "train2014" / "COCO_train2014_000000000002.jpg").unlink()
     raw = tmp_path / "raw"
     import_vqa_v2(source, raw)
-    params = Params.model_validate({
-        "inputs": {"question": {"modality": "text"}, "image": {"modality": "image"}},
-        "candidates": [{"name": "concat", "fusion": "concat"}], "data": {"image_size": 8},
-    })
+    params = Params.model_validate(
+        {
+            "inputs": {"question": {"modality": "text"}, "image": {"modality": "image"}},
+            "candidates": [{"name": "concat", "fusion": "concat"}],
+            "data": {"image_size": 8},
+        }
+    )
     summary = prepare(raw, tmp_path / "prepared", params, appended_dir=tmp_path / "none")
     quarantine = pd.read_csv(tmp_path / "prepared" / "quarantine.csv").set_index("line")
     # Line 4 (question 20) lost its image; line 5 (question 30, test) has an answer never seen in train.

@@ -112,8 +112,12 @@ def test_lengths_keys_win_and_zero_padding_is_trimmed_without_them(tmp_path: Pat
 def test_files_written_by_numpy_1_with_protocol_2_load(tmp_path: Path):
     """MMSA's files predate NumPy 2: their arrays name numpy.core (not numpy._core), and Python 3 writes an
     array's bytes into a protocol 2 pickle through _codecs.encode. Both are allowed, and nothing else."""
-    data = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.array(["x"], dtype=object),
-            "f": np.float32(2.5), "l": [1, "two", 3.0]}
+    data = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "s": np.array(["x"], dtype=object),
+        "f": np.float32(2.5),
+        "l": [1, "two", 3.0],
+    }
     old = pickle.dumps(data, protocol=2).replace(b"cnumpy._core.", b"cnumpy.core.")
     assert b"cnumpy.core.multiarray\n_reconstruct" in old and b"c_codecs\nencode" in old
     (tmp_path / "old.pkl").write_bytes(old)
@@ -140,15 +144,22 @@ def test_a_pickle_that_is_not_plain_data_is_refused_unexecuted(tmp_path: Path, m
         load_plain_pickle(path)
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ([1, 2, 3], "a dict with the splits"),
-    ({"train": {}, "valid": {}}, "found \\['train', 'valid'\\]"),
-    ({s: {"regression_labels": np.zeros(2)} for s in ("train", "valid", "test")}, "none of the feature arrays"),
-    ({s: {"regression_labels": np.zeros(2), "audio": np.zeros((3, 4, 2))} for s in ("train", "valid", "test")},
-     "3 rows, but 'regression_labels' has 2"),
-    ({s: {"regression_labels": np.zeros(2), "audio": np.zeros((2, 4))} for s in ("train", "valid", "test")},
-     "numeric \\(N, time, features\\)"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([1, 2, 3], "a dict with the splits"),
+        ({"train": {}, "valid": {}}, "found \\['train', 'valid'\\]"),
+        ({s: {"regression_labels": np.zeros(2)} for s in ("train", "valid", "test")}, "none of the feature arrays"),
+        (
+            {s: {"regression_labels": np.zeros(2), "audio": np.zeros((3, 4, 2))} for s in ("train", "valid", "test")},
+            "3 rows, but 'regression_labels' has 2",
+        ),
+        (
+            {s: {"regression_labels": np.zeros(2), "audio": np.zeros((2, 4))} for s in ("train", "valid", "test")},
+            "numeric \\(N, time, features\\)",
+        ),
+    ],
+)
 def test_a_plain_pickle_of_another_structure_is_refused_by_name(tmp_path: Path, data, message):
     path = tmp_path / "x.pkl"
     path.write_bytes(pickle.dumps(data))
@@ -159,13 +170,17 @@ def test_a_plain_pickle_of_another_structure_is_refused_by_name(tmp_path: Path, 
 def test_the_transcript_feeds_a_text_input_next_to_feature_sequences(mmsa_file: Path, tmp_path: Path):
     raw = tmp_path / "data" / "raw"
     import_mmsa(mmsa_file, raw)
-    params = Params.model_validate({
-        "data": {"source": "mmsa"},
-        "inputs": {"raw_text": {"modality": "text", "encoder": "bow_text"},
-                   "audio": {"modality": "vectors", "encoder": "mean_features"}},
-        "target": {"column": "label", "type": "sentiment"},
-        "candidates": [{"name": "concat", "fusion": "concat"}],
-    })
+    params = Params.model_validate(
+        {
+            "data": {"source": "mmsa"},
+            "inputs": {
+                "raw_text": {"modality": "text", "encoder": "bow_text"},
+                "audio": {"modality": "vectors", "encoder": "mean_features"},
+            },
+            "target": {"column": "label", "type": "sentiment"},
+            "candidates": [{"name": "concat", "fusion": "concat"}],
+        }
+    )
     summary = prepare(raw, tmp_path / "prepared", params, tmp_path / "appended")
     assert summary["kept"] == 20 and summary["quarantined"] == 0
     texts = load_values(tmp_path / "prepared", "raw_text", "text")
@@ -173,12 +188,14 @@ def test_the_transcript_feeds_a_text_input_next_to_feature_sequences(mmsa_file: 
 
 
 def _params(**data) -> Params:
-    return Params.model_validate({
-        "data": {"source": "mmsa", **data},
-        "inputs": {m: {"modality": "vectors", "encoder": "mean_features"} for m in DIMS},
-        "target": {"column": "label", "type": "sentiment"},
-        "candidates": [{"name": "tensor", "fusion": "tensor"}],
-    })
+    return Params.model_validate(
+        {
+            "data": {"source": "mmsa", **data},
+            "inputs": {m: {"modality": "vectors", "encoder": "mean_features"} for m in DIMS},
+            "target": {"column": "label", "type": "sentiment"},
+            "candidates": [{"name": "tensor", "fusion": "tensor"}],
+        }
+    )
 
 
 def test_prepare_keeps_mmsa_splits_and_quarantines_bad_sequences_by_row_and_field(mmsa_file: Path, tmp_path: Path):
@@ -210,4 +227,5 @@ def test_prepare_keeps_mmsa_splits_and_quarantines_bad_sequences_by_row_and_fiel
     used = pd.read_parquet(tmp_path / "data" / "prepared" / "rows.parquet")["vision_idx"]
     assert all(values[i].shape[1] == DIMS["vision"] and len(values[i]) >= 1 for i in used)
     assert sum(len(values[i]) for i in used) == sum(
-        len(np.load(raw / manifest.loc[line - 2, "vision"])) for line in range(2, 22) if line not in bad)
+        len(np.load(raw / manifest.loc[line - 2, "vision"])) for line in range(2, 22) if line not in bad
+    )

@@ -12,9 +12,15 @@ from mmops.core.model import MultimodalModel
 from mmops.serving.predictor import Predictor
 
 SPEC = {
-    "candidate": "t", "labels": ["no", "yes", "red"], "image_size": 16, "target": "answer", "seed": 0,
-    "inputs": {"question": {"modality": "text", "encoder": "hf_text", "params": {}},
-               "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}}},
+    "candidate": "t",
+    "labels": ["no", "yes", "red"],
+    "image_size": 16,
+    "target": "answer",
+    "seed": 0,
+    "inputs": {
+        "question": {"modality": "text", "encoder": "hf_text", "params": {}},
+        "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}},
+    },
     "fusion": {"name": "concat", "params": {"hidden": 8}},
     "head": {"hidden": 8, "dropout": 0.0},
 }
@@ -24,8 +30,10 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     model = MultimodalModel(SPEC).eval()
     images = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
-    inputs = {"question": model.encoders["question"].preprocess(["is it red?", "what shape?"]),
-              "image": model.encoders["image"].preprocess(images)}
+    inputs = {
+        "question": model.encoders["question"].preprocess(["is it red?", "what shape?"]),
+        "image": model.encoders["image"].preprocess(images),
+    }
     with torch.no_grad():
         before = model(inputs)
     model.save(tmp_path / "m")
@@ -104,8 +112,10 @@ def test_a_model_whose_fusion_attends_round_trips_and_serves_word_pieces_from_it
     out = predictor.predict([{"image": p, "question": q} for p, q in zip(pngs, questions, strict=True)], top_k=3)
     memo = predictor._caches["question"].data
     assert len(memo) == 2 and all(isinstance(t, Tokens) and t.length > 3 for t in memo.values())
-    inputs = {"question": model.encoders["question"].preprocess(questions),
-              "image": model.encoders["image"].preprocess(images)}
+    inputs = {
+        "question": model.encoders["question"].preprocess(questions),
+        "image": model.encoders["image"].preprocess(images),
+    }
     loaded = MultimodalModel.load(tmp_path / "m")
     with torch.no_grad():
         probs = torch.softmax(loaded(inputs), dim=1)

@@ -17,7 +17,7 @@ from mmops.core import plugin_registry
 from mmops.core.model import MultimodalModel
 from mmops.core.tasks import build_task
 
-MODULE = '''
+MODULE = """
 import torch
 from torch import nn
 from mmops.interfaces import Fusion
@@ -48,7 +48,7 @@ class BoomTask(Task):
     def evaluate(self, targets, scores, groups=None): ...
     def describe(self, targets, scores, metrics): ...
     def answers(self, scores, top_k): ...
-'''
+"""
 
 
 @pytest.fixture
@@ -72,13 +72,30 @@ def broken_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _spec(fusion: str) -> dict:
-    return {"candidate": "t", "labels": ["a", "b"], "target": "y", "seed": 0, "image_size": 16,
-            "inputs": {"x": {"modality": "tabular", "encoder": "numeric", "params": {"hidden": 4, "n_features": 1},
-                     "columns": ["p"]},
-                       "y": {"modality": "tabular", "encoder": "numeric", "params": {"hidden": 4, "n_features": 1},
-                     "columns": ["q"]}},
-            "fusion": {"name": fusion, "params": {}}, "head": {"hidden": 4, "dropout": 0.0},
-            "task": {"name": "classification", "params": {}}}
+    return {
+        "candidate": "t",
+        "labels": ["a", "b"],
+        "target": "y",
+        "seed": 0,
+        "image_size": 16,
+        "inputs": {
+            "x": {
+                "modality": "tabular",
+                "encoder": "numeric",
+                "params": {"hidden": 4, "n_features": 1},
+                "columns": ["p"],
+            },
+            "y": {
+                "modality": "tabular",
+                "encoder": "numeric",
+                "params": {"hidden": 4, "n_features": 1},
+                "columns": ["q"],
+            },
+        },
+        "fusion": {"name": fusion, "params": {}},
+        "head": {"hidden": 4, "dropout": 0.0},
+        "task": {"name": "classification", "params": {}},
+    }
 
 
 def test_a_fusion_raising_at_construction_is_named_with_its_package(broken_dist: Path):

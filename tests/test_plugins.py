@@ -81,8 +81,9 @@ def test_fusions_shapes_gradients_and_bad_input(name, n_inputs):
         fusion({"a": feats["a"]})
 
 
-def test_a_plugin_that_exits_at_import_is_reported_and_does_not_end_plugins_list(fake_entry_points, tmp_path,
-                                                                                 monkeypatch):
+def test_a_plugin_that_exits_at_import_is_reported_and_does_not_end_plugins_list(
+    fake_entry_points, tmp_path, monkeypatch
+):
     from typer.testing import CliRunner
 
     from mmops.cli.main import app

@@ -26,10 +26,15 @@ def tiny(tmp_path_factory):
 
 
 def _train(folder, name: str, **train) -> tuple[dict, Dataset]:
-    params = Params.model_validate({
-        "data": {"source": "manifest"}, "inputs": {"a": {"modality": "number"}, "b": {"modality": "number"}},
-        "target": "y", "train": {"epochs": 8, "patience": 8, "batch_size": 32, "head_hidden": 16, **train},
-        "candidates": [{"name": "c", "fusion": "concat"}]})
+    params = Params.model_validate(
+        {
+            "data": {"source": "manifest"},
+            "inputs": {"a": {"modality": "number"}, "b": {"modality": "number"}},
+            "target": "y",
+            "train": {"epochs": 8, "patience": 8, "batch_size": 32, "head_hidden": 16, **train},
+            "candidates": [{"name": "c", "fusion": "concat"}],
+        }
+    )
     if not (folder / "prepared").exists():
         prepare(folder / "raw", folder / "prepared", params)
     data = Dataset.load(folder / "prepared", folder / "none", params, use_cache=False)

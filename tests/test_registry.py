@@ -37,13 +37,20 @@ def db_url(request, tmp_path):
 def _seed(registry: Registry, n_versions: int = 3, name: str = "m") -> list[str]:
     runs = []
     for i in range(n_versions):
-        run = registry.start_run(f"cand{i}", {"train": {"lr": 0.001 * (i + 1), "epochs": 3}, "seed": 1}, 1,
-                                 {"prepare:data/prepared": f"hash{i}"}, "abc123", flow_run_id=f"fr{i}")
+        run = registry.start_run(
+            f"cand{i}",
+            {"train": {"lr": 0.001 * (i + 1), "epochs": 3}, "seed": 1},
+            1,
+            {"prepare:data/prepared": f"hash{i}"},
+            "abc123",
+            flow_run_id=f"fr{i}",
+        )
         registry.log_metrics(run, {"val_accuracy": 0.5 + i / 10}, step=1)
         registry.log_metrics(run, {"val_accuracy": 0.6 + i / 10, "test_accuracy": 0.55 + i / 10})
         registry.finish_run(run, "completed", 1.5)
-        registry.add_model_version(name, run, {"val_accuracy": 0.6 + i / 10}, model_tag=f"{name}:t{i}",
-                                   bento_tag=f"mmops:b{i}")
+        registry.add_model_version(
+            name, run, {"val_accuracy": 0.6 + i / 10}, model_tag=f"{name}:t{i}", bento_tag=f"mmops:b{i}"
+        )
         runs.append(run)
     return runs
 
@@ -128,8 +135,9 @@ def test_promotions_never_leave_zero_or_two_production_versions(db_url):
     counts = set()
     while any(p.is_alive() for p in procs):  # a reader watching every committed state
         with registry.session(write=False) as s:
-            counts.add(s.scalar(select(func.count()).where(ModelVersion.name == "m",
-                                                           ModelVersion.stage == "production")))
+            counts.add(
+                s.scalar(select(func.count()).where(ModelVersion.name == "m", ModelVersion.stage == "production"))
+            )
     for p in procs:
         p.join()
     assert all(p.exitcode == 0 for p in procs)
@@ -155,7 +163,11 @@ def test_rollback_returns_to_the_previous_production_version(db_url):
     assert stages == {1: "production", 2: "staging", 3: "archived"}
     last = registry.events("m")[-1]
     assert (last.action, last.version, last.reason, last.details) == (
-        "rollback", 1, "v3 misbehaves", {"rolled_back": "m:3"})
+        "rollback",
+        1,
+        "v3 misbehaves",
+        {"rolled_back": "m:3"},
+    )
 
 
 def test_event_log_is_append_only(db_url):
@@ -181,13 +193,16 @@ def test_data_versions_are_deduplicated_and_linked(db_url):
     assert registry.get_version("m", mv.version).data_version.hashes == {"prepare:data/prepared": "h2"}
 
 
-@pytest.mark.parametrize(("challenger", "champion", "promote", "why"), [
-    ({"accuracy": 0.9, "macro_f1": 0.8}, None, True, "first model"),
-    ({"accuracy": 0.4, "macro_f1": 0.8}, None, False, "below the minimum"),
-    ({"accuracy": 0.9, "macro_f1": 0.8}, {"accuracy": 0.85, "macro_f1": 0.8}, True, "beats the champion"),
-    ({"accuracy": 0.851, "macro_f1": 0.8}, {"accuracy": 0.85, "macro_f1": 0.8}, False, "margin"),
-    ({"accuracy": 0.4, "macro_f1": 0.8}, {"accuracy": 0.3, "macro_f1": 0.8}, False, "below the minimum"),
-])
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promote", "why"),
+    [
+        ({"accuracy": 0.9, "macro_f1": 0.8}, None, True, "first model"),
+        ({"accuracy": 0.4, "macro_f1": 0.8}, None, False, "below the minimum"),
+        ({"accuracy": 0.9, "macro_f1": 0.8}, {"accuracy": 0.85, "macro_f1": 0.8}, True, "beats the champion"),
+        ({"accuracy": 0.851, "macro_f1": 0.8}, {"accuracy": 0.85, "macro_f1": 0.8}, False, "margin"),
+        ({"accuracy": 0.4, "macro_f1": 0.8}, {"accuracy": 0.3, "macro_f1": 0.8}, False, "below the minimum"),
+    ],
+)
 def test_promotion_rule(challenger, champion, promote, why):
     decision, reason = decide(challenger, champion, PromotionConfig(margin=0.002, min_accuracy=0.5))
     assert decision is promote and why in reason

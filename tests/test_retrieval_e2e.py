@@ -45,8 +45,11 @@ def test_retrieval_template_to_search_over_http(tmp_path: Path) -> None:
 
     with serve_bento(root, bento) as (url, _):
         # An image query finds itself first; a caption query ranks images of its class above the rest.
-        found = httpx.post(f"{url}/search", json={"items": [{"image": _b64(image), "k": 3},
-                                                            {"text": test["caption"], "k": 10}]}, timeout=60)
+        found = httpx.post(
+            f"{url}/search",
+            json={"items": [{"image": _b64(image), "k": 3}, {"text": test["caption"], "k": 10}]},
+            timeout=60,
+        )
         assert found.status_code == 200, found.text
         by_image, by_text = found.json()
         assert by_image["results"][0]["id"] == test["image"] and by_image["results"][0]["score"] > 0.999
@@ -58,23 +61,33 @@ def test_retrieval_template_to_search_over_http(tmp_path: Path) -> None:
         scores = [r["score"] for r in by_text["results"]]
         assert scores == sorted(scores, reverse=True)
 
-        embedded = httpx.post(f"{url}/embed", json={"items": [{"text": "a red triangle"}, {"image": _b64(image)}]},
-                              timeout=60).json()
+        embedded = httpx.post(
+            f"{url}/embed", json={"items": [{"text": "a red triangle"}, {"image": _b64(image)}]}, timeout=60
+        ).json()
         assert [len(e["vector"]) for e in embedded] == [128, 128]
         assert abs(sum(x * x for x in embedded[0]["vector"]) - 1) < 1e-3
 
         choices = [test["label"], "purple star", "orange hexagon"]
-        ranked = httpx.post(f"{url}/zero_shot", json={"items": [{"image": _b64(image), "labels": choices}]},
-                            timeout=60).json()[0]
+        ranked = httpx.post(
+            f"{url}/zero_shot", json={"items": [{"image": _b64(image), "labels": choices}]}, timeout=60
+        ).json()[0]
         assert {t["answer"] for t in ranked["top_k"]} == set(choices)
         assert abs(sum(t["probability"] for t in ranked["top_k"]) - 1) < 1e-3
 
         bad = {
-            "/search": [{"text": "   ", "k": 3}, {"text": "a red circle", "k": 0},
-                        {"text": "a red circle", "k": 10_000}, {"image": base64.b64encode(b"not an image").decode()},
-                        {"text": "a", "image": _b64(image)}, {"query": "a red circle"}],
-            "/zero_shot": [{"image": _b64(image), "labels": [f"label {i}" for i in range(65)]},
-                           {"image": _b64(image), "labels": []}, {"text": "a red circle", "labels": ["x"]}],
+            "/search": [
+                {"text": "   ", "k": 3},
+                {"text": "a red circle", "k": 0},
+                {"text": "a red circle", "k": 10_000},
+                {"image": base64.b64encode(b"not an image").decode()},
+                {"text": "a", "image": _b64(image)},
+                {"query": "a red circle"},
+            ],
+            "/zero_shot": [
+                {"image": _b64(image), "labels": [f"label {i}" for i in range(65)]},
+                {"image": _b64(image), "labels": []},
+                {"text": "a red circle", "labels": ["x"]},
+            ],
             "/embed": [{"text": ""}],
         }
         for route, items in bad.items():

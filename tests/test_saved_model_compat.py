@@ -53,8 +53,11 @@ def test_a_model_saved_by_the_old_code_gives_the_old_outputs(name):
 @pytest.mark.parametrize("name", FUSIONS)
 def test_a_legacy_fusion_has_exactly_the_old_weights(name):
     """Legacy mode builds the old layers: the saved weights fit strictly, none missing, none extra."""
-    saved = {k.removeprefix("fusion."): v for k, v in load_file(str(SAVED / name / "model.safetensors")).items()
-             if k.startswith("fusion.")}
+    saved = {
+        k.removeprefix("fusion."): v
+        for k, v in load_file(str(SAVED / name / "model.safetensors")).items()
+        if k.startswith("fusion.")
+    }
     model = MultimodalModel.load(SAVED / name, plugin_mismatch="ignore")
     assert set(model.fusion.state_dict()) == set(saved)
 
@@ -65,8 +68,9 @@ def test_a_saved_value_wins_and_new_models_keep_the_new_defaults(tmp_path):
     folder = tmp_path / "old"
     shutil.copytree(SAVED / "gated", folder)
     spec = json.loads((folder / "spec.json").read_text())
-    new = MultimodalModel({k: v for k, v in spec.items() if k != "fusion"}
-                          | {"fusion": {"name": "gated", "params": {"hidden": 4}}})
+    new = MultimodalModel(
+        {k: v for k, v in spec.items() if k != "fusion"} | {"fusion": {"name": "gated", "params": {"hidden": 4}}}
+    )
     assert new.fusion.config()["normalize"] is True
     saved = new.save(tmp_path / "new")
     assert json.loads((saved / "spec.json").read_text())["fusion"]["params"]["normalize"] is True

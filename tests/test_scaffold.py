@@ -81,11 +81,25 @@ def test_template_files(projects: dict[str, Path], template: str) -> None:
         ("vqa", {"column": "answer", "type": "classification"}, "val_accuracy"),
         ("classification", {"column": "label", "type": "classification"}, "val_accuracy"),
         ("regression", {"column": "score", "type": "regression"}, "val_mae"),
-        ("retrieval", {"column": "image_id", "type": "contrastive",
-                       "params": {"image_input": "image", "text_input": "caption", "width": 128,
-                                  "templates": ["a photo of a {}", "a picture of a {}"]}}, "val_recall_mean"),
-        ("sentiment", {"column": "label", "type": "sentiment", "params": {"low": -3, "high": 3, "loss": "l1"}},
-         "val_mae"),
+        (
+            "retrieval",
+            {
+                "column": "image_id",
+                "type": "contrastive",
+                "params": {
+                    "image_input": "image",
+                    "text_input": "caption",
+                    "width": 128,
+                    "templates": ["a photo of a {}", "a picture of a {}"],
+                },
+            },
+            "val_recall_mean",
+        ),
+        (
+            "sentiment",
+            {"column": "label", "type": "sentiment", "params": {"low": -3, "high": 3, "loss": "l1"}},
+            "val_mae",
+        ),
     ],
 )
 def test_template_design_keys(projects: dict[str, Path], template: str, target: dict, metric: str) -> None:

@@ -25,11 +25,17 @@ def tiny(tmp_path, monkeypatch) -> Project:
     raw = tmp_path / "data" / "raw"
     raw.mkdir(parents=True)
     pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "label": label}).to_csv(raw / "manifest.csv", index=False)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "data": {"source": "manifest"},
-        "inputs": {"a": {"modality": "number"}, "b": {"modality": "number"}}, "target": "label",
-        "train": {"epochs": 4, "patience": 4, "batch_size": 32, "seeds": 3, "head_hidden": 16},
-        "candidates": [{"name": "concat", "fusion": "concat"}]}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"source": "manifest"},
+                "inputs": {"a": {"modality": "number"}, "b": {"modality": "number"}},
+                "target": "label",
+                "train": {"epochs": 4, "patience": 4, "batch_size": 32, "seeds": 3, "head_hidden": 16},
+                "candidates": [{"name": "concat", "fusion": "concat"}],
+            }
+        )
+    )
     project = Project.at(tmp_path)
     project.state_dir.mkdir()
     prepare(raw, project.prepared_dir, project.params)
@@ -53,7 +59,8 @@ def test_seeds_report_mean_and_std_and_keep_the_first_seed_model(tiny):
     write_metrics(tiny, [result], result)
     board = json.loads((tiny.metrics_dir / "leaderboard.json").read_text())
     assert board[0]["seeds"] == 3 and board[0]["test_accuracy_std"] == pytest.approx(
-        result["final_std"]["test_accuracy"])
+        result["final_std"]["test_accuracy"]
+    )
     best = json.loads((tiny.metrics_dir / "best.json").read_text())
     assert best["seeds"]["n"] == 3 and best["seeds"]["mean"]["val_accuracy"] == result["final"]["val_accuracy"]
     # The registry keeps the mean and the std.
@@ -65,8 +72,10 @@ def test_seeds_report_mean_and_std_and_keep_the_first_seed_model(tiny):
 
 
 def _run(name: str, val: list[float]) -> dict:
-    results = [{"seed": 42 + i, "best_epoch": 1, "metrics": {"val": {"accuracy": v}, "test": {"accuracy": v}}}
-               for i, v in enumerate(val)]
+    results = [
+        {"seed": 42 + i, "best_epoch": 1, "metrics": {"val": {"accuracy": v}, "test": {"accuracy": v}}}
+        for i, v in enumerate(val)
+    ]
     final, std, seeds = seed_summary(results)
     return {"candidate": name, "status": "completed", "final": final, "final_std": std, "seeds": seeds}
 

@@ -27,22 +27,29 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-SPEC = {"inputs": {"audio": {"modality": "vectors", "kind": "vectors", "params": {"dim": 3, "max_length": 4}},
-                   "words": {"modality": "text"}}}
+SPEC = {
+    "inputs": {
+        "audio": {"modality": "vectors", "kind": "vectors", "params": {"dim": 3, "max_length": 4}},
+        "words": {"modality": "text"},
+    }
+}
 
 
-@pytest.mark.parametrize(("value", "words"), [
-    ([[1, 2, 3, 4]], "frames of 4 features; this model takes 3"),
-    ([], "empty sequence"),
-    ([[1, 2, 3]] * 5, "5 frames, over this model's max_length 4"),
-    ([[1, 2, 3], [1, 2]], "frames of unequal widths [2, 3]"),
-    ([[1, True, 3]], "each a list of 3 numbers"),
-    ("[[1, 2, 3], [4, 5", "is not valid JSON"),
-    (np.array([[1.0, np.inf, 0.0]]), "NaN or infinity (frame 0, feature 1)"),
-    (_npy(np.zeros((2, 3, 1))), "has shape (2, 3, 1)"),
-    (_npy(np.array([["a", "b", "c"]], dtype=object)), "cannot be read as a .npy array"),  # never unpickled
-    (b"\x93NUMPY garbage", "cannot be read as a .npy array"),
-])
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ([[1, 2, 3, 4]], "frames of 4 features; this model takes 3"),
+        ([], "empty sequence"),
+        ([[1, 2, 3]] * 5, "5 frames, over this model's max_length 4"),
+        ([[1, 2, 3], [1, 2]], "frames of unequal widths [2, 3]"),
+        ([[1, True, 3]], "each a list of 3 numbers"),
+        ("[[1, 2, 3], [4, 5", "is not valid JSON"),
+        (np.array([[1.0, np.inf, 0.0]]), "NaN or infinity (frame 0, feature 1)"),
+        (_npy(np.zeros((2, 3, 1))), "has shape (2, 3, 1)"),
+        (_npy(np.array([["a", "b", "c"]], dtype=object)), "cannot be read as a .npy array"),  # never unpickled
+        (b"\x93NUMPY garbage", "cannot be read as a .npy array"),
+    ],
+)
 def test_the_service_decoder_refuses_bad_sequences_naming_the_field(value, words):
     decoder = RowDecoder(SPEC, Limits(SPEC))
     with pytest.raises(InputError, match=r"^audio: ") as caught:
@@ -72,7 +79,10 @@ def test_sentiment_template_from_mmsa_file_to_served_scores(tmp_path: Path) -> N
 
     mmops(root, "data", "import")  # `mmops run` would too (dvc.yaml's import stage): here its output is checked
     assert pd.read_csv(root / "data" / "raw" / "manifest.csv")["split"].value_counts().to_dict() == {
-        "train": 48, "val": 12, "test": 12}
+        "train": 48,
+        "val": 12,
+        "test": 12,
+    }
     run = mmops(root, "run", timeout=900)
     summary = json.loads((root / "data" / "prepared" / "summary.json").read_text())
     assert summary["quarantined"] == 0 and summary["splits"] == {"test": 12, "train": 48, "val": 12}, summary

@@ -37,8 +37,12 @@ def test_http_answers_match_the_model_and_the_truth(server):
     correct = 0
     for row in rows.itertuples():
         image = (root / "data" / "raw" / row.image).read_bytes()
-        r = httpx.post(f"{url}/predict", files={"image": ("x.png", image, "image/png")},
-                       data={"question": row.question}, timeout=30)
+        r = httpx.post(
+            f"{url}/predict",
+            files={"image": ("x.png", image, "image/png")},
+            data={"question": row.question},
+            timeout=30,
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == version.ref and len(body["top_k"]) == 3
@@ -58,8 +62,10 @@ def _model_dir(root: Path) -> Path:
 def test_batch_endpoint_with_base64(server):
     url, root, _ = server
     rows = _test_rows(root, 3)
-    items = [{"image": base64.b64encode((root / "data" / "raw" / r.image).read_bytes()).decode(),
-              "question": r.question} for r in rows.itertuples()]
+    items = [
+        {"image": base64.b64encode((root / "data" / "raw" / r.image).read_bytes()).decode(), "question": r.question}
+        for r in rows.itertuples()
+    ]
     r = httpx.post(f"{url}/predict_batch", json={"items": items}, timeout=30)
     assert r.status_code == 200, r.text
     assert len(r.json()) == 3
@@ -79,7 +85,7 @@ def test_batch_endpoint_with_base64(server):
 )
 def test_bad_requests_get_4xx_naming_the_field(server, files, data, needle):
     url, root, _ = server
-    png = (root / "data" / "raw" / _test_rows(root, 1).iloc[0]["image"])
+    png = root / "data" / "raw" / _test_rows(root, 1).iloc[0]["image"]
     if files == "valid":
         files = {"image": ("x.png", png.read_bytes(), "image/png")}
     elif files == "truncated":
@@ -88,8 +94,12 @@ def test_bad_requests_get_4xx_naming_the_field(server, files, data, needle):
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert needle in r.text
     # ...and the service keeps serving.
-    ok = httpx.post(f"{url}/predict", files={"image": ("x.png", png.read_bytes(), "image/png")},
-                    data={"question": "what shape is in the image?"}, timeout=30)
+    ok = httpx.post(
+        f"{url}/predict",
+        files={"image": ("x.png", png.read_bytes(), "image/png")},
+        data={"question": "what shape is in the image?"},
+        timeout=30,
+    )
     assert ok.status_code == 200
 
 

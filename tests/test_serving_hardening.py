@@ -43,8 +43,9 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def noise_png(width: int, height: int) -> bytes:
@@ -71,7 +72,12 @@ def test_limits_come_from_the_environment(monkeypatch):
         monkeypatch.setenv(key, value)
     limits = Limits()
     assert (limits.image_bytes, limits.image_pixels, limits.request_bytes, limits.text_chars, limits.batch_size) == (
-        100000, 1000000, 500000, 200, 8)
+        100000,
+        1000000,
+        500000,
+        200,
+        8,
+    )
     monkeypatch.setenv("MMOPS_MAX_IMAGE_BYTES", "ten")
     with pytest.raises(ValueError, match="MMOPS_MAX_IMAGE_BYTES='ten': must be an integer"):
         Limits()
@@ -80,8 +86,9 @@ def test_limits_come_from_the_environment(monkeypatch):
 def test_row_decoder_names_field_and_limit(monkeypatch):
     for key, value in LIMITS.items():
         monkeypatch.setenv(key, value)
-    decoder = RowDecoder({"inputs": {"question": {"modality": "text"}, "image": {"modality": "image"}},
-                          "image_size": 16})
+    decoder = RowDecoder(
+        {"inputs": {"question": {"modality": "text"}, "image": {"modality": "image"}}, "image_size": 16}
+    )
     ok = noise_png(20, 20)
     assert decoder.validate({"image": ok, "question": " what? "})["question"] == "what?"
     cases = [
@@ -130,7 +137,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-
 @pytest.mark.slow
 def test_health_metrics_and_model_version_everywhere(hardened):
     url, root, version, _ = hardened
@@ -157,36 +163,79 @@ def _bad_requests(url: str, good: bytes) -> list[tuple[str, dict, str]]:
     return [
         ("missing image", {"data": form}, "image"),
         ("missing question", {"files": {"image": ("x.png", good, "image/png")}}, "question"),
-        ("empty question", {"files": {"image": ("x.png", good, "image/png")}, "data": {"question": "  "}},
-         "question: must be a non-empty string"),
-        ("long question", {"files": {"image": ("x.png", good, "image/png")}, "data": {"question": "x" * 201}},
-         "question: is 201 characters, over the limit of 200"),
-        ("not an image", {"files": {"image": ("x.txt", b"hello", "text/plain")}, "data": form},
-         "image: not a decodable image"),
-        ("truncated image", {"files": {"image": ("x.png", good[: len(good) // 2], "image/png")}, "data": form},
-         "image: corrupt or truncated"),
-        ("image over byte limit", {"files": {"image": ("x.png", noise_png(250, 250), "image/png")}, "data": form},
-         "over the limit of 100000"),
-        ("decompression bomb", {"files": {"image": ("x.png", bomb_png(), "image/png")}, "data": form},
-         "pixels"),
-        ("image over pixel limit", {"files": {"image": ("x.png", bomb_png(1100, 1000), "image/png")}, "data": form},
-         "over the limit of 1000000 pixels"),
-        ("body over request limit", {"files": {"image": ("x.png", b"\0" * 600_000, "image/png")}, "data": form},
-         "over the limit of 500000"),
-        ("URL instead of a file", {"data": {**form, "image": "http://127.0.0.1:1/x.png"}},
-         "image: must be an uploaded file"),
-        ("extra binary part", {"files": {"image": ("x.png", good, "image/png"),
-                                         "extra": ("x.bin", bytes(range(256)), "application/octet-stream")},
-                               "data": form}, "extra: is not an input of this model"),
-        ("extra text part", {"files": {"image": ("x.png", good, "image/png")}, "data": {**form, "colour": "red"}},
-         "colour: is not an input of this model"),
-        ("binary question part", {"files": {"image": ("x.png", good, "image/png"),
-                                            "question": ("q.bin", b"\xff\xfe\x00", "application/octet-stream")}},
-         "question: must be text"),
+        (
+            "empty question",
+            {"files": {"image": ("x.png", good, "image/png")}, "data": {"question": "  "}},
+            "question: must be a non-empty string",
+        ),
+        (
+            "long question",
+            {"files": {"image": ("x.png", good, "image/png")}, "data": {"question": "x" * 201}},
+            "question: is 201 characters, over the limit of 200",
+        ),
+        (
+            "not an image",
+            {"files": {"image": ("x.txt", b"hello", "text/plain")}, "data": form},
+            "image: not a decodable image",
+        ),
+        (
+            "truncated image",
+            {"files": {"image": ("x.png", good[: len(good) // 2], "image/png")}, "data": form},
+            "image: corrupt or truncated",
+        ),
+        (
+            "image over byte limit",
+            {"files": {"image": ("x.png", noise_png(250, 250), "image/png")}, "data": form},
+            "over the limit of 100000",
+        ),
+        ("decompression bomb", {"files": {"image": ("x.png", bomb_png(), "image/png")}, "data": form}, "pixels"),
+        (
+            "image over pixel limit",
+            {"files": {"image": ("x.png", bomb_png(1100, 1000), "image/png")}, "data": form},
+            "over the limit of 1000000 pixels",
+        ),
+        (
+            "body over request limit",
+            {"files": {"image": ("x.png", b"\0" * 600_000, "image/png")}, "data": form},
+            "over the limit of 500000",
+        ),
+        (
+            "URL instead of a file",
+            {"data": {**form, "image": "http://127.0.0.1:1/x.png"}},
+            "image: must be an uploaded file",
+        ),
+        (
+            "extra binary part",
+            {
+                "files": {
+                    "image": ("x.png", good, "image/png"),
+                    "extra": ("x.bin", bytes(range(256)), "application/octet-stream"),
+                },
+                "data": form,
+            },
+            "extra: is not an input of this model",
+        ),
+        (
+            "extra text part",
+            {"files": {"image": ("x.png", good, "image/png")}, "data": {**form, "colour": "red"}},
+            "colour: is not an input of this model",
+        ),
+        (
+            "binary question part",
+            {
+                "files": {
+                    "image": ("x.png", good, "image/png"),
+                    "question": ("q.bin", b"\xff\xfe\x00", "application/octet-stream"),
+                }
+            },
+            "question: must be text",
+        ),
         ("JSON to /predict", {"json": {"question": "q"}}, "/predict_batch"),
-        ("malformed multipart", {"content": b"--nope\r\n\r\n",
-                                 "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}},
-         "multipart body"),
+        (
+            "malformed multipart",
+            {"content": b"--nope\r\n\r\n", "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}},
+            "multipart body",
+        ),
     ]
 
 
@@ -260,8 +309,9 @@ def test_openapi_fuzz_never_gets_a_5xx(hardened):
     seen: set[int] = set()
 
     def fuzz(operation) -> None:
-        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=25, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         @given(case=operation.as_strategy())
         def call(case) -> None:
             response = case.call(base_url=url, timeout=30)
@@ -306,8 +356,11 @@ def test_soak_mixed_traffic_memory_stays_flat(hardened):
             while time.monotonic() < stop_at:
                 if rng.random() < 0.7:
                     i = rng.randrange(len(rows))
-                    r = http.post(f"{url}/predict", files={"image": ("x.png", rows[i][0], "image/png")},
-                                  data={"question": rows[i][1]})
+                    r = http.post(
+                        f"{url}/predict",
+                        files={"image": ("x.png", rows[i][0], "image/png")},
+                        data={"question": rows[i][1]},
+                    )
                     if r.status_code != 200 or r.json()["answer"] != expected[i]:
                         problems.append(f"good {i}: {r.status_code} {r.text[:200]}")
                     counts["good"] += 1

@@ -26,8 +26,9 @@ def prepared(tmp_path_factory) -> tuple[Path, Params]:
 
 
 def _with_text_params(params: Params, **text_params) -> Params:
-    question = params.inputs["question"].model_copy(update={"params": {**params.inputs["question"].params,
-                                                                       **text_params}})
+    question = params.inputs["question"].model_copy(
+        update={"params": {**params.inputs["question"].params, **text_params}}
+    )
     return params.model_copy(update={"inputs": {**params.inputs, "question": question}})
 
 
@@ -63,8 +64,14 @@ def test_new_data_computes_only_new_values(prepared, tmp_path):
 
 
 def test_sweep_expansion_is_deterministic():
-    sweep = SweepConfig(method="random", samples=3, seed=1, fusion=["concat", "product", "gated"],
-                        params={"hidden": [32, 64]}, train={"lr": [0.001, 0.003]})
+    sweep = SweepConfig(
+        method="random",
+        samples=3,
+        seed=1,
+        fusion=["concat", "product", "gated"],
+        params={"hidden": [32, 64]},
+        train={"lr": [0.001, 0.003]},
+    )
     names = [c.name for c in sweep.expand()]
     assert names == [c.name for c in sweep.expand()] and len(set(names)) == 3
     grid = SweepConfig(fusion=["concat", "product"], params={"hidden": [32, 64]}).expand()
@@ -74,12 +81,15 @@ def test_sweep_expansion_is_deterministic():
 
 @pytest.mark.slow
 def test_dask_sweep_ranks_like_the_local_runner(tmp_path):
-    root = make_project(tmp_path / "proj", {
-        "data": {"limit": 600, "image_size": 16},
-        "train": {"epochs": 2, "threads": 1, "batch_size": 64},
-        "candidates": [],
-        "sweep": {"fusion": ["concat", "product", "gated"], "params": {"hidden": [32]}},
-    })
+    root = make_project(
+        tmp_path / "proj",
+        {
+            "data": {"limit": 600, "image_size": 16},
+            "train": {"epochs": 2, "threads": 1, "batch_size": 64},
+            "candidates": [],
+            "sweep": {"fusion": ["concat", "product", "gated"], "params": {"hidden": [32]}},
+        },
+    )
     local = mmops(root, "sweep", "--runner", "threads", "--workers", "1")
     board_local = json.loads((root / "metrics" / "leaderboard.json").read_text())
     dask = mmops(root, "sweep", "--runner", "dask", "--workers", "2", "--force")
@@ -101,10 +111,17 @@ def test_encoder_reused_from_an_artifact_is_frozen_cached_and_travels_inline(tmp
     from mmops.core.model import MultimodalModel, build_input_encoder
 
     spec = {
-        "candidate": "t", "labels": ["no", "yes"], "image_size": 16, "target": "answer", "seed": 0,
-        "inputs": {"question": {"modality": "text", "encoder": "hf_text", "params": {}},
-                   "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}}},
-        "fusion": {"name": "concat", "params": {"hidden": 8}}, "head": {"hidden": 8, "dropout": 0.0},
+        "candidate": "t",
+        "labels": ["no", "yes"],
+        "image_size": 16,
+        "target": "answer",
+        "seed": 0,
+        "inputs": {
+            "question": {"modality": "text", "encoder": "hf_text", "params": {}},
+            "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}},
+        },
+        "fusion": {"name": "concat", "params": {"hidden": 8}},
+        "head": {"hidden": 8, "dropout": 0.0},
     }
     torch.manual_seed(0)
     source = MultimodalModel(spec)

@@ -15,9 +15,15 @@ from mmops.core.model import MultimodalModel, TaskInputs, build_input_encoder
 from mmops.core.tasks import HIGHER, Task
 
 SPEC = {
-    "candidate": "towers", "labels": [], "image_size": 16, "target": "caption", "seed": 0,
-    "inputs": {"text": {"modality": "text", "encoder": "bow_text", "params": {}},
-               "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}}},
+    "candidate": "towers",
+    "labels": [],
+    "image_size": 16,
+    "target": "caption",
+    "seed": 0,
+    "inputs": {
+        "text": {"modality": "text", "encoder": "bow_text", "params": {}},
+        "image": {"modality": "image", "encoder": "cnn_image", "params": {"channels": [4, 8]}},
+    },
     "fusion": {"name": None, "params": {}},
     "head": {"hidden": 8, "dropout": 0.0},
     "task": {"name": "towers", "params": {}},
@@ -72,8 +78,10 @@ def _model() -> MultimodalModel:
 
 def _inputs(model: MultimodalModel) -> dict:
     images = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
-    return {"text": model.encoders["text"].preprocess(["a red circle", "a blue square"]),
-            "image": model.encoders["image"].preprocess(images)}
+    return {
+        "text": model.encoders["text"].preprocess(["a red circle", "a blue square"]),
+        "image": model.encoders["image"].preprocess(images),
+    }
 
 
 def test_the_task_network_takes_every_input_and_trains_both_towers(towers_task):

@@ -26,8 +26,23 @@ def install_example(example: Path, tmp: Path) -> Path:
     """``pip install --target`` of an example package into ``tmp/site``; returns that folder."""
     src, site = tmp / "src", tmp / "site"
     shutil.copytree(example, src)  # build outside the repository: setuptools writes build/ and egg-info
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(src)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return site
 
 
@@ -61,11 +76,14 @@ def test_not_visible_without_the_install(tmp_path: Path):
 
 @pytest.mark.slow
 def test_trains_with_the_plugin_chosen_in_params_only(with_plugin: Path, tmp_path: Path):
-    root = make_project(tmp_path / "proj", {
-        "data": {"limit": 600, "image_size": 32},
-        "train": {"epochs": 2, "patience": 2, "batch_size": 64},
-        "candidates": [{"name": "mlb", "fusion": "mlb", "params": {"rank": 64, "hidden": 64}}],
-    })
+    root = make_project(
+        tmp_path / "proj",
+        {
+            "data": {"limit": 600, "image_size": 32},
+            "train": {"epochs": 2, "patience": 2, "batch_size": 64},
+            "candidates": [{"name": "mlb", "fusion": "mlb", "params": {"rank": 64, "hidden": 64}}],
+        },
+    )
     # Small encoders keep it quick; bow_text also exercises fitting on the train split in a real run.
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["inputs"]["question"].update(encoder="bow_text", params={})
@@ -162,8 +180,13 @@ def test_third_party_task_and_fusion_train_and_serve_from_the_bento(with_ordinal
     with serve_bento(root, bento) as (url, _):
         items = []
         for _, r in test_rows.iterrows():
-            item = {"text": r["text"], "width": float(r["width"]), "height": float(r["height"]), "shop": r["shop"],
-                    "image": base64.b64encode((incoming / r["image"]).read_bytes()).decode()}
+            item = {
+                "text": r["text"],
+                "width": float(r["width"]),
+                "height": float(r["height"]),
+                "shop": r["shop"],
+                "image": base64.b64encode((incoming / r["image"]).read_bytes()).decode(),
+            }
             if r["audio"]:
                 item["audio"] = base64.b64encode((incoming / r["audio"]).read_bytes()).decode()
             items.append(item)

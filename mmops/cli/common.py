@@ -31,8 +31,9 @@ KEEP = {"no_wrap": True, "overflow": "fold"}
 
 def print_json(data: Any) -> None:
     """JSON on stdout, bypassing rich: no wrapping, colour or highlighting to break a parser."""
-    sys.stdout.write(json.dumps(data, indent=2, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o))
-                     + "\n")
+    sys.stdout.write(
+        json.dumps(data, indent=2, default=lambda o: o.isoformat() if isinstance(o, datetime) else str(o)) + "\n"
+    )
 
 
 def print_table(table: Table) -> None:

@@ -47,9 +47,16 @@ _project, _fail = load_project, fail
 @app.callback()
 def _root(
     ctx: typer.Context,
-    project_dir: Annotated[Path | None, typer.Option(
-        "--project", "-p", envvar="MMOPS_PROJECT", show_envvar=False,
-        help="project directory for any command, before the command's name (a command's own --project wins)")] = None,
+    project_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--project",
+            "-p",
+            envvar="MMOPS_PROJECT",
+            show_envvar=False,
+            help="project directory for any command, before the command's name (a command's own --project wins)",
+        ),
+    ] = None,
 ) -> None:
     # Every command reads MMOPS_PROJECT as its --project default: set it for this invocation only.
     if project_dir is None:
@@ -83,8 +90,9 @@ def masked_url(url: str) -> str:
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="the new project's folder")],
-    template: Annotated[str, typer.Option(
-        help="vqa | classification | regression | retrieval | sentiment")] = "classification",
+    template: Annotated[
+        str, typer.Option(help="vqa | classification | regression | retrieval | sentiment")
+    ] = "classification",
 ) -> None:
     """Scaffold a project: params.yaml, dvc.yaml, bentofile.yaml, git + DVC, and a README of next steps."""
     from mmops.scaffold import init_project
@@ -102,19 +110,35 @@ def init(
 
 @data_app.command("import")
 def data_import(
-    source: Annotated[str | None, typer.Argument(
-        help="easy-vqa | manifest | vqa-v2 | coco-captions | imagefolder | mmsa (default: params data.source)")] = None,
-    from_: Annotated[Path | None, typer.Option("--from", "--path",
-                                               help="the source's files (default: params data.path)")] = None,
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="easy-vqa | manifest | vqa-v2 | coco-captions | imagefolder | mmsa (default: params data.source)"
+        ),
+    ] = None,
+    from_: Annotated[
+        Path | None, typer.Option("--from", "--path", help="the source's files (default: params data.path)")
+    ] = None,
     project_dir: ProjectOpt = Path("."),
     limit: Annotated[int | None, typer.Option(help="rows kept per split (default: params data.limit)")] = None,
-    as_: Annotated[str | None, typer.Option("--as", help="easy-vqa, imagefolder: 'captions' writes one row per "
-                                            "image-caption pair (contrastive retrieval, captioning); imagefolder "
-                                            "reads captions from <stem>.txt sidecars")] = None,
-    zero_shot_pairs: Annotated[str | None, typer.Option(
-        "--zero-shot-pairs", help="easy-vqa --as captions: 'default' puts every image of four colour-shape "
-        "pairs in test (CLIP's zero-shot split); 'none' holds none out (default: params "
-        "data.zero_shot_pairs)")] = None,
+    as_: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            help="easy-vqa, imagefolder: 'captions' writes one row per "
+            "image-caption pair (contrastive retrieval, captioning); imagefolder "
+            "reads captions from <stem>.txt sidecars",
+        ),
+    ] = None,
+    zero_shot_pairs: Annotated[
+        str | None,
+        typer.Option(
+            "--zero-shot-pairs",
+            help="easy-vqa --as captions: 'default' puts every image of four colour-shape "
+            "pairs in test (CLIP's zero-shot split); 'none' holds none out (default: params "
+            "data.zero_shot_pairs)",
+        ),
+    ] = None,
 ) -> None:
     """Write the manifest (one row per example) and its files under data/raw/."""
     from mmops.config import SOURCES
@@ -208,15 +232,19 @@ def data_validate(
         quarantine = project.root / "data" / "quarantine.csv"
         shutil.copyfile(Path(tmp) / "quarantine.csv", quarantine)
         problems = pd.read_csv(quarantine, dtype=str, keep_default_na=False)
-    console.print(f"{summary['rows']} rows: {summary['kept']} usable {summary['splits']}, "
-                  f"{summary['quarantined']} bad; task {summary['task']}, {summary['labels']} labels")
+    console.print(
+        f"{summary['rows']} rows: {summary['kept']} usable {summary['splits']}, "
+        f"{summary['quarantined']} bad; task {summary['task']}, {summary['labels']} labels"
+    )
     if summary.get("rare_labels"):
         err.print(f"[yellow]labels with a single row[/] (a typo?): {', '.join(summary['rare_labels'])}")
     if groups := summary.get("groups"):
         console.print(f"groups of {groups['column']} per split: {groups['per_split']}")
         if groups["in_two_splits"]:
-            err.print(f"[yellow]{groups['column']} in two splits[/] (test sees known users): "
-                      f"{', '.join(groups['in_two_splits'][:20])}")
+            err.print(
+                f"[yellow]{groups['column']} in two splits[/] (test sees known users): "
+                f"{', '.join(groups['in_two_splits'][:20])}"
+            )
     if problems.empty:
         console.print("[green]every row is usable[/]")
         return
@@ -255,10 +283,11 @@ def data_featurize(project_dir: ProjectOpt = Path(".")) -> None:
     from mmops.pipeline import resolve_artifact
 
     resolve = functools.partial(resolve_artifact, project)
-    for name, info in featurize(project.prepared_dir, project.features_dir, project.params,
-                                resolve=resolve).items():
-        console.print(f"{name}: {info['distinct']} distinct values -> {info['dim']}-d features ({info['encoder']}); "
-                      f"cache {info['key']}: {info['computed']} computed, {info['reused']} reused")
+    for name, info in featurize(project.prepared_dir, project.features_dir, project.params, resolve=resolve).items():
+        console.print(
+            f"{name}: {info['distinct']} distinct values -> {info['dim']}-d features ({info['encoder']}); "
+            f"cache {info['key']}: {info['computed']} computed, {info['reused']} reused"
+        )
 
 
 @data_app.command("append")
@@ -274,11 +303,15 @@ def data_append(
         out = append_manifest(file, project.appended_dir, project.params)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
-    console.print(f"appended {out['rows']} rows {out['splits']} and {out['files']} files as "
-                  f"{out['path'].relative_to(project.root)}; the next run re-prepares and re-featurizes")
+    console.print(
+        f"appended {out['rows']} rows {out['splits']} and {out['files']} files as "
+        f"{out['path'].relative_to(project.root)}; the next run re-prepares and re-featurizes"
+    )
     if out["rows_with_missing_files"]:
-        err.print(f"[yellow]{out['rows_with_missing_files']} rows refer to files missing under {file.parent}[/]: "
-                  "prepare will quarantine them")
+        err.print(
+            f"[yellow]{out['rows_with_missing_files']} rows refer to files missing under {file.parent}[/]: "
+            "prepare will quarantine them"
+        )
 
 
 # ---------------------------------------------------------------- pipeline
@@ -291,8 +324,10 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
     task = next((r["task"] for r in results if r.get("task")), "classification")
     metric = select_metric.removeprefix("val_")
     columns = [f"val_{m}" for m in task_class(task).metrics] + [f"test_{metric}"]
-    table = Table(title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select; "
-                  "ties go to fewer parameters, then name)")
+    table = Table(
+        title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select; "
+        "ties go to fewer parameters, then name)"
+    )
     ablation = len({tuple(r.get("inputs") or ()) for r in results}) > 1
     table.add_column("candidate")
     table.add_column("fusion")
@@ -305,7 +340,8 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
         ok = r.get("status") == "completed"
         f, sd = r.get("final", {}), r.get("final_std") or {}  # train.seeds > 1: mean ± std over seeds
         table.add_row(
-            ("* " if r["candidate"] == best else "") + r["candidate"], r.get("fusion") or "-",
+            ("* " if r["candidate"] == best else "") + r["candidate"],
+            r.get("fusion") or "-",
             *(["+".join(r.get("inputs") or [])] if ablation else []),
             *[f"{f[c]:.4f}" + (f" ± {sd[c]:.4f}" if c in sd else "") if ok and c in f else "-" for c in columns],
             f"{r['train_seconds']:.0f} s" if ok else "-",
@@ -372,15 +408,18 @@ def run(
     if not force and (same := pipeline.up_to_date(project, bento)):
         _print_stages(same["stages"])
         print_leaderboard(same["results"], same["best"], project.params.select_metric)
-        console.print(f"nothing changed: {same['model_version']} ({same['bento_tag'] or same['model_tag']}) stands; "
-                      f"--force retrains.  [{time.perf_counter() - started:.1f} s]")
+        console.print(
+            f"nothing changed: {same['model_version']} ({same['bento_tag'] or same['model_tag']}) stands; "
+            f"--force retrains.  [{time.perf_counter() - started:.1f} s]"
+        )
         return
     _check_plugins(project)
     from mmops_flows.retrain import retrain
 
     config = _runner(project, runner, workers, address)
-    console.print(f"[bold]retrain[/] flow on {project.root} (registry: {masked_url(project.db_url)}, "
-                  f"runner: {config.kind})")
+    console.print(
+        f"[bold]retrain[/] flow on {project.root} (registry: {masked_url(project.db_url)}, runner: {config.kind})"
+    )
     with epoch_progress(console, project.params.select_metric):
         out = retrain(str(project.root), build_bento=bento, force=force, runner=config.model_dump())
     _print_stages(out["stages"])
@@ -391,8 +430,10 @@ def run(
     console.print(f"report: {out['report']}")
     console.print(f"wall time: {time.perf_counter() - started:.0f} s")
     if out["bento_tag"]:
-        console.print(f"serve it:  [bold]mmops serve -p {project_dir}[/]  (or BENTOML_HOME={os.environ['BENTOML_HOME']}"
-                      f" bentoml serve {out['bento_tag']})")
+        console.print(
+            f"serve it:  [bold]mmops serve -p {project_dir}[/]  (or BENTOML_HOME={os.environ['BENTOML_HOME']}"
+            f" bentoml serve {out['bento_tag']})"
+        )
 
 
 @app.command("sweep")
@@ -412,8 +453,10 @@ def sweep_cmd(
 
     started = time.perf_counter()
     config = _runner(project, runner, workers, address)
-    console.print(f"[bold]sweep[/] of {len(project.params.all_candidates())} candidates on {config.kind} "
-                  f"({config.address or f'{config.max_workers} local workers'})")
+    console.print(
+        f"[bold]sweep[/] of {len(project.params.all_candidates())} candidates on {config.kind} "
+        f"({config.address or f'{config.max_workers} local workers'})"
+    )
     with epoch_progress(console, project.params.select_metric):
         out = sweep.run_sweep(project, config, force=force)
     _print_stages(out["stages"])
@@ -430,16 +473,21 @@ def print_modalities(rows: list[dict], select_metric: str) -> None:
     for col in ("inputs", "candidate", select_metric, test_metric):
         table.add_column(col.replace("_", " "), justify="right" if "_" in col else "left")
     for r in rows:
-        table.add_row(" + ".join(r["inputs"]), r["candidate"], f"{r[select_metric]:.4f}",
-                      "-" if r.get(test_metric) is None else f"{r[test_metric]:.4f}")
+        table.add_row(
+            " + ".join(r["inputs"]),
+            r["candidate"],
+            f"{r[select_metric]:.4f}",
+            "-" if r.get(test_metric) is None else f"{r[test_metric]:.4f}",
+        )
     console.print(table)
 
 
 @app.command()
 def ablate(
     project_dir: ProjectOpt = Path("."),
-    candidate: Annotated[str | None, typer.Option(help="the full model to ablate (default: the first candidate)")]
-    = None,
+    candidate: Annotated[
+        str | None, typer.Option(help="the full model to ablate (default: the first candidate)")
+    ] = None,
 ) -> None:
     """Train a candidate on every single input and every leave-one-out subset next to the full model."""
     project = _project(project_dir)
@@ -460,8 +508,15 @@ def train(
     ctx: typer.Context,
     project_dir: ProjectOpt = Path("."),
     candidate: Annotated[list[str] | None, typer.Option(help="train only these candidates")] = None,
-    nproc: Annotated[int | None, typer.Option("--nproc", min=1, max=256, help="data-parallel processes per "
-                                              "candidate (default: train.distributed.processes)")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            max=256,
+            help="data-parallel processes per candidate (default: train.distributed.processes)",
+        ),
+    ] = None,
 ) -> None:
     """Train candidates on the prepared data (no flow), record them, write metrics/."""
     project = _project(project_dir)
@@ -472,12 +527,22 @@ def train(
     if not chosen:
         raise _fail(f"no candidate named {candidate}; params.yaml has {[c.name for c in project.params.candidates]}")
     if nproc is not None:
-        chosen = [c.model_copy(update={"train": {**c.train, "distributed": {
-            **project.params.train_for(c).distributed.model_dump(), "processes": nproc}}}) for c in chosen]
+        chosen = [
+            c.model_copy(
+                update={
+                    "train": {
+                        **c.train,
+                        "distributed": {**project.params.train_for(c).distributed.model_dump(), "processes": nproc},
+                    }
+                }
+            )
+            for c in chosen
+        ]
     with epoch_progress(console, project.params.select_metric):
         results = [pipeline.train_one(project, c) for c in chosen]
-    best = pipeline.select_best(results, project.params.select_metric,
-                                 project.params.metric_sign(project.params.select_metric))
+    best = pipeline.select_best(
+        results, project.params.select_metric, project.params.metric_sign(project.params.select_metric)
+    )
     pipeline.write_metrics(project, results, best)
     print_leaderboard(results, best["candidate"], project.params.select_metric)
 
@@ -519,8 +584,10 @@ def evaluate(
 
 @app.command()
 def report(
-    run: Annotated[str | None, typer.Argument(help="a run id (or its first characters) or a candidate name; "
-                                               "default: the best candidate")] = None,
+    run: Annotated[
+        str | None,
+        typer.Argument(help="a run id (or its first characters) or a candidate name; default: the best candidate"),
+    ] = None,
     project_dir: ProjectOpt = Path("."),
     out: Annotated[Path | None, typer.Option(help="HTML file to write (default: reports/<candidate>.html)")] = None,
 ) -> None:
@@ -548,8 +615,9 @@ def package(project_dir: ProjectOpt = Path(".")) -> None:
 def _latest(project: Project, field: str) -> str:
     from mmops.registry.store import Registry
 
-    versions = [v for v in Registry(project.db_url).model_versions(project.params.registry.model_name)
-                if getattr(v, field)]
+    versions = [
+        v for v in Registry(project.db_url).model_versions(project.params.registry.model_name) if getattr(v, field)
+    ]
     if not versions:
         raise _fail("no packaged model yet: run `mmops run` (or `mmops package`) first")
     return getattr(versions[0], field)
@@ -648,8 +716,10 @@ def run_process_group(cmd: list[str], env: dict[str, str] | None = None, grace: 
 def predict(
     image: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="image file")] = None,
     question: Annotated[str | None, typer.Option(help="question about the image")] = None,
-    field: Annotated[list[str] | None, typer.Option(
-        "--input", "-i", help="NAME=VALUE for any input; VALUE @path reads a file (image, audio)")] = None,
+    field: Annotated[
+        list[str] | None,
+        typer.Option("--input", "-i", help="NAME=VALUE for any input; VALUE @path reads a file (image, audio)"),
+    ] = None,
     project_dir: ProjectOpt = Path("."),
     model: Annotated[str | None, typer.Option(help="BentoML model tag (default: the latest packaged)")] = None,
     top_k: Annotated[int, typer.Option(min=1)] = 3,
@@ -715,8 +785,10 @@ def caption(
         for start in range(0, len(images), predictor.limits.batch_size):
             chunk = images[start : start + predictor.limits.batch_size]
             answers = predictor.predict([{field: p} for p in chunk], options=options)
-            results += [{"image": str(p), "caption": a["caption"], "score": a["score"]}
-                        for p, a in zip(chunk, answers, strict=True)]
+            results += [
+                {"image": str(p), "caption": a["caption"], "score": a["score"]}
+                for p, a in zip(chunk, answers, strict=True)
+            ]
     except (InputError, ValueError) as exc:
         raise _fail(str(exc), 2) from None
     if as_json:
@@ -740,8 +812,17 @@ def plugins_list(as_json: JsonOpt = False) -> None:
         for name, info in sorted(discover(kind).items()):
             problem = status[name]
             modality = get_encoder(name).modality if kind == "encoder" and not problem else None
-            rows.append({"name": name, "kind": kind, "modality": modality, "package": info.package,
-                         "version": info.version, "target": info.target, "error": problem})
+            rows.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "modality": modality,
+                    "package": info.package,
+                    "version": info.version,
+                    "target": info.target,
+                    "error": problem,
+                }
+            )
     if as_json:
         print_json(rows)
         return
@@ -749,8 +830,13 @@ def plugins_list(as_json: JsonOpt = False) -> None:
     for col in ("name", "kind", "modality", "package", "status"):
         table.add_column(col, **(KEEP if col in ("name", "kind", "package") else {}))
     for r in rows:
-        table.add_row(r["name"], r["kind"], r["modality"] or "-", f"{r['package']} {r['version']}",
-                      "ok" if not r["error"] else f"[red]{r['error']}[/]")
+        table.add_row(
+            r["name"],
+            r["kind"],
+            r["modality"] or "-",
+            f"{r['package']} {r['version']}",
+            "ok" if not r["error"] else f"[red]{r['error']}[/]",
+        )
     print_table(table)
 
 

@@ -53,10 +53,21 @@ def _data_version_json(dv) -> dict[str, Any] | None:
 
 def _run_json(run, series: bool = False, data_version: bool = True) -> dict[str, Any]:
     """A run as ``--json`` prints it: every field, the full id, metrics as numbers."""
-    out = {"id": run.id, "name": run.name, "status": run.status, "started_at": run.started_at,
-           "finished_at": run.finished_at, "duration_s": run.duration_s, "seed": run.seed, "host": run.host,
-           "git_commit": run.git_commit, "flow_run_id": run.flow_run_id, "error": run.error, "artifact": run.artifact,
-           "final_metrics": run.final_metrics()}
+    out = {
+        "id": run.id,
+        "name": run.name,
+        "status": run.status,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "duration_s": run.duration_s,
+        "seed": run.seed,
+        "host": run.host,
+        "git_commit": run.git_commit,
+        "flow_run_id": run.flow_run_id,
+        "error": run.error,
+        "artifact": run.artifact,
+        "final_metrics": run.final_metrics(),
+    }
     if data_version:
         out["data_version"] = _data_version_json(run.data_version)
     if series:
@@ -70,9 +81,18 @@ def _run_json(run, series: bool = False, data_version: bool = True) -> dict[str,
 
 
 def _version_json(mv) -> dict[str, Any]:
-    return {"ref": mv.ref, "name": mv.name, "version": mv.version, "stage": mv.stage, "run_id": mv.run_id,
-            "model_tag": mv.model_tag, "bento_tag": mv.bento_tag, "metrics": mv.metrics,
-            "created_at": mv.created_at, "stage_changed_at": mv.stage_changed_at}
+    return {
+        "ref": mv.ref,
+        "name": mv.name,
+        "version": mv.version,
+        "stage": mv.stage,
+        "run_id": mv.run_id,
+        "model_tag": mv.model_tag,
+        "bento_tag": mv.bento_tag,
+        "metrics": mv.metrics,
+        "created_at": mv.created_at,
+        "stage_changed_at": mv.stage_changed_at,
+    }
 
 
 # ---------------------------------------------------------------- runs
@@ -90,15 +110,25 @@ def runs_list(project_dir: ProjectOpt = Path("."), limit: int = 20, as_json: Jso
         table.add_column(col, **(KEEP if col in ("run", "name", "status") else {}))
     for run in _registry(project).runs(limit):
         final = run.final_metrics()
-        table.add_row(run.id[:8], run.name, run.status, f"{run.started_at:%Y-%m-%d %H:%M}",
-                      f"{run.duration_s or 0:.0f}", _fmt(final.get("val_accuracy")), _fmt(final.get("test_accuracy")),
-                      run.host)
+        table.add_row(
+            run.id[:8],
+            run.name,
+            run.status,
+            f"{run.started_at:%Y-%m-%d %H:%M}",
+            f"{run.duration_s or 0:.0f}",
+            _fmt(final.get("val_accuracy")),
+            _fmt(final.get("test_accuracy")),
+            run.host,
+        )
     print_table(table)
 
 
 @runs_app.command("show")
-def runs_show(run_id: Annotated[str, typer.Argument(help="run id (a unique prefix will do)")],
-              project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False) -> None:
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="run id (a unique prefix will do)")],
+    project_dir: ProjectOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
     """One run: config, data version, timings, final metrics and the per-epoch series."""
     project = _project(project_dir)
     try:
@@ -109,14 +139,18 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="run id (a unique prefi
         print_json(_run_json(run, series=True))
         return
     console.print(f"[bold]run {run.id}[/] ({run.name})  status {run.status}")
-    console.print(f"started {run.started_at:%Y-%m-%d %H:%M:%S}  finished "
-                  f"{f'{run.finished_at:%H:%M:%S}' if run.finished_at else '-'}  duration {_fmt(run.duration_s)} s")
+    console.print(
+        f"started {run.started_at:%Y-%m-%d %H:%M:%S}  finished "
+        f"{f'{run.finished_at:%H:%M:%S}' if run.finished_at else '-'}  duration {_fmt(run.duration_s)} s"
+    )
     console.print(f"seed {run.seed}  git {run.git_commit or '-'}  host {run.host}  flow run {run.flow_run_id or '-'}")
     if run.error:
         console.print(f"[red]error:[/] {run.error}")
     if run.data_version:
-        console.print(f"data version #{run.data_version.id}: " +
-                      "  ".join(f"{k} {v[:10]}" for k, v in run.data_version.hashes.items()))
+        console.print(
+            f"data version #{run.data_version.id}: "
+            + "  ".join(f"{k} {v[:10]}" for k, v in run.data_version.hashes.items())
+        )
     console.print(yaml.safe_dump(run.config, sort_keys=False).rstrip())
     final = Table(title="final metrics")
     final.add_column("metric", **KEEP)
@@ -139,9 +173,11 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="run id (a unique prefi
 
 
 @runs_app.command("compare")
-def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="two or more run ids (prefixes)")],
-                 project_dir: ProjectOpt = Path("."),
-                 all_config: Annotated[bool, typer.Option("--all", help="show equal config keys too")] = False) -> None:
+def runs_compare(
+    run_ids: Annotated[list[str], typer.Argument(help="two or more run ids (prefixes)")],
+    project_dir: ProjectOpt = Path("."),
+    all_config: Annotated[bool, typer.Option("--all", help="show equal config keys too")] = False,
+) -> None:
     """Config differences and final metrics of runs side by side."""
     project = _project(project_dir)
     if len(run_ids) < 2:
@@ -165,8 +201,9 @@ def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="two or more 
     for key in sorted(set().union(*finals)):
         values = [f.get(key) for f in finals]
         best = max((v for v in values if v is not None), default=None)
-        table.add_row(f"[bold]{key}[/]", *(("[green]" if v == best and "loss" not in key else "") + _fmt(v)
-                                           for v in values))
+        table.add_row(
+            f"[bold]{key}[/]", *(("[green]" if v == best and "loss" not in key else "") + _fmt(v) for v in values)
+        )
     table.add_section()
     table.add_row("status", *(r.status for r in runs))
     table.add_row("duration s", *(_fmt(r.duration_s) for r in runs))
@@ -187,8 +224,11 @@ def _parse(ref: str, need_version: bool) -> tuple[str, int | None]:
 
 
 @models_app.command("list")
-def models_list(name: Annotated[str | None, typer.Argument(help="only this model")] = None,
-                project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False) -> None:
+def models_list(
+    name: Annotated[str | None, typer.Argument(help="only this model")] = None,
+    project_dir: ProjectOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
     """Registered model versions with their stage."""
     project = _project(project_dir)
     if as_json:
@@ -200,8 +240,15 @@ def models_list(name: Annotated[str | None, typer.Argument(help="only this model
     colours = {"production": "green", "staging": "yellow", "archived": "dim"}
     for v in _registry(project).model_versions(name):
         stage = f"[{colours[v.stage]}]{v.stage}[/]" if v.stage in colours else v.stage
-        table.add_row(v.ref, stage, v.run_id[:8], _fmt(v.metrics.get("val_accuracy")),
-                      _fmt(v.metrics.get("test_accuracy")), f"{v.created_at:%Y-%m-%d %H:%M}", v.bento_tag or "")
+        table.add_row(
+            v.ref,
+            stage,
+            v.run_id[:8],
+            _fmt(v.metrics.get("val_accuracy")),
+            _fmt(v.metrics.get("test_accuracy")),
+            f"{v.created_at:%Y-%m-%d %H:%M}",
+            v.bento_tag or "",
+        )
     print_table(table)
 
 
@@ -210,14 +257,24 @@ def _print_events(events: list) -> None:
     for col in ("when", "version", "action", "from", "to", "by", "why"):
         table.add_column(col, **(KEEP if col in ("version", "from", "to") else {}))
     for e in events:
-        table.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", str(e.version or ""), e.action, e.from_stage or "",
-                      e.to_stage or "", e.actor, e.reason)
+        table.add_row(
+            f"{e.at:%Y-%m-%d %H:%M:%S}",
+            str(e.version or ""),
+            e.action,
+            e.from_stage or "",
+            e.to_stage or "",
+            e.actor,
+            e.reason,
+        )
     print_table(table)
 
 
 @models_app.command("show")
-def models_show(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")],
-                project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False) -> None:
+def models_show(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")],
+    project_dir: ProjectOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
     """A model version (the latest without :VERSION): stage, metrics, tags, and its stage history."""
     project = _project(project_dir)
     name, version = _parse(ref, need_version=False)
@@ -228,13 +285,25 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")]
         raise _fail(str(exc)) from None
     production = registry.production(name)
     if as_json:
-        events = [{"at": e.at, "version": e.version, "action": e.action, "from_stage": e.from_stage,
-                   "to_stage": e.to_stage, "actor": e.actor, "reason": e.reason, "details": e.details}
-                  for e in registry.events(name, mv.version)]
+        events = [
+            {
+                "at": e.at,
+                "version": e.version,
+                "action": e.action,
+                "from_stage": e.from_stage,
+                "to_stage": e.to_stage,
+                "actor": e.actor,
+                "reason": e.reason,
+                "details": e.details,
+            }
+            for e in registry.events(name, mv.version)
+        ]
         print_json(_version_json(mv) | {"production": production.ref if production else None, "events": events})
         return
-    console.print(f"[bold]{mv.ref}[/]  stage [bold]{mv.stage}[/] since {mv.stage_changed_at:%Y-%m-%d %H:%M}"
-                  f"   (production: {production.ref if production else 'none'})")
+    console.print(
+        f"[bold]{mv.ref}[/]  stage [bold]{mv.stage}[/] since {mv.stage_changed_at:%Y-%m-%d %H:%M}"
+        f"   (production: {production.ref if production else 'none'})"
+    )
     console.print(f"run {mv.run_id} ({mv.run.name})  model {mv.model_tag or '-'}  bento {mv.bento_tag or '-'}")
     console.print("  ".join(f"{k} {_fmt(v)}" for k, v in sorted(mv.metrics.items())))
     _print_events(registry.events(name, mv.version))
@@ -281,8 +350,11 @@ def models_rollback(
     console.print(f"rolled back {name}: {before.ref if before else '-'} -> {mv.ref} is production")
 
 
-def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_dir: ProjectOpt = Path("."),
-            as_json: JsonOpt = False) -> None:
+def lineage(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    project_dir: ProjectOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
     """Where a model version came from: data version, run, config, commit, model and bento."""
     project = _project(project_dir)
     name, version = _parse(ref, need_version=True)
@@ -292,8 +364,13 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_di
         raise _fail(str(exc)) from None
     run = mv.run
     if as_json:
-        print_json(_version_json(mv) | {"data_version": _data_version_json(mv.data_version),
-                                        "run": _run_json(run, data_version=False) | {"config": run.config}})
+        print_json(
+            _version_json(mv)
+            | {
+                "data_version": _data_version_json(mv.data_version),
+                "run": _run_json(run, data_version=False) | {"config": run.config},
+            }
+        )
         return
     table = Table(title=f"lineage of {mv.ref}", show_header=False)
     table.add_column("what", style="bold", no_wrap=True)
@@ -307,7 +384,7 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_di
     table.add_row("host", run.host)
     dv = mv.data_version
     table.add_row("data version", f"#{dv.id} ({dv.digest[:12]})" if dv else "-")
-    for key, digest in (dv.hashes.items() if dv else []):
+    for key, digest in dv.hashes.items() if dv else []:
         table.add_row(f"  {key}", digest)
     table.add_row("config", yaml.safe_dump(run.config, sort_keys=False).rstrip())
     print_table(table)
@@ -317,8 +394,9 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME:VERSION")], project_di
 
 
 @db_app.command("upgrade")
-def db_upgrade(project_dir: ProjectOpt = Path("."),
-               revision: Annotated[str, typer.Option(help="target revision")] = "head") -> None:
+def db_upgrade(
+    project_dir: ProjectOpt = Path("."), revision: Annotated[str, typer.Option(help="target revision")] = "head"
+) -> None:
     """Apply the schema migrations (also done automatically on first use)."""
     from mmops.registry.migrations import current, head, upgrade
     from mmops.registry.store import make_engine
@@ -327,8 +405,9 @@ def db_upgrade(project_dir: ProjectOpt = Path("."),
     engine = make_engine(project.db_url)
     before = current(engine)
     upgrade(engine, revision)
-    console.print(f"{engine.url.render_as_string(hide_password=True)}: {before or 'empty'} -> {current(engine)}"
-                  f" (head {head()})")
+    console.print(
+        f"{engine.url.render_as_string(hide_password=True)}: {before or 'empty'} -> {current(engine)} (head {head()})"
+    )
 
 
 @db_app.command("current")
@@ -361,8 +440,10 @@ def schedule_create(
         s = schedules.create(project, name, cron, timezone, bento)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
-    console.print(f"schedule [bold]{s.name}[/]: retrain {s.project_dir} at '{', '.join(s.crons)}'"
-                  f" ({s.timezone or 'UTC'}); run `mmops worker` to execute it")
+    console.print(
+        f"schedule [bold]{s.name}[/]: retrain {s.project_dir} at '{', '.join(s.crons)}'"
+        f" ({s.timezone or 'UTC'}); run `mmops worker` to execute it"
+    )
 
 
 @schedule_app.command("list")
@@ -380,9 +461,14 @@ def schedule_list(project_dir: ProjectOpt = Path("."), as_json: JsonOpt = False)
     for col in ("name", "cron", "timezone", "state", "bento", "project"):
         table.add_column(col, **(KEEP if col in ("name", "state") else {}))
     for s in schedules.list_all(project):
-        table.add_row(s.name, ", ".join(s.crons) or "-", s.timezone or "UTC",
-                      "[yellow]paused[/]" if s.paused else "[green]active[/]", "yes" if s.build_bento else "no",
-                      s.project_dir or "-")
+        table.add_row(
+            s.name,
+            ", ".join(s.crons) or "-",
+            s.timezone or "UTC",
+            "[yellow]paused[/]" if s.paused else "[green]active[/]",
+            "yes" if s.build_bento else "no",
+            s.project_dir or "-",
+        )
     print_table(table)
 
 
@@ -425,8 +511,9 @@ for _action, _doc in (
 
 def worker(
     project_dir: ProjectOpt = Path("."),
-    port: Annotated[int, typer.Option(help="port of the local Prefect server started when PREFECT_API_URL is unset")]
-    = 4200,
+    port: Annotated[
+        int, typer.Option(help="port of the local Prefect server started when PREFECT_API_URL is unset")
+    ] = 4200,
     limit: Annotated[int, typer.Option(min=1, help="flow runs at once")] = 1,
 ) -> None:
     """Serve this project's schedules in-process until Ctrl-C or SIGTERM (no Docker, no work pool)."""

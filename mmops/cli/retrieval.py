@@ -27,8 +27,9 @@ def _retriever(project_dir: Path, model: str | None):
 
     project = load_project(project_dir)
     if model is None:
-        versions = [v for v in Registry(project.db_url).model_versions(project.params.registry.model_name)
-                    if v.model_tag]
+        versions = [
+            v for v in Registry(project.db_url).model_versions(project.params.registry.model_name) if v.model_tag
+        ]
         if not versions:
             raise fail("no packaged model yet: run `mmops run` (or `mmops package`) first")
         model = versions[0].model_tag
@@ -44,8 +45,9 @@ def _answer(retriever, op: str, item: dict) -> dict:
     from mmops.serving.retrieval import RetrievalRequests, answer_requests
 
     index = retriever.index
-    requests = RetrievalRequests(retriever.embedder.model.spec, retriever.embedder.predictor.decoder,
-                                 len(index) if index is not None else None)
+    requests = RetrievalRequests(
+        retriever.embedder.model.spec, retriever.embedder.predictor.decoder, len(index) if index is not None else None
+    )
     try:
         return answer_requests(retriever, [requests.decode(op, item)])[0]
     except InputError as exc:
@@ -59,7 +61,7 @@ def _query(text: str | None, image: Path | None) -> dict:
 
 
 def search(
-    text: Annotated[str | None, typer.Argument(help="what to look for, e.g. \"a red triangle\"")] = None,
+    text: Annotated[str | None, typer.Argument(help='what to look for, e.g. "a red triangle"')] = None,
     image: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="search by an image instead")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="results")] = 5,
     project_dir: ProjectOpt = Path("."),
@@ -90,7 +92,7 @@ def embed(
 
 def zero_shot(
     image: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="the image to classify")],
-    labels: Annotated[str, typer.Option(help="candidate labels, comma-separated: \"cat,dog\"")],
+    labels: Annotated[str, typer.Option(help='candidate labels, comma-separated: "cat,dog"')],
     project_dir: ProjectOpt = Path("."),
     model: ModelOpt = None,
 ) -> None:

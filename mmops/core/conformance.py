@@ -27,8 +27,26 @@ from mmops.core.plugin_registry import PluginError, discover, get_encoder, get_f
 
 BATCH = 4
 LABELS = ["no", "yes", "red"]
-WORDS = ("what", "color", "is", "the", "shape", "there", "a", "red", "blue", "green", "circle", "triangle",
-         "rectangle", "in", "image", "not", "does", "contain")
+WORDS = (
+    "what",
+    "color",
+    "is",
+    "the",
+    "shape",
+    "there",
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "triangle",
+    "rectangle",
+    "in",
+    "image",
+    "not",
+    "does",
+    "contain",
+)
 FUSION_DIMS = {"a": 6, "b": 5, "c": 4}
 SEQUENCE_LENGTHS = {"a": 1, "b": 4, "c": 3}  # a sequence-consuming fusion must take unequal lengths
 EXTRA_PADDING = 3  # positions appended to check that padding changes nothing
@@ -65,8 +83,13 @@ def example_values(modality: str, n: int, rng: np.random.Generator) -> Any:
 
 def wrong_values(modality: str) -> Any:
     """Values an encoder of the modality must refuse with a clear error."""
-    return {"text": [12, None], "image": np.zeros((2, 8, 8), np.uint8), "audio": [b"not a wav file"],
-            "tabular": [[1.0, 2.0]], "vectors": [np.zeros((0, 6), np.float32)]}[modality]
+    return {
+        "text": [12, None],
+        "image": np.zeros((2, 8, 8), np.uint8),
+        "audio": [b"not a wav file"],
+        "tabular": [[1.0, 2.0]],
+        "vectors": [np.zeros((0, 6), np.float32)],
+    }[modality]
 
 
 def _run(checks: list[Check], name: str, fn: Callable[[], str | None]) -> bool:
@@ -96,9 +119,16 @@ def _round_trip(spec: dict, encoders: Mapping[str, Encoder], inputs: Mapping[str
 
 
 def _spec(inputs: dict[str, tuple[str, str, dict]], fusion: str, fusion_params: dict) -> dict:
-    return {"candidate": "check", "labels": LABELS, "image_size": 32, "target": "answer", "seed": 0,
-            "inputs": {n: {"modality": m, "encoder": e, "params": p} for n, (m, e, p) in inputs.items()},
-            "fusion": {"name": fusion, "params": fusion_params}, "head": {"hidden": 8, "dropout": 0.0}}
+    return {
+        "candidate": "check",
+        "labels": LABELS,
+        "image_size": 32,
+        "target": "answer",
+        "seed": 0,
+        "inputs": {n: {"modality": m, "encoder": e, "params": p} for n, (m, e, p) in inputs.items()},
+        "fusion": {"name": fusion, "params": fusion_params},
+        "head": {"hidden": 8, "dropout": 0.0},
+    }
 
 
 def example_tokens(batch: int, length: int, dim: int, grad: bool = False) -> Tokens:
@@ -113,8 +143,10 @@ def check_sequence(enc: Encoder, x: Any, b: int) -> Tokens:
     row without a real token (attention over nothing is NaN)."""
     raw = enc.forward_sequence(x)
     if isinstance(raw, Tokens) and (raw.mask.dtype != torch.bool or raw.mask.shape != raw.values.shape[:2]):
-        raise AssertionError(f"forward_sequence: mask must be bool {tuple(raw.values.shape[:2])}, "
-                             f"got {raw.mask.dtype} {tuple(raw.mask.shape)}")
+        raise AssertionError(
+            f"forward_sequence: mask must be bool {tuple(raw.values.shape[:2])}, "
+            f"got {raw.mask.dtype} {tuple(raw.mask.shape)}"
+        )
     tokens = as_tokens(raw, "forward_sequence")
     if tokens.batch != b or tokens.dim != enc.output_dim:
         raise AssertionError(f"forward_sequence: expected ({b}, T, {enc.output_dim}), got {tuple(tokens.values.shape)}")
@@ -139,8 +171,10 @@ def assert_padding_invariant(fusion: Fusion, features: Mapping[str, Tokens], wha
         for name in features:
             after = fusion({**features, name: with_padding(features[name])})
             if not torch.allclose(before, after, rtol=1e-4, atol=1e-5):
-                raise AssertionError(f"{what}: padding appended to input '{name}' changed the output "
-                                     f"(max diff {(before - after).abs().max():.3g}): is the mask honoured?")
+                raise AssertionError(
+                    f"{what}: padding appended to input '{name}' changed the output "
+                    f"(max diff {(before - after).abs().max():.3g}): is the mask honoured?"
+                )
 
 
 def padding_invariant(tokens: Tokens) -> list[str]:
@@ -240,8 +274,7 @@ def check_encoder(name: str, params: Mapping[str, Any] | None = None, batch: int
             names = [f"x{i}" for i in range(k)]
             encoders = {n: build() for n in names}
             inputs = {n: e.preprocess(values[:batch]) for n, e in encoders.items()}
-            _round_trip(_spec({n: (modality, name, params) for n in names}, "concat", {"hidden": 8}),
-                        encoders, inputs)
+            _round_trip(_spec({n: (modality, name, params) for n in names}, "concat", {"hidden": 8}), encoders, inputs)
 
     _run(checks, "save/load round trip gives identical outputs (models with 2 and 3 inputs)", round_trip)
 
@@ -294,11 +327,16 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
             with torch.no_grad():
                 for b in (1, batch):
                     out = f(features(dims, b))
-                    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, f.output_dim) \
-                            or not torch.isfinite(out).all():
+                    if (
+                        not isinstance(out, torch.Tensor)
+                        or tuple(out.shape) != (b, f.output_dim)
+                        or not torch.isfinite(out).all()
+                    ):
                         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                        raise AssertionError(f"fusion {origin}, {len(dims)} inputs, batch {b}: expected finite "
-                                             f"({b}, {f.output_dim}), got {got}")
+                        raise AssertionError(
+                            f"fusion {origin}, {len(dims)} inputs, batch {b}: expected finite "
+                            f"({b}, {f.output_dim}), got {got}"
+                        )
 
     _run(checks, f"output shape for batch 1 and {batch} (2 and 3 inputs)", shapes)
 
@@ -309,8 +347,11 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
             feats = features(dims, batch, grad=True)
             out = f(feats)
             (out * torch.randn_like(out)).sum().backward()
-            missing = [n for n, p in f.named_parameters()
-                       if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+            missing = [
+                n
+                for n, p in f.named_parameters()
+                if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+            ]
             if missing:
                 raise AssertionError(f"{len(dims)} inputs: no (finite) gradient for {missing[:5]}")
             unused = [n for n, t in feats.items() if leaf(t).grad is None or not leaf(t).grad.abs().sum()]
@@ -330,6 +371,7 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
     _run(checks, "eval mode is deterministic", deterministic)
 
     if cls.needs_sequences:
+
         def padding() -> None:
             for f, dims in zip(fusions, dim_sets, strict=True):
                 assert_padding_invariant(f.eval(), features(dims, batch), f"{len(dims)} inputs")
@@ -351,18 +393,21 @@ def check_fusion(name: str, params: Mapping[str, Any] | None = None, batch: int 
         rng = np.random.default_rng(0)
         images, table = example_values("image", batch, rng), example_values("tabular", 16, rng)
         for k in (2, 3):
-            inputs = {"a": ("image", "cnn_image", {"channels": [4, 8]}),
-                      "b": ("tabular", "numeric", {"hidden": 8}), "c": ("tabular", "numeric", {"hidden": 6})}
+            inputs = {
+                "a": ("image", "cnn_image", {"channels": [4, 8]}),
+                "b": ("tabular", "numeric", {"hidden": 8}),
+                "c": ("tabular", "numeric", {"hidden": 6}),
+            }
             inputs = dict(list(inputs.items())[:k])
             encoders = {n: get_encoder(e)(**p) for n, (_, e, p) in inputs.items()}
             for n in ("b", "c")[: k - 1]:
                 encoders[n].fit(table)
             raw = {"a": images, "b": table[:batch], "c": table[:batch]}
-            _round_trip(_spec(inputs, name, params), encoders,
-                        {n: e.preprocess(raw[n]) for n, e in encoders.items()})
+            _round_trip(_spec(inputs, name, params), encoders, {n: e.preprocess(raw[n]) for n, e in encoders.items()})
 
-    _run(checks, "save/load round trip gives identical outputs (state dict, and a model with 2 and 3 inputs)",
-         round_trip)
+    _run(
+        checks, "save/load round trip gives identical outputs (state dict, and a model with 2 and 3 inputs)", round_trip
+    )
 
     def wrong_input() -> str:
         f, dims = fusions[0], dim_sets[0]
@@ -411,8 +456,11 @@ def learns_xor(name: str, params: Mapping[str, Any] | None = None, steps: int = 
 
     try:
         fusion = cls(dims, **dict(params or {}), **({"num_classes": 2} if cls.produces_logits else {}))
-        head = torch.nn.Identity() if cls.produces_logits else torch.nn.Sequential(
-            torch.nn.Linear(fusion.output_dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+        head = (
+            torch.nn.Identity()
+            if cls.produces_logits
+            else torch.nn.Sequential(torch.nn.Linear(fusion.output_dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+        )
         model = torch.nn.ModuleDict({"fusion": fusion, "head": head})
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         train, target = sample(256)
@@ -442,8 +490,9 @@ def plugin_kind(name: str) -> str:
     return kinds[0]
 
 
-def check_plugin(name: str, kind: str | None = None, params: Mapping[str, Any] | None = None,
-                 learn: bool = False) -> list[Check]:
+def check_plugin(
+    name: str, kind: str | None = None, params: Mapping[str, Any] | None = None, learn: bool = False
+) -> list[Check]:
     """Run every check; a plugin that cannot even be loaded is one failed check, not an exception.
     ``learn``: a fusion must also learn a XOR of its two inputs (:func:`learns_xor`, a few seconds)."""
     try:
@@ -497,8 +546,11 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
         names = cls.example_inputs  # the inputs its network takes (a contrastive task's two towers)
         if cls.combines_inputs:  # its own network takes the inputs by name: token sequences if it asks
             head = task.network(dict.fromkeys(names, 8), 16, 0.0)
-            features = torch.randn(rows, 3, 8, requires_grad=True) if cls.needs_sequences else \
-                torch.randn(rows, 8, requires_grad=True)
+            features = (
+                torch.randn(rows, 3, 8, requires_grad=True)
+                if cls.needs_sequences
+                else torch.randn(rows, 8, requires_grad=True)
+            )
             outputs = head(dict.fromkeys(names, Tokens.full(features) if cls.needs_sequences else features))
         else:
             head = task.head(8, 16, 0.0)
@@ -524,13 +576,15 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
         metrics = task.evaluate(task.targets(state["stored"]), scores)
         missing = [m for m in cls.metrics if not isinstance(metrics.get(m), int | float)]
         if missing:
-            raise AssertionError(f"evaluate() must report every declared metric as a number; "
-                                 f"missing or not numeric: {missing}")
+            raise AssertionError(
+                f"evaluate() must report every declared metric as a number; missing or not numeric: {missing}"
+            )
         described = task.describe(task.targets(state["stored"]), scores, metrics)
         columns = {"target", "prediction", "confidence", "correct", "error"}
         if set(described) != columns or any(len(v) != len(scores) for v in described.values()):
-            raise AssertionError(f"describe() must give one value per row for exactly {sorted(columns)}, "
-                                 f"got {sorted(described)}")
+            raise AssertionError(
+                f"describe() must give one value per row for exactly {sorted(columns)}, got {sorted(described)}"
+            )
         return None
 
     def answers() -> str | None:
@@ -546,13 +600,15 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
         task = state["task"]
         again = build_task(name, json.loads(json.dumps(task.config())), state["labels"])
         if again.answers(again.scores(state["outputs"]), 2) != state["answers"]:
-            raise AssertionError("a task rebuilt from config() answers differently: "
-                                 "config() must carry all learned state")
+            raise AssertionError(
+                "a task rebuilt from config() answers differently: config() must carry all learned state"
+            )
         return None
 
     _run(checks, "metrics declare their direction", directions)
-    if _run(checks, "targets parse, encode and fit (example_targets)", targets) and \
-            _run(checks, "loss is a finite scalar with gradients", loss):
+    if _run(checks, "targets parse, encode and fit (example_targets)", targets) and _run(
+        checks, "loss is a finite scalar with gradients", loss
+    ):
         _run(checks, "scores give every declared metric and the predictions columns", judged)
         if _run(checks, "outputs decode to JSON answers", answers):
             _run(checks, "config() round-trips (save/load)", round_trip)

@@ -47,14 +47,18 @@ def resolve_device(configured: str | None = "auto", env: str | None = None) -> t
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = f"a CPU-only build of torch {torch.__version__}" if torch.version.cuda is None else \
-                f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
-            raise DeviceError(f"{source}={name!r}: CUDA is not available here ({build}); "
-                              f"set {source} to auto or cpu, or run on a machine with a GPU")
+            build = (
+                f"a CPU-only build of torch {torch.__version__}"
+                if torch.version.cuda is None
+                else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+            )
+            raise DeviceError(
+                f"{source}={name!r}: CUDA is not available here ({build}); "
+                f"set {source} to auto or cpu, or run on a machine with a GPU"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceError(f"{source}={name!r}: this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")
+            raise DeviceError(f"{source}={name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return device
     if device.type == "mps":
         if not torch.backends.mps.is_available():
@@ -92,8 +96,9 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if device.type == "mps":
         raise DeviceError(f"train.precision={name!r}: mixed precision is not supported on mps here; use fp32")
     if name == "fp16" and device.type != "cuda":
-        raise DeviceError(f"train.precision='fp16' needs a CUDA device (training on {device}); "
-                          "use bf16 on the CPU, or fp32")
+        raise DeviceError(
+            f"train.precision='fp16' needs a CUDA device (training on {device}); use bf16 on the CPU, or fp32"
+        )
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"train.precision='bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use fp16")
     return Precision(name, device, PRECISIONS[name], name == "fp16")

@@ -41,8 +41,10 @@ class Tokens:
         if self.values.dim() != 3:
             raise ValueError(f"Tokens: values must be (batch, tokens, dim), got {tuple(self.values.shape)}")
         if self.mask.dtype != torch.bool or tuple(self.mask.shape) != tuple(self.values.shape[:2]):
-            raise ValueError(f"Tokens: mask must be bool (batch, tokens) = {tuple(self.values.shape[:2])}, "
-                             f"got {self.mask.dtype} {tuple(self.mask.shape)}")
+            raise ValueError(
+                f"Tokens: mask must be bool (batch, tokens) = {tuple(self.values.shape[:2])}, "
+                f"got {self.mask.dtype} {tuple(self.mask.shape)}"
+            )
 
     @classmethod
     def full(cls, values: torch.Tensor) -> Tokens:
@@ -105,8 +107,10 @@ class Tokens:
     def split(self) -> list[Tokens]:
         """One ``(1, n, dim)`` Tokens per row, cut after its last real token: what a cache keeps per value."""
         ends = torch.where(self.mask, torch.arange(1, self.length + 1, device=self.mask.device), 0).amax(1)
-        return [Tokens(self.values[i : i + 1, : max(1, int(n))], self.mask[i : i + 1, : max(1, int(n))])
-                for i, n in enumerate(ends.tolist())]
+        return [
+            Tokens(self.values[i : i + 1, : max(1, int(n))], self.mask[i : i + 1, : max(1, int(n))])
+            for i, n in enumerate(ends.tolist())
+        ]
 
     def to(self, *args: Any, **kwargs: Any) -> Tokens:
         """Values moved or cast like a tensor; the mask is only moved (it stays bool)."""
@@ -255,15 +259,15 @@ class Fusion(nn.Module, abc.ABC):
     def check_inputs(self, features: Mapping[str, Any]) -> None:
         """Fail with the names involved rather than with a shape error deep inside a matmul."""
         if set(features) != set(self.dims):
-            raise ValueError(
-                f"{type(self).__name__} was built for inputs {sorted(self.dims)}, got {sorted(features)}"
-            )
+            raise ValueError(f"{type(self).__name__} was built for inputs {sorted(self.dims)}, got {sorted(features)}")
         for name, value in features.items():
             if self.needs_sequences:
                 if not isinstance(value, Tokens) or value.dim != self.dims[name]:
                     got = f"Tokens of width {value.dim}" if isinstance(value, Tokens) else type(value).__name__
-                    raise ValueError(f"{type(self).__name__}: input '{name}' must be Tokens (batch, tokens, "
-                                     f"{self.dims[name]}), got {got}")
+                    raise ValueError(
+                        f"{type(self).__name__}: input '{name}' must be Tokens (batch, tokens, "
+                        f"{self.dims[name]}), got {got}"
+                    )
             elif not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[-1] != self.dims[name]:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"{type(self).__name__}: input '{name}' must be (batch, {self.dims[name]}), got {got}")

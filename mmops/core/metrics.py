@@ -38,15 +38,27 @@ def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_B
             continue
         conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
         ece += inside.mean() * abs(conf - acc)
-        table.append({"bin_lower": float(lower), "bin_upper": float(upper), "confidence": conf, "accuracy": acc,
-                      "count": int(inside.sum())})
+        table.append(
+            {
+                "bin_lower": float(lower),
+                "bin_upper": float(upper),
+                "confidence": conf,
+                "accuracy": acc,
+                "count": int(inside.sum()),
+            }
+        )
     return float(ece), table
 
 
 def _per_class(precision, recall, f1, support, names: list[str], extra: dict | None = None) -> dict:
     return {
-        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-               "support": int(support[i]), **({k: float(v[i]) for k, v in extra.items()} if extra else {})}
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+            **({k: float(v[i]) for k, v in extra.items()} if extra else {}),
+        }
         for i, name in enumerate(names)
     }
 
@@ -57,15 +69,20 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def classification_metrics(
-    labels: np.ndarray, predictions: np.ndarray, n_classes: int, groups: np.ndarray | None = None,
-    probs: np.ndarray | None = None, names: list[str] | None = None,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    n_classes: int,
+    groups: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+    names: list[str] | None = None,
 ) -> dict:
     """Everything from one confusion matrix: training calls this every epoch, and scikit-learn's input
     validation cost more than the epoch itself on cached features."""
     labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
     known = (labels >= 0) & (labels < n_classes) & (predictions >= 0) & (predictions < n_classes)
-    confusion = np.bincount(labels[known] * n_classes + predictions[known],
-                            minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    confusion = np.bincount(labels[known] * n_classes + predictions[known], minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
     # A prediction outside the classes (a label an older model never knew) is still a miss.
     support = np.bincount(labels[(labels >= 0) & (labels < n_classes)], minlength=n_classes)
     predicted = np.bincount(predictions[(predictions >= 0) & (predictions < n_classes)], minlength=n_classes)
@@ -98,8 +115,12 @@ def multilabel_metrics(targets: np.ndarray, scores: np.ndarray, threshold: float
     predicted = (scores >= threshold).astype(np.int64)
     targets = targets.astype(np.int64)
     present = targets.sum(0) > 0  # AP is undefined for a label with no positive row
-    ap = np.array([average_precision_score(targets[:, j], scores[:, j]) if present[j] else np.nan
-                   for j in range(targets.shape[1])])
+    ap = np.array(
+        [
+            average_precision_score(targets[:, j], scores[:, j]) if present[j] else np.nan
+            for j in range(targets.shape[1])
+        ]
+    )
     p, r, f, s = precision_recall_fscore_support(targets, predicted, zero_division=0)
     labelled = (s + predicted.sum(0)) > 0  # as for classes: macro-F1 over the labels present in the split
     return {

@@ -36,8 +36,9 @@ def build_encoder(name: str, params: Mapping[str, Any]) -> Encoder:
     except Exception as exc:  # third-party constructor code: name the plugin and its package, whatever it raised
         info = discover("encoder").get(name)
         origin = f" from {info.origin}" if info else ""
-        raise ValueError(f"encoder '{name}'{origin} could not be built with parameters {dict(params)}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"encoder '{name}'{origin} could not be built with parameters {dict(params)}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 ArtifactResolver = Callable[[str], Path]
@@ -51,8 +52,10 @@ def artifact_folder(ref: str) -> Path:
     """
     if Path(ref).is_dir():
         return Path(ref)
-    raise ValueError(f"init_from '{ref}': no such artifact folder (a registered model version NAME:VERSION "
-                     "is resolved by `mmops run` and `mmops data featurize`)")
+    raise ValueError(
+        f"init_from '{ref}': no such artifact folder (a registered model version NAME:VERSION "
+        "is resolved by `mmops run` and `mmops data featurize`)"
+    )
 
 
 # Frozen encoders built in this process, by spec: a sweep's candidates share one MiniLM instead of
@@ -87,8 +90,9 @@ def build_input_encoder(item: Mapping[str, Any], resolve: ArtifactResolver = art
         if len(names) != 1:
             raise ValueError(f"init_from '{item['init_from']}': it has {len(names)} '{item['encoder']}' encoders")
         prefix = f"encoders.{names[0]}."
-        state = {k.removeprefix(prefix): v for k, v in load_file(str(source / WEIGHTS_FILE)).items()
-                 if k.startswith(prefix)}
+        state = {
+            k.removeprefix(prefix): v for k, v in load_file(str(source / WEIGHTS_FILE)).items() if k.startswith(prefix)
+        }
         try:
             encoder.load_state_dict(state)
         except RuntimeError as exc:
@@ -112,7 +116,7 @@ class SingleInput(nn.Module):
 
     def __init__(self, dims: Mapping[str, int]) -> None:
         super().__init__()
-        (self.name, self.output_dim), = dims.items()
+        ((self.name, self.output_dim),) = dims.items()
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return features[self.name]
@@ -142,14 +146,12 @@ class MultimodalModel(nn.Module):
     def __init__(self, spec: dict[str, Any], encoders: Mapping[str, Encoder] | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self.encoders = nn.ModuleDict(
-            encoders or {n: build_input_encoder(i) for n, i in spec["inputs"].items()}
-        )
+        self.encoders = nn.ModuleDict(encoders or {n: build_input_encoder(i) for n, i in spec["inputs"].items()})
         dims = {n: e.output_dim for n, e in self.encoders.items()}
         # An input that may be absent (``missing: learn``) gets a learned vector standing in for it.
-        self.missing = nn.ParameterDict({
-            n: nn.Parameter(torch.zeros(dims[n])) for n, i in spec["inputs"].items() if i.get("missing") == "learn"
-        })
+        self.missing = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(dims[n])) for n, i in spec["inputs"].items() if i.get("missing") == "learn"}
+        )
         self.task: Task = task_from_spec(spec)
         self.fusion: Fusion | SingleInput | TaskInputs
         if self.task.combines_inputs:  # contrastive towers, a caption decoder: the task's network fuses
@@ -165,11 +167,16 @@ class MultimodalModel(nn.Module):
             try:
                 self.fusion = fusion_cls(dims, **spec["fusion"]["params"], **extra)
             except Exception as exc:  # third-party constructor code: name the plugin and its package
-                raise ValueError(f"fusion {self._plugin('fusion')} could not be built with parameters "
-                                 f"{spec['fusion']['params']}: {type(exc).__name__}: {exc}") from exc
+                raise ValueError(
+                    f"fusion {self._plugin('fusion')} could not be built with parameters "
+                    f"{spec['fusion']['params']}: {type(exc).__name__}: {exc}"
+                ) from exc
         # A late fusion already ends in per-modality classifiers: its output is the task's output.
-        self.head = nn.Identity() if fusion_cls.produces_logits else \
-            self.task.head(self.fusion.output_dim, spec["head"]["hidden"], spec["head"]["dropout"])
+        self.head = (
+            nn.Identity()
+            if fusion_cls.produces_logits
+            else self.task.head(self.fusion.output_dim, spec["head"]["hidden"], spec["head"]["dropout"])
+        )
 
     @property
     def labels(self) -> list[str]:
@@ -217,8 +224,10 @@ class MultimodalModel(nn.Module):
                     feats = feats.features_for(sequences)
                 if sequences:
                     if isinstance(feats, torch.Tensor) and feats.dim() == 2:  # one token would silently mislead
-                        raise ValueError(f"cached features of '{name}' are pooled vectors, but fusion "
-                                         f"{self._plugin('fusion')} attends over token sequences")
+                        raise ValueError(
+                            f"cached features of '{name}' are pooled vectors, but fusion "
+                            f"{self._plugin('fusion')} attends over token sequences"
+                        )
                     feats = as_tokens(feats, f"cached features of '{name}'")
             elif sequences:
                 feats = as_tokens(encoder.forward_sequence(inputs[name]), f"encoder {self._plugin('encoder', name)}")
@@ -243,8 +252,10 @@ class MultimodalModel(nn.Module):
         rows = len(next(iter(index.values()))) if index else _rows(next(iter(features.values())))
         if not isinstance(fused, torch.Tensor) or tuple(fused.shape) != (rows, self.fusion.output_dim):
             got = tuple(fused.shape) if isinstance(fused, torch.Tensor) else type(fused).__name__
-            raise ValueError(f"fusion {self._plugin('fusion')} returned {got}; the contract is (batch, output_dim) "
-                             f"= ({rows}, {self.fusion.output_dim})")
+            raise ValueError(
+                f"fusion {self._plugin('fusion')} returned {got}; the contract is (batch, output_dim) "
+                f"= ({rows}, {self.fusion.output_dim})"
+            )
         return self.head(fused)
 
     def _plugin(self, kind: str, name: str | None = None) -> str:
@@ -256,8 +267,9 @@ class MultimodalModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Weights that travel in safetensors: all but those of encoders frozen by their own config,
         which export their checkpoint as assets. Encoders frozen by mmops (``freeze``) travel inline."""
-        frozen = tuple(f"encoders.{n}." for n, e in self.encoders.items()
-                       if e.frozen and not self.spec["inputs"][n].get("freeze"))
+        frozen = tuple(
+            f"encoders.{n}." for n, e in self.encoders.items() if e.frozen and not self.spec["inputs"][n].get("freeze")
+        )
         return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
     def save(self, directory: Path) -> Path:
@@ -266,8 +278,10 @@ class MultimodalModel(nn.Module):
         for name, encoder in self.encoders.items():
             # Every parameter, the plugin's defaults included: a plugin release that changes a default
             # must not change a model already saved (and registered).
-            spec["inputs"][name]["params"] = {**_defaults(type(encoder)),
-                                             **encoder.export_assets(directory / "assets" / name)}
+            spec["inputs"][name]["params"] = {
+                **_defaults(type(encoder)),
+                **encoder.export_assets(directory / "assets" / name),
+            }
             # The reused weights are in this artifact now: keep where they came from as lineage only.
             if source := spec["inputs"][name].pop("init_from", None):
                 spec["inputs"][name]["initialized_from"] = source
@@ -326,6 +340,7 @@ def _fill_saved_before(spec: dict[str, Any]) -> None:
     value the plugin declares in ``saved_before`` (the one that reproduces the old behaviour), never the
     new default. A saved value always wins; an unknown plugin is left to the build to report.
     """
+
     def legacy(get: Callable[[str], type], name: str) -> dict[str, Any]:
         try:
             return dict(get(name).saved_before)
@@ -341,8 +356,13 @@ def _fill_saved_before(spec: dict[str, Any]) -> None:
 
 def _defaults(cls: type) -> dict[str, Any]:
     """A plugin constructor's keyword defaults, as a spec can hold them."""
-    return _jsonable({p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
-                      if p.default is not p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)})
+    return _jsonable(
+        {
+            p.name: p.default
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.default is not p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+    )
 
 
 def _rows(features: Any) -> int:
@@ -353,6 +373,7 @@ def _absent_as_one_token(tokens: Tokens, absent: torch.Tensor, vector: torch.Ten
     """Rows lacking the input become one real token, the learned "missing" embedding, then padding."""
     first = torch.zeros_like(tokens.mask)
     first[:, 0] = True
-    values = torch.where(absent.view(-1, 1, 1), torch.where(first.unsqueeze(-1), vector.to(tokens.values.dtype), 0.0),
-                         tokens.values)
+    values = torch.where(
+        absent.view(-1, 1, 1), torch.where(first.unsqueeze(-1), vector.to(tokens.values.dtype), 0.0), tokens.values
+    )
     return Tokens(values, torch.where(absent.view(-1, 1), first, tokens.mask))

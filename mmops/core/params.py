@@ -36,8 +36,9 @@ def declared_parameters(cls: type, kind: str) -> tuple[list[str], list[str], boo
     return names, required, open_ended
 
 
-def check_plugin(kind: str, name: str, given: Iterable[str], name_key: str, params_key: str,
-                 provided: Iterable[str] = ()) -> list[str]:
+def check_plugin(
+    kind: str, name: str, given: Iterable[str], name_key: str, params_key: str, provided: Iterable[str] = ()
+) -> list[str]:
     """Problems with plugin ``name`` of ``kind`` used with parameter names ``given``, each prefixed by
     the key it is about (``name_key`` for the name, ``params_key.<param>`` for a parameter).
     ``provided``: parameters set elsewhere (a task's ``target.threshold``), which count as given."""
@@ -54,8 +55,11 @@ def check_plugin(kind: str, name: str, given: Iterable[str], name_key: str, para
     problems = []
     if not open_ended:
         listed = ", ".join(names) or "none"
-        problems += [f"{params_key}.{key}: unknown parameter of {kind} '{name}'; known: {listed}"
-                     for key in given if key not in names]
+        problems += [
+            f"{params_key}.{key}: unknown parameter of {kind} '{name}'; known: {listed}"
+            for key in given
+            if key not in names
+        ]
     if missing := [key for key in required if key not in given and key not in provided]:
         problems.append(f"{params_key}: {kind} '{name}' needs parameter(s) {', '.join(missing)}")
     return problems
@@ -65,21 +69,24 @@ def plugin_problems(params: Params) -> list[str]:
     """Every unknown plugin name and unknown or missing plugin parameter in ``params``, by key."""
     problems = []
     for name, spec in params.inputs.items():
-        problems += check_plugin("encoder", spec.encoder, spec.params, f"inputs.{name}.encoder",
-                                 f"inputs.{name}.params")
+        problems += check_plugin(
+            "encoder", spec.encoder, spec.params, f"inputs.{name}.encoder", f"inputs.{name}.params"
+        )
     for i, candidate in enumerate(params.candidates):
         if candidate.fusion is None:  # a one-input candidate (a unimodal baseline) has no fusion
             continue
-        problems += check_plugin("fusion", candidate.fusion, candidate.params, f"candidates[{i}].fusion",
-                                 f"candidates[{i}].params")
+        problems += check_plugin(
+            "fusion", candidate.fusion, candidate.params, f"candidates[{i}].fusion", f"candidates[{i}].params"
+        )
     if params.sweep:
         # Every grid point hands every swept parameter to its fusion: each must be known to each fusion.
         for i, fusion in enumerate(params.sweep.fusion):
             problems += check_plugin("fusion", fusion, params.sweep.params, f"sweep.fusion[{i}]", "sweep.params")
     if "task" in GROUPS:
         target: Mapping[str, Any] = getattr(params.target, "params", None) or {}
-        problems += check_plugin("task", params.target.type, target, "target.type", "target.params",
-                                 provided=("threshold", "separator"))
+        problems += check_plugin(
+            "task", params.target.type, target, "target.type", "target.params", provided=("threshold", "separator")
+        )
     return list(dict.fromkeys(problems))
 
 

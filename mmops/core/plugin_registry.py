@@ -94,13 +94,11 @@ def _load(kind: str, name: str) -> type:
         raise
     except BaseException as exc:  # SystemExit at import too: third-party code must never end mmops
         raise PluginError(
-            f"{kind} '{name}' from {info.origin} failed to import ({info.target}): "
-            f"{type(exc).__name__}: {exc}"
+            f"{kind} '{name}' from {info.origin} failed to import ({info.target}): {type(exc).__name__}: {exc}"
         ) from exc
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise PluginError(
-            f"{kind} '{name}' from {info.origin} ({info.target}) is not a subclass of "
-            f"{base.__module__}.{base.__name__}"
+            f"{kind} '{name}' from {info.origin} ({info.target}) is not a subclass of {base.__module__}.{base.__name__}"
         )
     return obj
 

@@ -100,8 +100,9 @@ class Task(abc.ABC):
         """The module on top of the fusion output; an MLP to :attr:`output_dim` by default."""
         from torch import nn
 
-        return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
-                             nn.Linear(hidden, self.output_dim))
+        return nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, self.output_dim)
+        )
 
     def network(self, dims: Mapping[str, int], hidden: int, dropout: float) -> nn.Module:
         """With :attr:`combines_inputs`: the module whose ``forward`` takes ``{input: features}`` (a
@@ -202,8 +203,10 @@ def build_task(name: str, params: Mapping[str, Any], labels: Sequence[str] = ())
         return cls(labels=labels, **params)
     except Exception as exc:  # third-party constructor code: report it, whatever it raised
         info = discover("task")[name]
-        raise ValueError(f"task '{name}' from {info.origin} could not be built with parameters "
-                         f"{dict(params)}: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"task '{name}' from {info.origin} could not be built with parameters "
+            f"{dict(params)}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def task_from_spec(spec: Mapping[str, Any]) -> Task:

@@ -65,9 +65,9 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-
 class NotComparable(RuntimeError):
     """A model cannot be evaluated on the current data (missing input, broken artifact...)."""
+
 
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict] = {dict[str, Any]: JSON}
@@ -132,8 +132,13 @@ class ModelVersion(Base):
     __table_args__ = (
         UniqueConstraint("name", "version"),
         # At most one production version per model, enforced by the database itself.
-        Index("uq_model_versions_one_production", "name", unique=True,
-              sqlite_where=text("stage = 'production'"), postgresql_where=text("stage = 'production'")),
+        Index(
+            "uq_model_versions_one_production",
+            "name",
+            unique=True,
+            sqlite_where=text("stage = 'production'"),
+            postgresql_where=text("stage = 'production'"),
+        ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(ForeignKey("registered_models.name"))
@@ -213,8 +218,11 @@ class Registry:
         if migrate:
             upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._reads = (sessionmaker(make_engine(url, write=False), expire_on_commit=False)
-                       if self.engine.dialect.name == "sqlite" else self._sessions)
+        self._reads = (
+            sessionmaker(make_engine(url, write=False), expire_on_commit=False)
+            if self.engine.dialect.name == "sqlite"
+            else self._sessions
+        )
 
     @contextmanager
     def session(self, write: bool = True) -> Iterator[Session]:
@@ -237,18 +245,32 @@ class Registry:
                 found = dv.id
             return found
 
-    def start_run(self, name: str, config: dict, seed: int | None, data_version: dict,
-                  git_commit: str | None, flow_run_id: str | None = None) -> str:
+    def start_run(
+        self,
+        name: str,
+        config: dict,
+        seed: int | None,
+        data_version: dict,
+        git_commit: str | None,
+        flow_run_id: str | None = None,
+    ) -> str:
         dv_id = self.data_version(data_version)
         with self.session() as s:
-            run = Run(name=name, config=config, seed=seed, data_version_id=dv_id,
-                      git_commit=git_commit, flow_run_id=flow_run_id)
+            run = Run(
+                name=name,
+                config=config,
+                seed=seed,
+                data_version_id=dv_id,
+                git_commit=git_commit,
+                flow_run_id=flow_run_id,
+            )
             s.add(run)
             s.flush()
             return run.id
 
-    def finish_run(self, run_id: str, status: str, duration_s: float | None,
-                   artifact: str | None = None, error: str | None = None) -> None:
+    def finish_run(
+        self, run_id: str, status: str, duration_s: float | None, artifact: str | None = None, error: str | None = None
+    ) -> None:
         with self.session() as s:
             run = s.get_one(Run, run_id)
             run.status, run.duration_s, run.artifact, run.error = status, duration_s, artifact, error
@@ -272,8 +294,9 @@ class Registry:
     def log_series(self, run_id: str, points: Iterable[tuple[str, float, int | None]]) -> None:
         """Many points in one transaction and one multi-row INSERT: cheap enough to call per epoch."""
         now = _now()
-        rows = [{"run_id": run_id, "key": k, "value": float(v), "step": step, "logged_at": now}
-                for k, v, step in points]
+        rows = [
+            {"run_id": run_id, "key": k, "value": float(v), "step": step, "logged_at": now} for k, v, step in points
+        ]
         if rows:
             with self.session() as s:
                 s.execute(insert(Metric), rows)
@@ -295,15 +318,29 @@ class Registry:
 
     # ------------------------------------------------------------ model versions
 
-    def add_model_version(self, name: str, run_id: str, metrics: dict, model_tag: str | None = None,
-                          bento_tag: str | None = None, stage: str = "candidate") -> ModelVersion:
+    def add_model_version(
+        self,
+        name: str,
+        run_id: str,
+        metrics: dict,
+        model_tag: str | None = None,
+        bento_tag: str | None = None,
+        stage: str = "candidate",
+    ) -> ModelVersion:
         with self.session() as s:
             self._lock_model(s, name)
             latest = s.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
             run = s.get_one(Run, run_id)
-            mv = ModelVersion(name=name, version=(latest or 0) + 1, run_id=run_id, metrics=metrics,
-                              data_version_id=run.data_version_id, model_tag=model_tag, bento_tag=bento_tag,
-                              stage=stage)
+            mv = ModelVersion(
+                name=name,
+                version=(latest or 0) + 1,
+                run_id=run_id,
+                metrics=metrics,
+                data_version_id=run.data_version_id,
+                model_tag=model_tag,
+                bento_tag=bento_tag,
+                stage=stage,
+            )
             s.add(mv)
             s.flush()
             return mv
@@ -324,9 +361,13 @@ class Registry:
     def get_version(self, name: str, version: int | None = None) -> ModelVersion:
         """One version with its run and data version loaded; the latest when ``version`` is None."""
         with self.session(write=False) as s:
-            q = (select(ModelVersion).where(ModelVersion.name == name)
-                 .options(selectinload(ModelVersion.run).selectinload(Run.metrics),
-                          selectinload(ModelVersion.data_version)))
+            q = (
+                select(ModelVersion)
+                .where(ModelVersion.name == name)
+                .options(
+                    selectinload(ModelVersion.run).selectinload(Run.metrics), selectinload(ModelVersion.data_version)
+                )
+            )
             q = q.where(ModelVersion.version == version) if version else q.order_by(ModelVersion.version.desc())
             mv = s.scalars(q.limit(1)).first()
         if mv is None:
@@ -356,15 +397,28 @@ class Registry:
         """
         if s.get(RegisteredModel, name) is None:
             if s.bind.dialect.name == "postgresql":
-                s.execute(text("INSERT INTO registered_models (name, created_at) VALUES (:n, now()) "
-                               "ON CONFLICT (name) DO NOTHING"), {"n": name})
+                s.execute(
+                    text(
+                        "INSERT INTO registered_models (name, created_at) VALUES (:n, now()) "
+                        "ON CONFLICT (name) DO NOTHING"
+                    ),
+                    {"n": name},
+                )
             else:
                 s.add(RegisteredModel(name=name))
                 s.flush()
         s.execute(select(RegisteredModel).where(RegisteredModel.name == name).with_for_update())
 
-    def transition(self, name: str, version: int, to: str, reason: str, actor: str | None = None,
-                   action: str | None = None, details: dict | None = None) -> ModelVersion:
+    def transition(
+        self,
+        name: str,
+        version: int,
+        to: str,
+        reason: str,
+        actor: str | None = None,
+        action: str | None = None,
+        details: dict | None = None,
+    ) -> ModelVersion:
         """Move one version to a stage, in one transaction with its event(s).
 
         Promoting to production archives the current production version in the same transaction, so
@@ -383,17 +437,28 @@ class Registry:
             current = s.scalars(select(ModelVersion).filter_by(name=name, stage="production")).first()
             if current is None:
                 raise LookupError(f"{name} has no production version to roll back")
-            history = s.scalars(select(Event.version).where(Event.model_name == name,
-                                                            Event.to_stage == "production")
-                                .order_by(Event.id.desc())).all()
+            history = s.scalars(
+                select(Event.version)
+                .where(Event.model_name == name, Event.to_stage == "production")
+                .order_by(Event.id.desc())
+            ).all()
             previous = next((v for v in history if v != current.version), None)
             if previous is None:
                 raise LookupError(f"{name}:{current.version} is the only version that was ever in production")
-            return self._move(s, name, previous, "production", reason or f"rollback from {current.ref}",
-                              actor or default_actor(), "rollback", {"rolled_back": current.ref})
+            return self._move(
+                s,
+                name,
+                previous,
+                "production",
+                reason or f"rollback from {current.ref}",
+                actor or default_actor(),
+                "rollback",
+                {"rolled_back": current.ref},
+            )
 
-    def _move(self, s: Session, name: str, version: int, to: str, reason: str, actor: str,
-              action: str | None, details: dict) -> ModelVersion:
+    def _move(
+        self, s: Session, name: str, version: int, to: str, reason: str, actor: str, action: str | None, details: dict
+    ) -> ModelVersion:
         mv = s.scalars(select(ModelVersion).filter_by(name=name, version=version)).first()
         if mv is None:
             raise LookupError(f"no model version {name}:{version}")
@@ -405,12 +470,30 @@ class Registry:
             if current is not None:
                 current.stage, current.stage_changed_at = "archived", now
                 s.flush()  # free the one-production slot before taking it
-                s.add(Event(actor=actor, action="archive", model_name=name, version=current.version,
-                            from_stage="production", to_stage="archived",
-                            reason=f"replaced by {name}:{version}: {reason}", details=details))
-        s.add(Event(actor=actor, action=action or ("promote" if to == "production" else "transition"),
-                    model_name=name, version=version, from_stage=mv.stage, to_stage=to, reason=reason,
-                    details=details))
+                s.add(
+                    Event(
+                        actor=actor,
+                        action="archive",
+                        model_name=name,
+                        version=current.version,
+                        from_stage="production",
+                        to_stage="archived",
+                        reason=f"replaced by {name}:{version}: {reason}",
+                        details=details,
+                    )
+                )
+        s.add(
+            Event(
+                actor=actor,
+                action=action or ("promote" if to == "production" else "transition"),
+                model_name=name,
+                version=version,
+                from_stage=mv.stage,
+                to_stage=to,
+                reason=reason,
+                details=details,
+            )
+        )
         mv.stage, mv.stage_changed_at = to, now
         s.flush()
         return mv

@@ -83,8 +83,11 @@ class Limits:
         spec = spec or {}
         kinds = [i.get("kind") or i.get("modality") for i in (spec.get("inputs") or {}).values()]
         image_size = spec.get("image_size") if "image" in kinds else None
-        pixels = (min(MAX_DEFAULT_PIXELS, max(MIN_DEFAULT_PIXELS, (PIXEL_SCALE * image_size) ** 2))
-                  if image_size else MAX_DEFAULT_PIXELS)
+        pixels = (
+            min(MAX_DEFAULT_PIXELS, max(MIN_DEFAULT_PIXELS, (PIXEL_SCALE * image_size) ** 2))
+            if image_size
+            else MAX_DEFAULT_PIXELS
+        )
         self.text_chars = _env_int("MMOPS_MAX_TEXT_CHARS", 1000)
         # Pillow refuses more than MAX_PIXELS in every code path (see mmops.data.images).
         self.image_pixels = min(_env_int("MMOPS_MAX_IMAGE_PIXELS", pixels), MAX_PIXELS)
@@ -97,13 +100,21 @@ class Limits:
         self.vector_bytes = _env_int("MMOPS_MAX_VECTOR_BYTES", 8 * numbers + 4096 if numbers else 20 * MIB)
         row = _decoded_row_bytes(spec, kinds) + 4 * numbers
         self.batch_size = _env_int("MMOPS_MAX_BATCH", max(1, min(MAX_DEFAULT_BATCH, BATCH_DECODED_BYTES // row)))
-        item = 4 * self.text_chars * max(1, len(kinds)) + (
-            sum(self.image_bytes if k == "image" else self.audio_bytes if k == "audio" else 0 for k in kinds)
-            if kinds else self.image_bytes
-        ) * 4 // 3 + 25 * numbers
+        item = (
+            4 * self.text_chars * max(1, len(kinds))
+            + (
+                sum(self.image_bytes if k == "image" else self.audio_bytes if k == "audio" else 0 for k in kinds)
+                if kinds
+                else self.image_bytes
+            )
+            * 4
+            // 3
+            + 25 * numbers
+        )
         # Whole request body (checked on Content-Length before it is read): a full batch of items.
-        self.request_bytes = _env_int("MMOPS_MAX_REQUEST_BYTES",
-                                      min(MAX_DEFAULT_REQUEST, self.batch_size * item + 64 * 1024))
+        self.request_bytes = _env_int(
+            "MMOPS_MAX_REQUEST_BYTES", min(MAX_DEFAULT_REQUEST, self.batch_size * item + 64 * 1024)
+        )
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -272,8 +283,10 @@ class RowDecoder:
         if isinstance(value, list):
             if len(value) > max_length:
                 raise InputError(name, f"has {len(value)} frames, over this model's max_length {max_length}")
-            if not all(isinstance(f, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in f)
-                       for f in value):
+            if not all(
+                isinstance(f, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in f)
+                for f in value
+            ):
                 raise InputError(name, f"must be a list of frames, each a list of {dim} numbers")
             if len({len(f) for f in value}) > 1:
                 raise InputError(name, f"frames of unequal widths {sorted({len(f) for f in value})}; each has {dim}")
@@ -341,8 +354,11 @@ class RowDecoder:
                 continue
             absent = [c for c in columns if c not in given]
             if absent and self.kinds[name] != "number":  # a number column may be absent: imputed as in training
-                raise InputError(absent[0], f"is required; this model takes {sorted(self.inputs)}"
-                                 + (f" ({name} may be left out)" if name in self.optional else ""))
+                raise InputError(
+                    absent[0],
+                    f"is required; this model takes {sorted(self.inputs)}"
+                    + (f" ({name} may be left out)" if name in self.optional else ""),
+                )
             if not given:
                 raise InputError(columns[0], f"is required; this model takes {sorted(self.inputs)}")
             values = [self._decode(c, record[c]) if c in given else float("nan") for c in columns]
@@ -359,7 +375,10 @@ class Predictor:
     """A model artifact loaded for inference: :class:`RowDecoder` checks, :meth:`forward` answers."""
 
     def __init__(
-        self, model_dir: Path, device: str | None = None, cache_size: int | None = None,
+        self,
+        model_dir: Path,
+        device: str | None = None,
+        cache_size: int | None = None,
         autocast: str | None = None,
     ) -> None:
         self.model = MultimodalModel.load(Path(model_dir))
@@ -384,8 +403,9 @@ class Predictor:
         return encoder(batch).float()
 
     @torch.inference_mode()
-    def forward(self, decoded: Sequence[Mapping[str, Any]], top_k: int = 3,
-                options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    def forward(
+        self, decoded: Sequence[Mapping[str, Any]], top_k: int = 3, options: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """Answers for already validated rows (see :meth:`validate`), in one batch.
 
         ``options`` are a generating task's decoding settings for this batch (a caption's ``num_beams``,
@@ -394,8 +414,11 @@ class Predictor:
             return []
         inputs: dict[str, Any] = {}
         index: dict[str, torch.Tensor] = {}
-        amp = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
-               else contextlib.nullcontext())
+        amp = (
+            torch.autocast(self.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
         with amp:
             for name, encoder in self.model.encoders.items():
                 present = [i for i, d in enumerate(decoded) if d[name] is not None]
@@ -422,8 +445,9 @@ class Predictor:
         """The task's answers: the class and its top k, the labels over the threshold, the value..."""
         return self.model.task.answers(self.model.task.scores(logits), top_k)
 
-    def predict(self, records: Sequence[Mapping[str, Any]], top_k: int = 3,
-                options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    def predict(
+        self, records: Sequence[Mapping[str, Any]], top_k: int = 3, options: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """Validate every record (the first bad one raises :class:`InputError`), then answer them all."""
         if len(records) > self.limits.batch_size:
             raise InputError("batch", f"has {len(records)} items, over the limit of {self.limits.batch_size}")

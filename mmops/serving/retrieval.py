@@ -44,8 +44,10 @@ class Embedder:
         self.model = predictor.model
         towers = towers_of(self.model.task)
         if towers is None:
-            raise ValueError(f"the model's task ({self.model.task_name}) has no separate towers to embed with; "
-                             "search and zero-shot need a contrastive model")
+            raise ValueError(
+                f"the model's task ({self.model.task_name}) has no separate towers to embed with; "
+                "search and zero-shot need a contrastive model"
+            )
         self.image_input, self.text_input = towers
         self.task = self.model.task
 
@@ -102,9 +104,15 @@ class Embedder:
         out = []
         for p, s in zip(probs, scores, strict=True):
             order = np.argsort(-p, kind="stable")
-            out.append({"answer": labels[order[0]],
-                        "top_k": [{"answer": labels[j], "probability": round(float(p[j]), 6),
-                                   "score": round(float(s[j]), 6)} for j in order]})
+            out.append(
+                {
+                    "answer": labels[order[0]],
+                    "top_k": [
+                        {"answer": labels[j], "probability": round(float(p[j]), 6), "score": round(float(s[j]), 6)}
+                        for j in order
+                    ],
+                }
+            )
         return out
 
 
@@ -142,8 +150,14 @@ class Retriever:
         return results
 
 
-def build_gallery(model_dir: Path, prepared_dir: Path, raw_dir: Path | None, splits: Sequence[str],
-                  input_name: str | None = None, exact_below: int = EXACT_BELOW) -> Path | None:
+def build_gallery(
+    model_dir: Path,
+    prepared_dir: Path,
+    raw_dir: Path | None,
+    splits: Sequence[str],
+    input_name: str | None = None,
+    exact_below: int = EXACT_BELOW,
+) -> Path | None:
     """Embed the distinct values of ``input_name`` (default: the image tower) in the ``splits`` rows of
     the prepared data and write the index into ``model_dir/index`` (None for a model without towers).
 
@@ -169,8 +183,10 @@ def build_gallery(model_dir: Path, prepared_dir: Path, raw_dir: Path | None, spl
     picked = first[f"{name}_idx"].to_numpy()
     vectors = embedder.embed(name, [values[i] for i in picked] if isinstance(values, list) else values[picked])
     ids = _ids(first, raw_dir, embedder.field(name), [values[i] for i in picked] if isinstance(values, list) else None)
-    items = [{"id": i, "label": str(label), "split": split}
-             for i, label, split in zip(ids, first["label"], first["split"], strict=True)]
+    items = [
+        {"id": i, "label": str(label), "split": split}
+        for i, label, split in zip(ids, first["label"], first["split"], strict=True)
+    ]
     index = VectorIndex(vectors, items, exact_below)
     folder = index.save(Path(model_dir) / INDEX_DIR)
     log.info("gallery index: %d %s items of %s, %s search", len(items), name, list(splits), index.kind)
@@ -220,14 +236,15 @@ class RetrievalRequests:
         self.towers = {"image": params.get("image_input"), "text": params.get("text_input")}
         self.decoder, self.gallery = decoder, gallery
         self.available = all(self.towers.values()) and all(n in spec["inputs"] for n in self.towers.values())
-        self.fields = {kind: (spec["inputs"][n].get("columns") or [n])[0] for kind, n in self.towers.items()
-                       if n in spec["inputs"]}
+        self.fields = {
+            kind: (spec["inputs"][n].get("columns") or [n])[0] for kind, n in self.towers.items() if n in spec["inputs"]
+        }
 
     def decode(self, op: str, item: Any, where: str = "") -> dict[str, Any]:
         if not self.available:
             raise InputError("model", f"/{op} needs a contrastive (two-tower) model; this one answers /predict_batch")
         if not isinstance(item, dict):
-            raise InputError(f"{where}item", "must be an object such as {\"text\": \"a red triangle\"}")
+            raise InputError(f"{where}item", 'must be an object such as {"text": "a red triangle"}')
         allowed = {"text", "image", *({"k"} if op == "search" else ()), *({"labels"} if op == "zero_shot" else ())}
         extra = sorted(set(item) - allowed)
         if extra:
@@ -236,8 +253,10 @@ class RetrievalRequests:
         if op == "zero_shot" and given != ["image"]:
             raise InputError(f"{where}image", "is required (text is not taken): /zero_shot ranks labels for an image")
         if len(given) != 1:
-            raise InputError(f"{where}{'text' if not given else 'image'}",
-                             "give exactly one of text or image" + (" (both given)" if given else ""))
+            raise InputError(
+                f"{where}{'text' if not given else 'image'}",
+                "give exactly one of text or image" + (" (both given)" if given else ""),
+            )
         kind = given[0]
         try:
             value = self.decoder._decode(self.fields[kind], item[kind])
@@ -255,8 +274,9 @@ class RetrievalRequests:
             raise InputError("search", "this model was packaged without a gallery index")
         top = min(MAX_SEARCH_K, self.gallery)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
-            raise InputError(f"{where}k", f"must be an integer from 1 to {top} (the gallery holds {self.gallery}), "
-                             f"got {k!r}")
+            raise InputError(
+                f"{where}k", f"must be an integer from 1 to {top} (the gallery holds {self.gallery}), got {k!r}"
+            )
         return k
 
     def _labels(self, labels: Any, where: str) -> list[str]:

@@ -97,8 +97,9 @@ def sync_batch_norm(module: nn.Module) -> nn.Module:
     parameters and buffers (the same objects, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does): a
     frozen layer stays frozen, and nothing is copied."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
-        synced = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+        synced = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             setattr(synced, name, value)
         synced.train(module.training)
@@ -119,8 +120,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
         sync_batch_norm(model)
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
-        else None
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
@@ -159,9 +159,13 @@ def report(model: nn.Module, batcher: Any, device: torch.device) -> dict:
     dist.all_gather_object(everyone, (mine, seen))
     rows = [s for _, s in everyone]
     union = np.unique(np.concatenate(rows)) if rows else rows
-    return {"processes": world, "backend": dist.get_backend(), "device": str(device),
-            "disjoint": bool(len(union) == sum(len(r) for r in rows)),
-            "ranks": [info for info, _ in everyone]}
+    return {
+        "processes": world,
+        "backend": dist.get_backend(),
+        "device": str(device),
+        "disjoint": bool(len(union) == sum(len(r) for r in rows)),
+        "ranks": [info for info, _ in everyone],
+    }
 
 
 def free_port() -> int:
@@ -181,8 +185,15 @@ def _rank_main(rank: int, world: int, port: int, job: dict, events: Any) -> None
     from mmops.core.devices import resolve_device
     from mmops.training.loop import Dataset, train_candidate
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
+    )
     params, candidate = job["params"], job["candidate"]
     cfg = params.train_for(candidate)
     device = resolve_device(cfg.device)
@@ -198,16 +209,25 @@ def _rank_main(rank: int, world: int, port: int, job: dict, events: Any) -> None
         def on_epoch(name: str, record: dict) -> None:
             events.put(("epoch", record))
 
-        result = train_candidate(params, candidate, data, job["out_dir"], on_epoch if rank == 0 else None,
-                                 job["resolve"])
+        result = train_candidate(
+            params, candidate, data, job["out_dir"], on_epoch if rank == 0 else None, job["resolve"]
+        )
         if rank == 0:
             events.put(("result", result))
     finally:
         dist.destroy_process_group()
 
 
-def train_parallel(params: Any, candidate: Any, prepared_dir: Path, features_dir: Path, out_dir: Path,
-                   processes: int, on_epoch: Any = None, resolve: Any = None) -> dict:
+def train_parallel(
+    params: Any,
+    candidate: Any,
+    prepared_dir: Path,
+    features_dir: Path,
+    out_dir: Path,
+    processes: int,
+    on_epoch: Any = None,
+    resolve: Any = None,
+) -> dict:
     """Train ``candidate`` on ``processes`` ranks of this machine; rank 0's result (as
     :func:`~mmops.training.loop.train_candidate` returns it, with ``distributed``: the ranks' report).
 
@@ -220,12 +240,19 @@ def train_parallel(params: Any, candidate: Any, prepared_dir: Path, features_dir
 
     cfg = params.train_for(candidate)
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // processes)
-    job = {"params": params, "candidate": candidate, "prepared_dir": Path(prepared_dir),
-           "features_dir": Path(features_dir), "out_dir": Path(out_dir), "resolve": resolve or artifact_folder,
-           "threads": threads}
+    job = {
+        "params": params,
+        "candidate": candidate,
+        "prepared_dir": Path(prepared_dir),
+        "features_dir": Path(features_dir),
+        "out_dir": Path(out_dir),
+        "resolve": resolve or artifact_folder,
+        "threads": threads,
+    }
     events = multiprocessing.get_context("spawn").Queue()
-    ranks = multiprocessing.start_processes(_rank_main, args=(processes, free_port(), job, events),
-                                            nprocs=processes, join=False, start_method="spawn")
+    ranks = multiprocessing.start_processes(
+        _rank_main, args=(processes, free_port(), job, events), nprocs=processes, join=False, start_method="spawn"
+    )
     result = None
 
     def drain(block: float) -> None:

@@ -49,8 +49,7 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
     if test.empty:
         raise NotComparable("the prepared data has no test rows")
     try:
-        probs = predict_split(model, Batcher(data, test, model.encoders, project.params.train.batch_size),
-                              frozenset())
+        probs = predict_split(model, Batcher(data, test, model.encoders, project.params.train.batch_size), frozenset())
     except Exception as exc:
         raise NotComparable(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
     probs = model.task.align(probs, labels)  # the model's label order to the current data's, by name

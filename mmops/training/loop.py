@@ -54,9 +54,7 @@ class Dataset:
         for name, spec in params.inputs.items():
             if name in cached:
                 entry = cached[name]
-                if entry["encoder"] != spec.encoder or any(
-                    entry["config"].get(k) != v for k, v in spec.params.items()
-                ):
+                if entry["encoder"] != spec.encoder or any(entry["config"].get(k) != v for k, v in spec.params.items()):
                     raise RuntimeError(f"features of '{name}' are stale; run `dvc repro featurize`")
                 values[name] = CachedFeatures.load(features_dir, name, entry)  # vectors, and tokens if kept
             else:
@@ -120,8 +118,11 @@ class Batcher:
             for name, encoder in self.encoders.items():
                 idx = self.rows[f"{name}_idx"].to_numpy()[pos]
                 present = idx >= 0  # -1: the row lacks this input; the model uses its "missing" embedding
-                uniq, inv = (np.unique(idx[present], return_inverse=True) if self.dedup
-                             else (idx[present], np.arange(int(present.sum()))))
+                uniq, inv = (
+                    np.unique(idx[present], return_inverse=True)
+                    if self.dedup
+                    else (idx[present], np.arange(int(present.sum())))
+                )
                 full = np.full(len(idx), -1, dtype=np.int64)
                 full[present] = inv.reshape(-1)
                 index[name] = torch.from_numpy(full)
@@ -157,9 +158,12 @@ def on_device(inputs: dict, index: dict, device: torch.device, sequences: bool) 
     and the loop runs exactly as before the device code existed."""
     if device.type == "cpu":
         return inputs, index
-    moved = {name: None if value is None else to_device(
-        value.features_for(sequences) if hasattr(value, "features_for") else value, device)
-        for name, value in inputs.items()}
+    moved = {
+        name: None
+        if value is None
+        else to_device(value.features_for(sequences) if hasattr(value, "features_for") else value, device)
+        for name, value in inputs.items()
+    }
     return moved, {name: to_device(i, device) for name, i in index.items()}
 
 
@@ -179,8 +183,9 @@ def set_determinism(seed: int) -> None:
 
 
 @torch.inference_mode()
-def predict_split(model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str],
-                  precision: Precision | None = None) -> np.ndarray:
+def predict_split(
+    model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str], precision: Precision | None = None
+) -> np.ndarray:
     """Scores of every row of the batcher's split (the task's :meth:`~mmops.core.tasks.Task.scores`), on
     the model's device; a data-parallel rank scores its share and the shares are gathered on every rank."""
     model.eval()
@@ -253,10 +258,20 @@ def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], ta
     fused = len(used) > 1 and not params.task_combines_inputs  # such a task's network fuses, not a plugin
     return {
         "candidate": candidate.name,
-        "inputs": {n: {"modality": i.modality, "encoder": i.encoder, "params": dict(i.params), "kind": i.kind,
-                       "columns": params.columns(n), "missing": i.missing,
-                       **({"init_from": i.init_from} if i.init_from else {}), **({"freeze": True} if i.freeze else {})}
-                   for n, i in params.inputs.items() if n in used},
+        "inputs": {
+            n: {
+                "modality": i.modality,
+                "encoder": i.encoder,
+                "params": dict(i.params),
+                "kind": i.kind,
+                "columns": params.columns(n),
+                "missing": i.missing,
+                **({"init_from": i.init_from} if i.init_from else {}),
+                **({"freeze": True} if i.freeze else {}),
+            }
+            for n, i in params.inputs.items()
+            if n in used
+        },
         "fusion": {"name": candidate.fusion if fused else None, "params": dict(candidate.params) if fused else {}},
         "head": {"hidden": train.head_hidden, "dropout": train.dropout},
         "labels": labels,
@@ -264,14 +279,17 @@ def build_spec(params: Params, candidate: CandidateConfig, labels: list[str], ta
         "sample_rate": params.data.sample_rate,
         "audio_seconds": params.data.audio_seconds,
         "target": params.target.column,
-        "task": {"name": params.target.type,
-                 "params": task.config() if task else task_params(params.target.type, params.target)},
+        "task": {
+            "name": params.target.type,
+            "params": task.config() if task else task_params(params.target.type, params.target),
+        },
         "seed": params.seed,
     }
 
 
-def fit_encoders(spec: dict, data: Dataset, train_rows: pd.DataFrame,
-                 resolve: ArtifactResolver = artifact_folder) -> dict[str, Encoder]:
+def fit_encoders(
+    spec: dict, data: Dataset, train_rows: pd.DataFrame, resolve: ArtifactResolver = artifact_folder
+) -> dict[str, Encoder]:
     """Each input's encoder, fitted on the distinct values of the train split only (never val/test).
 
     Fitting comes before the model is built because what is learned (a vocabulary) can size the
@@ -298,8 +316,12 @@ def one_cycle(optimizer: torch.optim.Optimizer, lr: float, steps: int) -> torch.
 
 
 def train_candidate(
-    params: Params, candidate: CandidateConfig, data: Dataset, out_dir: Path,
-    on_epoch: Any = None, resolve: ArtifactResolver = artifact_folder,
+    params: Params,
+    candidate: CandidateConfig,
+    data: Dataset,
+    out_dir: Path,
+    on_epoch: Any = None,
+    resolve: ArtifactResolver = artifact_folder,
 ) -> dict:
     """Train one candidate with early stopping on the selection metric; save the best epoch's artifact."""
     cfg = params.train_for(candidate)
@@ -324,8 +346,13 @@ def train_candidate(
     scheduler = one_cycle(optimizer, cfg.lr, cfg.epochs * len(train_b))
     # train.ema: an exponential moving average of the weights (and batch-norm statistics) is what val
     # judges and the artifact keeps; it smooths the epoch-to-epoch noise a small val split amplifies.
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
+        )
+        if cfg.ema
+        else None
+    )
     judged = ema.module if ema is not None else model
     rng = np.random.default_rng(params.seed)
     metric, sign = select_key(params)
@@ -362,14 +389,17 @@ def train_candidate(
                 distributed.sync_buffers(judged)
         scores = predict_split(judged, val_b, data.precomputed, precision)
         val = data.task.evaluate(val_b.targets, scores, data.task.reference_groups(val_rows))
-        record = {"epoch": epoch, "train_loss": total / count,
-                  **{f"val_{k}": val[k] for k in data.task.metrics},
-                  "seconds": time.perf_counter() - t0}
+        record = {
+            "epoch": epoch,
+            "train_loss": total / count,
+            **{f"val_{k}": val[k] for k in data.task.metrics},
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(record)
         if on_epoch:
             on_epoch(candidate.name, record)
         log.info("%s epoch %d: loss %.4f val_%s %.4f", candidate.name, epoch, record["train_loss"], metric, val[metric])
-        smoothed = float(np.mean([sign * h[f"val_{metric}"] for h in history[-cfg.smoothing:]]))
+        smoothed = float(np.mean([sign * h[f"val_{metric}"] for h in history[-cfg.smoothing :]]))
         if smoothed > best_smoothed:
             best_smoothed, smoothed_epoch = smoothed, epoch
         if sign * val[metric] > best_score:
@@ -390,7 +420,8 @@ def train_candidate(
     for split in ("val", "test"):
         metrics[split], scores[split] = evaluate_split(model, data, split, cfg.batch_size)
     predictions_table(data, data.split("test"), scores["test"], metrics["test"]).to_parquet(
-        out_dir / "predictions_test.parquet", index=False)
+        out_dir / "predictions_test.parquet", index=False
+    )
     result = {
         "candidate": candidate.name,
         "fusion": candidate.fusion,

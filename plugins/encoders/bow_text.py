@@ -26,8 +26,12 @@ class BagOfWordsTextEncoder(Encoder):
     modality = "text"
 
     def __init__(
-        self, weighting: str = "tfidf", stop_words: str | None = None, max_features: int | None = 5000,
-        ngrams: int = 1, vocabulary: list[str] | None = None,
+        self,
+        weighting: str = "tfidf",
+        stop_words: str | None = None,
+        max_features: int | None = 5000,
+        ngrams: int = 1,
+        vocabulary: list[str] | None = None,
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
@@ -38,9 +42,13 @@ class BagOfWordsTextEncoder(Encoder):
         self._set_vocabulary(vocabulary)
 
     def _vectorizer(self, vocabulary: list[str] | None = None) -> CountVectorizer:
-        return CountVectorizer(stop_words=self.stop_words, max_features=self.max_features,
-                               ngram_range=(1, self.ngrams), binary=self.weighting == "binary",
-                               vocabulary=vocabulary)
+        return CountVectorizer(
+            stop_words=self.stop_words,
+            max_features=self.max_features,
+            ngram_range=(1, self.ngrams),
+            binary=self.weighting == "binary",
+            vocabulary=vocabulary,
+        )
 
     def _set_vocabulary(self, vocabulary: list[str] | None) -> None:
         self.vocabulary = list(vocabulary) if vocabulary is not None else None
@@ -72,5 +80,10 @@ class BagOfWordsTextEncoder(Encoder):
         return weighted / weighted.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
     def config(self) -> dict[str, Any]:
-        return {"weighting": self.weighting, "stop_words": self.stop_words, "max_features": self.max_features,
-                "ngrams": self.ngrams, "vocabulary": self.vocabulary}
+        return {
+            "weighting": self.weighting,
+            "stop_words": self.stop_words,
+            "max_features": self.max_features,
+            "ngrams": self.ngrams,
+            "vocabulary": self.vocabulary,
+        }

@@ -41,8 +41,9 @@ class CategoricalEncoder(Encoder):
         if self.categories is None:
             raise ValueError("categorical: not fitted; it learns its categories from the training values")
         rows = table(values, "categorical", len(self.index))
-        return torch.tensor([[col.get(str(v), 0) for col, v in zip(self.index, r, strict=True)] for r in rows],
-                            dtype=torch.long).view(len(rows), len(self.index))
+        return torch.tensor(
+            [[col.get(str(v), 0) for col, v in zip(self.index, r, strict=True)] for r in rows], dtype=torch.long
+        ).view(len(rows), len(self.index))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([emb(batch[:, j]) for j, emb in enumerate(self.embeddings)], dim=1)

@@ -28,14 +28,24 @@ from mmops.core.interfaces import Encoder, Tokens
 class CNNImageEncoder(Encoder):
     modality = "image"
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64), augment: bool = False, shift: float = 0.1,
-                 rotate: float = 10.0, scale: float = 0.1, flip: bool = False, token_grid: int = 0) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 64),
+        augment: bool = False,
+        shift: float = 0.1,
+        rotate: float = 10.0,
+        scale: float = 0.1,
+        flip: bool = False,
+        token_grid: int = 0,
+    ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("cnn_image: 'channels' needs at least one block, e.g. [16, 32, 64]")
         if not (0 <= shift < 0.5 and 0 <= rotate <= 180 and 0 <= scale < 1):
-            raise ValueError(f"cnn_image: shift must be in [0, 0.5), rotate in [0, 180] degrees, scale in [0, 1); "
-                             f"got shift {shift}, rotate {rotate}, scale {scale}")
+            raise ValueError(
+                f"cnn_image: shift must be in [0, 0.5), rotate in [0, 180] degrees, scale in [0, 1); "
+                f"got shift {shift}, rotate {rotate}, scale {scale}"
+            )
         if token_grid < 0:
             raise ValueError(f"cnn_image: token_grid must be 0 (every position) or a grid size, got {token_grid}")
         self.augment, self.shift, self.rotate, self.scale, self.flip = bool(augment), shift, rotate, scale, bool(flip)
@@ -44,8 +54,12 @@ class CNNImageEncoder(Encoder):
         layers: list[nn.Module] = []
         c_in = 3
         for c_out in self.channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c_in = c_out
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.net = nn.Sequential(*layers)
@@ -69,8 +83,9 @@ class CNNImageEncoder(Encoder):
         mirror = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if self.flip else torch.ones(b)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         move = (torch.rand(b, 2) * 2 - 1) * 2 * self.shift  # grid coordinates span 2 per side
-        theta = torch.stack([torch.stack([cos * mirror, -sin, move[:, 0]], 1),
-                             torch.stack([sin * mirror, cos, move[:, 1]], 1)], 1).to(batch)
+        theta = torch.stack(
+            [torch.stack([cos * mirror, -sin, move[:, 0]], 1), torch.stack([sin * mirror, cos, move[:, 1]], 1)], 1
+        ).to(batch)
         grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
         return F.grid_sample(batch, grid, padding_mode="border", align_corners=False)
 
@@ -89,5 +104,12 @@ class CNNImageEncoder(Encoder):
         return Tokens.full(grid.flatten(2).transpose(1, 2))
 
     def config(self) -> dict[str, Any]:
-        return {"channels": self.channels, "augment": self.augment, "shift": self.shift, "rotate": self.rotate,
-                "scale": self.scale, "flip": self.flip, "token_grid": self.token_grid}
+        return {
+            "channels": self.channels,
+            "augment": self.augment,
+            "shift": self.shift,
+            "rotate": self.rotate,
+            "scale": self.scale,
+            "flip": self.flip,
+            "token_grid": self.token_grid,
+        }

@@ -23,8 +23,14 @@ class GRUTextEncoder(Encoder):
     modality = "text"
 
     def __init__(
-        self, embedding_dim: int = 64, hidden: int = 128, bidirectional: bool = True, min_count: int = 1,
-        max_vocabulary: int | None = 20000, max_length: int = 64, vocabulary: list[str] | None = None,
+        self,
+        embedding_dim: int = 64,
+        hidden: int = 128,
+        bidirectional: bool = True,
+        min_count: int = 1,
+        max_vocabulary: int | None = 20000,
+        max_length: int = 64,
+        vocabulary: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.embedding_dim, self.hidden, self.bidirectional = embedding_dim, hidden, bidirectional
@@ -67,6 +73,12 @@ class GRUTextEncoder(Encoder):
         return Tokens(values, mask.to(values.device))
 
     def config(self) -> dict[str, Any]:
-        return {"embedding_dim": self.embedding_dim, "hidden": self.hidden, "bidirectional": self.bidirectional,
-                "min_count": self.min_count, "max_vocabulary": self.max_vocabulary,
-                "max_length": self.max_length, "vocabulary": self.vocabulary}
+        return {
+            "embedding_dim": self.embedding_dim,
+            "hidden": self.hidden,
+            "bidirectional": self.bidirectional,
+            "min_count": self.min_count,
+            "max_vocabulary": self.max_vocabulary,
+            "max_length": self.max_length,
+            "vocabulary": self.vocabulary,
+        }

@@ -26,8 +26,12 @@ class HFImageEncoder(Encoder):
     modality = "image"
 
     def __init__(
-        self, checkpoint: str, pooling: str = "mean", frozen: bool = True,
-        mean: list[float] | None = None, std: list[float] | None = None,
+        self,
+        checkpoint: str,
+        pooling: str = "mean",
+        frozen: bool = True,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
@@ -86,8 +90,9 @@ class HFImageEncoder(Encoder):
             raise ValueError(f"hf_image expects uint8 images of shape (H, W, 3), got batch {array.shape}")
         images = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(255.0)
         if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", antialias=True,
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False
+            )
         mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
         return (images - mean) / std
 
@@ -104,8 +109,13 @@ class HFImageEncoder(Encoder):
         return Tokens.full(self._tokens(batch))
 
     def config(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "pooling": self.pooling, "frozen": self.frozen,
-                "mean": self.mean, "std": self.std}
+        return {
+            "checkpoint": self.checkpoint,
+            "pooling": self.pooling,
+            "frozen": self.frozen,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
     def export_assets(self, directory: Path) -> dict[str, Any]:
         directory.mkdir(parents=True, exist_ok=True)

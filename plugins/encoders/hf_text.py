@@ -33,7 +33,10 @@ class HFTextEncoder(Encoder):
     modality = "text"
 
     def __init__(
-        self, checkpoint: str = DEFAULT_CHECKPOINT, pooling: str = "mean", frozen: bool = True,
+        self,
+        checkpoint: str = DEFAULT_CHECKPOINT,
+        pooling: str = "mean",
+        frozen: bool = True,
         max_length: int = 64,
     ) -> None:
         super().__init__()
@@ -69,8 +72,7 @@ class HFTextEncoder(Encoder):
             raise ValueError(f"hf_text expects strings, got {type(bad[0]).__name__} ({bad[0]!r})")
         texts = list(values)
         return dict(
-            self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                           return_tensors="pt")
+            self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         )
 
     def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -89,8 +91,12 @@ class HFTextEncoder(Encoder):
         return Tokens(self._hidden(batch), batch["attention_mask"].bool())
 
     def config(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "pooling": self.pooling, "frozen": self.frozen,
-                "max_length": self.max_length}
+        return {
+            "checkpoint": self.checkpoint,
+            "pooling": self.pooling,
+            "frozen": self.frozen,
+            "max_length": self.max_length,
+        }
 
     def export_assets(self, directory: Path) -> dict[str, Any]:
         directory.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,11 @@ class NumericEncoder(Encoder):
         width = n_features or 0
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("std", torch.ones(width))
-        self.mlp = (nn.Sequential(nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden))
-                    if width else None)
+        self.mlp = (
+            nn.Sequential(nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden))
+            if width
+            else None
+        )
 
     def _array(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
         rows = table(values, "numeric", self.n_features)

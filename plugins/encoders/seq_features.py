@@ -27,8 +27,14 @@ class SeqFeaturesEncoder(Encoder):
     modality = "vectors"
 
     def __init__(
-        self, dim: int = 0, max_length: int = DEFAULT_MAX_LENGTH, width: int = 64, layers: int = 1, heads: int = 4,
-        dropout: float = 0.1, architecture: Literal["transformer", "lstm"] = "transformer",
+        self,
+        dim: int = 0,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        width: int = 64,
+        layers: int = 1,
+        heads: int = 4,
+        dropout: float = 0.1,
+        architecture: Literal["transformer", "lstm"] = "transformer",
     ) -> None:
         super().__init__()
         if architecture not in ("transformer", "lstm"):
@@ -47,8 +53,9 @@ class SeqFeaturesEncoder(Encoder):
         self.project = nn.Linear(dim, self.width)
         self.drop = nn.Dropout(self.dropout)
         if self.architecture == "transformer":
-            layer = nn.TransformerEncoderLayer(self.width, self.heads, 4 * self.width, self.dropout,
-                                               batch_first=True, norm_first=True)
+            layer = nn.TransformerEncoderLayer(
+                self.width, self.heads, 4 * self.width, self.dropout, batch_first=True, norm_first=True
+            )
             self.body: nn.Module = nn.TransformerEncoder(layer, self.layers, enable_nested_tensor=False)
         else:
             self.body = nn.LSTM(self.width, self.width, num_layers=self.layers, batch_first=True)
@@ -80,5 +87,12 @@ class SeqFeaturesEncoder(Encoder):
         return self.forward_sequence(batch).mean()
 
     def config(self) -> dict[str, Any]:
-        return {"dim": self.dim, "max_length": self.max_length, "width": self.width, "layers": self.layers,
-                "heads": self.heads, "dropout": self.dropout, "architecture": self.architecture}
+        return {
+            "dim": self.dim,
+            "max_length": self.max_length,
+            "width": self.width,
+            "layers": self.layers,
+            "heads": self.heads,
+            "dropout": self.dropout,
+            "architecture": self.architecture,
+        }

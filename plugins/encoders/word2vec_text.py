@@ -29,8 +29,15 @@ class Word2VecTextEncoder(Encoder):
     modality = "text"
 
     def __init__(
-        self, dim: int = 64, window: int = 5, epochs: int = 50, negative: int = 5, min_count: int = 1,
-        max_length: int = 64, seed: int = 0, vocabulary: list[str] | None = None,
+        self,
+        dim: int = 64,
+        window: int = 5,
+        epochs: int = 50,
+        negative: int = 5,
+        min_count: int = 1,
+        max_length: int = 64,
+        seed: int = 0,
+        vocabulary: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.dim, self.window, self.epochs, self.negative = dim, window, epochs, negative
@@ -47,9 +54,18 @@ class Word2VecTextEncoder(Encoder):
         from gensim.models import Word2Vec
 
         sentences = [tokenize(t) for t in texts(values, "word2vec_text")]
-        model = Word2Vec(sentences, vector_size=self.dim, window=self.window, min_count=self.min_count,
-                         sg=1, negative=self.negative, epochs=self.epochs, seed=self.seed, workers=1,
-                         hashfxn=_stable_hash)
+        model = Word2Vec(
+            sentences,
+            vector_size=self.dim,
+            window=self.window,
+            min_count=self.min_count,
+            sg=1,
+            negative=self.negative,
+            epochs=self.epochs,
+            seed=self.seed,
+            workers=1,
+            hashfxn=_stable_hash,
+        )
         words = list(model.wv.index_to_key)
         if not words:
             raise ValueError("word2vec_text: no word occurs min_count times in the training texts")
@@ -74,6 +90,13 @@ class Word2VecTextEncoder(Encoder):
         return Tokens(self.vectors[batch], mask)
 
     def config(self) -> dict[str, Any]:
-        return {"dim": self.dim, "window": self.window, "epochs": self.epochs, "negative": self.negative,
-                "min_count": self.min_count, "max_length": self.max_length, "seed": self.seed,
-                "vocabulary": self.vocabulary}
+        return {
+            "dim": self.dim,
+            "window": self.window,
+            "epochs": self.epochs,
+            "negative": self.negative,
+            "min_count": self.min_count,
+            "max_length": self.max_length,
+            "seed": self.seed,
+            "vocabulary": self.vocabulary,
+        }

@@ -30,14 +30,16 @@ class AttentionFusion(Fusion):
         self.modality = nn.Parameter(torch.randn(len(self.names), hidden) * 0.02)
         self.attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(2 * hidden, hidden))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(2 * hidden, hidden)
+        )
         self.output_dim = hidden * len(self.names)
 
     def forward(self, features: Mapping[str, Tokens]) -> torch.Tensor:
         self.check_inputs(features)
-        parts = [features[n].map(lambda v, n=n, i=i: self.proj[n](v) + self.modality[i])
-                 for i, n in enumerate(self.names)]
+        parts = [
+            features[n].map(lambda v, n=n, i=i: self.proj[n](v) + self.modality[i]) for i, n in enumerate(self.names)
+        ]
         tokens = torch.cat([p.values for p in parts], dim=1)
         mask = torch.cat([p.mask for p in parts], dim=1)
         attended, _ = self.attn(tokens, tokens, tokens, key_padding_mask=~mask, need_weights=False)

@@ -16,10 +16,12 @@ class ConcatFusion(Fusion):
     def __init__(self, dims: Mapping[str, int], hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
-        self.proj = nn.ModuleDict({
-            n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout))
-            for n in self.names
-        })
+        self.proj = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout))
+                for n in self.names
+            }
+        )
         self.output_dim = hidden * len(self.names)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -25,7 +25,11 @@ class CrossAttentionFusion(Fusion):
     needs_sequences = True
 
     def __init__(
-        self, dims: Mapping[str, int], hidden: int = 128, heads: int = 4, query: str | None = None,
+        self,
+        dims: Mapping[str, int],
+        hidden: int = 128,
+        heads: int = 4,
+        query: str | None = None,
         dropout: float = 0.1,
     ) -> None:
         super().__init__(dims)
@@ -36,9 +40,9 @@ class CrossAttentionFusion(Fusion):
         self.names = sorted(dims)
         self.queries = [query] if query else self.names
         self.proj = nn.ModuleDict({n: nn.Linear(dims[n], hidden) for n in self.names})
-        self.attn = nn.ModuleDict({
-            q: nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True) for q in self.queries
-        })
+        self.attn = nn.ModuleDict(
+            {q: nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True) for q in self.queries}
+        )
         self.norm = nn.LayerNorm(hidden)
         self.output_dim = 2 * hidden * len(self.queries)
 

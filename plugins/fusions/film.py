@@ -27,7 +27,11 @@ class FiLMFusion(Fusion):
     saved_before: ClassVar[dict[str, Any]] = {"normalize": False}
 
     def __init__(
-        self, dims: Mapping[str, int], hidden: int = 128, target: str | None = None, dropout: float = 0.1,
+        self,
+        dims: Mapping[str, int],
+        hidden: int = 128,
+        target: str | None = None,
+        dropout: float = 0.1,
         normalize: bool = True,
     ) -> None:
         super().__init__(dims)

@@ -24,10 +24,14 @@ class LateFusion(Fusion):
     def __init__(self, dims: Mapping[str, int], num_classes: int, hidden: int = 128, dropout: float = 0.1) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
-        self.heads = nn.ModuleDict({
-            n: nn.Sequential(nn.Linear(dims[n], hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-            for n in self.names
-        })
+        self.heads = nn.ModuleDict(
+            {
+                n: nn.Sequential(
+                    nn.Linear(dims[n], hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+                )
+                for n in self.names
+            }
+        )
         self.scores = nn.Parameter(torch.zeros(len(self.names)))
         self.output_dim = num_classes
 

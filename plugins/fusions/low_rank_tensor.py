@@ -30,14 +30,14 @@ class LowRankTensorFusion(Fusion):
         # variance, so their product neither explodes nor vanishes however many inputs or however wide.
         self.norm = nn.ModuleDict({n: nn.LayerNorm(dims[n]) if normalize else nn.Identity() for n in self.names})
         if normalize:
-            self.factors = nn.ParameterDict({
-                n: nn.Parameter(torch.randn(rank, dims[n] + 1, hidden) / (dims[n] + 1) ** 0.5) for n in self.names
-            })
+            self.factors = nn.ParameterDict(
+                {n: nn.Parameter(torch.randn(rank, dims[n] + 1, hidden) / (dims[n] + 1) ** 0.5) for n in self.names}
+            )
             self.rank_weights = nn.Parameter(torch.full((1, rank), 1.0 / rank))  # starts as the mean over ranks
         else:  # the original init
-            self.factors = nn.ParameterDict({
-                n: nn.Parameter(nn.init.xavier_normal_(torch.empty(rank, dims[n] + 1, hidden))) for n in self.names
-            })
+            self.factors = nn.ParameterDict(
+                {n: nn.Parameter(nn.init.xavier_normal_(torch.empty(rank, dims[n] + 1, hidden))) for n in self.names}
+            )
             self.rank_weights = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, rank)))
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.out_norm = nn.LayerNorm(hidden) if normalize else nn.Identity()

@@ -18,9 +18,9 @@ class ProductFusion(Fusion):
         self.names = sorted(dims)
         # Sigmoid-gated projections keep the product bounded; a plain product of unbounded
         # projections makes the early loss landscape very flat.
-        self.proj = nn.ModuleDict({
-            n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden)) for n in self.names
-        })
+        self.proj = nn.ModuleDict(
+            {n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden)) for n in self.names}
+        )
         self.dropout = nn.Dropout(dropout)
         self.output_dim = hidden
 

@@ -21,15 +21,15 @@ class TensorFusion(Fusion):
     # Models saved before ``normalize`` existed have neither the LayerNorms nor the new init.
     saved_before: ClassVar[dict[str, Any]] = {"normalize": False}
 
-    def __init__(
-        self, dims: Mapping[str, int], hidden: int = 16, dropout: float = 0.1, normalize: bool = True
-    ) -> None:
+    def __init__(self, dims: Mapping[str, int], hidden: int = 16, dropout: float = 0.1, normalize: bool = True) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
-        self.proj = nn.ModuleDict({
-            n: nn.Sequential(nn.Linear(dims[n], hidden), *([nn.LayerNorm(hidden)] if normalize else []), nn.ReLU())
-            for n in self.names
-        })
+        self.proj = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(dims[n], hidden), *([nn.LayerNorm(hidden)] if normalize else []), nn.ReLU())
+                for n in self.names
+            }
+        )
         self.dropout = nn.Dropout(dropout)
         self.output_dim = (hidden + 1) ** len(self.names)
         # The outer product multiplies M projections: normalised, its scale no longer grows with M.

@@ -18,9 +18,9 @@ class WeightedSumFusion(Fusion):
     def __init__(self, dims: Mapping[str, int], hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__(dims)
         self.names = sorted(dims)
-        self.proj = nn.ModuleDict({
-            n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden), nn.ReLU()) for n in self.names
-        })
+        self.proj = nn.ModuleDict(
+            {n: nn.Sequential(nn.Linear(dims[n], hidden), nn.LayerNorm(hidden), nn.ReLU()) for n in self.names}
+        )
         self.scores = nn.Parameter(torch.zeros(len(self.names)))
         self.dropout = nn.Dropout(dropout)
         self.output_dim = hidden

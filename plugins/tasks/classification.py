@@ -41,8 +41,9 @@ class ClassificationTask(Task):
         import torch
         from torch.nn import functional
 
-        return functional.cross_entropy(outputs, torch.from_numpy(np.asarray(targets, dtype=np.int64)),
-                                        label_smoothing=self.label_smoothing)
+        return functional.cross_entropy(
+            outputs, torch.from_numpy(np.asarray(targets, dtype=np.int64)), label_smoothing=self.label_smoothing
+        )
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.softmax(dim=1)
@@ -52,14 +53,23 @@ class ClassificationTask(Task):
 
     def describe(self, targets: np.ndarray, scores: np.ndarray, metrics: Mapping[str, Any]) -> dict[str, Any]:
         predicted = scores.argmax(1)
-        return {"target": [self.labels[i] for i in targets], "prediction": [self.labels[i] for i in predicted],
-                "confidence": scores.max(1), "correct": targets == predicted, "error": np.full(len(targets), np.nan)}
+        return {
+            "target": [self.labels[i] for i in targets],
+            "prediction": [self.labels[i] for i in predicted],
+            "confidence": scores.max(1),
+            "correct": targets == predicted,
+            "error": np.full(len(targets), np.nan),
+        }
 
     def answers(self, scores: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         top = scores.topk(max(1, min(top_k, scores.shape[1])), dim=1)
         return [
-            {"answer": self.labels[int(idx[0])],
-             "top_k": [{"answer": self.labels[int(i)], "probability": round(float(p), 6)}
-                       for p, i in zip(pr, idx, strict=True)]}
+            {
+                "answer": self.labels[int(idx[0])],
+                "top_k": [
+                    {"answer": self.labels[int(i)], "probability": round(float(p), 6)}
+                    for p, i in zip(pr, idx, strict=True)
+                ],
+            }
             for pr, idx in zip(top.values, top.indices, strict=True)
         ]

@@ -52,15 +52,19 @@ def _network_class() -> type:
     class TwoTowers(nn.Module):
         """A projection head per tower to a shared width, L2-normalised, and the learnable temperature."""
 
-        def __init__(self, dims: Mapping[str, int], towers: Sequence[str], hidden: int, width: int,
-                     dropout: float) -> None:
+        def __init__(
+            self, dims: Mapping[str, int], towers: Sequence[str], hidden: int, width: int, dropout: float
+        ) -> None:
             super().__init__()
             self.towers = list(towers)
-            self.proj = nn.ModuleDict({
-                name: nn.Sequential(nn.Linear(dims[name], hidden), nn.GELU(), nn.Dropout(dropout),
-                                    nn.Linear(hidden, width))
-                for name in self.towers
-            })
+            self.proj = nn.ModuleDict(
+                {
+                    name: nn.Sequential(
+                        nn.Linear(dims[name], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+                    )
+                    for name in self.towers
+                }
+            )
             self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
 
         def embed(self, name: str, features: torch.Tensor) -> torch.Tensor:
@@ -117,8 +121,14 @@ class ContrastiveTask(Task):
     combines_inputs = True
     example_inputs: ClassVar[tuple[str, ...]] = ("image", "caption")  # the default towers' names
 
-    def __init__(self, labels: Sequence[str] = (), image_input: str = "image", text_input: str = "caption",
-                 width: int = 128, templates: Sequence[str] = ("a photo of a {}",)) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str] = (),
+        image_input: str = "image",
+        text_input: str = "caption",
+        width: int = 128,
+        templates: Sequence[str] = ("a photo of a {}",),
+    ) -> None:
         super().__init__(labels)
         if image_input == text_input:
             raise ValueError(f"image_input and text_input are both '{image_input}': name the two towers' inputs")
@@ -150,8 +160,10 @@ class ContrastiveTask(Task):
     def network(self, dims: Mapping[str, int], hidden: int, dropout: float) -> nn.Module:
         towers = [self.image_input, self.text_input]
         if sorted(dims) != sorted(towers):
-            raise ValueError(f"task 'contrastive' has towers {towers} but the model's inputs are {sorted(dims)}; "
-                             "set target.params.image_input and text_input to the two inputs' names")
+            raise ValueError(
+                f"task 'contrastive' has towers {towers} but the model's inputs are {sorted(dims)}; "
+                "set target.params.image_input and text_input to the two inputs' names"
+            )
         self.net = _network_class()(dims, towers, hidden, self.width, dropout)
         return self.net
 
@@ -211,14 +223,24 @@ class ContrastiveTask(Task):
         targets = np.asarray(targets, dtype=object)
         image, text = self.split(np.asarray(scores, dtype=np.float32))
         if not len(targets):
-            return {"target": [], "prediction": [], "confidence": np.zeros(0), "correct": np.zeros(0, bool),
-                    "error": np.zeros(0)}
+            return {
+                "target": [],
+                "prediction": [],
+                "confidence": np.zeros(0),
+                "correct": np.zeros(0, bool),
+                "error": np.zeros(0),
+            }
         texts = _distinct(text)
         names, centres = class_embeddings(text[texts], targets[texts])
         sims = image @ centres.T
         predicted = np.asarray(names, dtype=object)[sims.argmax(1)]
-        return {"target": targets.tolist(), "prediction": predicted.tolist(), "confidence": sims.max(1),
-                "correct": predicted == targets, "error": np.full(len(targets), np.nan)}
+        return {
+            "target": targets.tolist(),
+            "prediction": predicted.tolist(),
+            "confidence": sims.max(1),
+            "correct": predicted == targets,
+            "error": np.full(len(targets), np.nan),
+        }
 
     def answers(self, scores: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         """``/predict`` on an (image, caption) pair: how well they match, as a cosine in [-1, 1]."""

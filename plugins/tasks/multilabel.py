@@ -60,16 +60,23 @@ class MultilabelTask(Task):
 
     def describe(self, targets: np.ndarray, scores: np.ndarray, metrics: Mapping[str, Any]) -> dict[str, Any]:
         predicted, truth = scores >= self.threshold, targets.astype(bool)
-        return {"target": ["|".join(self.labels[j] for j in np.flatnonzero(t)) for t in truth],
-                "prediction": ["|".join(self.labels[j] for j in np.flatnonzero(p)) for p in predicted],
-                "confidence": np.abs(scores - self.threshold).mean(1), "correct": (predicted == truth).all(1),
-                "error": np.full(len(targets), np.nan)}
+        return {
+            "target": ["|".join(self.labels[j] for j in np.flatnonzero(t)) for t in truth],
+            "prediction": ["|".join(self.labels[j] for j in np.flatnonzero(p)) for p in predicted],
+            "confidence": np.abs(scores - self.threshold).mean(1),
+            "correct": (predicted == truth).all(1),
+            "error": np.full(len(targets), np.nan),
+        }
 
     def answers(self, scores: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         top = scores.topk(max(1, min(top_k, scores.shape[1])), dim=1)
         return [
-            {"answer": [self.labels[j] for j in (row >= self.threshold).nonzero().flatten().tolist()],
-             "top_k": [{"answer": self.labels[int(i)], "probability": round(float(p), 6)}
-                       for p, i in zip(pr, idx, strict=True)]}
+            {
+                "answer": [self.labels[j] for j in (row >= self.threshold).nonzero().flatten().tolist()],
+                "top_k": [
+                    {"answer": self.labels[int(i)], "probability": round(float(p), 6)}
+                    for p, i in zip(pr, idx, strict=True)
+                ],
+            }
             for row, pr, idx in zip(scores, top.values, top.indices, strict=True)
         ]

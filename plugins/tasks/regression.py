@@ -69,9 +69,13 @@ class RegressionTask(Task):
 
     def describe(self, targets: np.ndarray, scores: np.ndarray, metrics: Mapping[str, Any]) -> dict[str, Any]:
         error = np.abs(scores[:, 0] - targets)
-        return {"target": [f"{v:.6g}" for v in targets], "prediction": [f"{v:.6g}" for v in scores[:, 0]],
-                "confidence": np.full(len(targets), np.nan), "correct": error <= metrics.get("mae", 0.0),
-                "error": error}
+        return {
+            "target": [f"{v:.6g}" for v in targets],
+            "prediction": [f"{v:.6g}" for v in scores[:, 0]],
+            "confidence": np.full(len(targets), np.nan),
+            "correct": error <= metrics.get("mae", 0.0),
+            "error": error,
+        }
 
     def answers(self, scores: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         return [{"answer": round(float(v), 6), "top_k": []} for v in scores[:, 0]]

@@ -69,13 +69,26 @@ def polarity(score: float) -> str:
 
 class SentimentTask(RegressionTask):
     metrics: ClassVar[Mapping[str, str]] = {
-        "mae": LOWER, "corr": HIGHER, "acc2_has0": HIGHER, "f1_has0": HIGHER, "acc2_non0": HIGHER,
-        "f1_non0": HIGHER, "acc5": HIGHER, "acc7": HIGHER,
+        "mae": LOWER,
+        "corr": HIGHER,
+        "acc2_has0": HIGHER,
+        "f1_has0": HIGHER,
+        "acc2_non0": HIGHER,
+        "f1_non0": HIGHER,
+        "acc5": HIGHER,
+        "acc7": HIGHER,
     }
     example_targets = ("-3", "0", "1.4", "2.6", "-0.8")
 
-    def __init__(self, labels=(), mean: float = 0.0, std: float = 1.0, low: float = -3.0, high: float = 3.0,
-                 loss: Literal["l1", "mse"] = "l1") -> None:
+    def __init__(
+        self,
+        labels=(),
+        mean: float = 0.0,
+        std: float = 1.0,
+        low: float = -3.0,
+        high: float = 3.0,
+        loss: Literal["l1", "mse"] = "l1",
+    ) -> None:
         super().__init__(labels, mean, std)
         if not low < 0 < high:
             raise ValueError(f"sentiment: the range [low, high] must contain 0, got [{low}, {high}]")
@@ -89,8 +102,10 @@ class SentimentTask(RegressionTask):
     def parse(self, cell: str) -> float:
         value = super().parse(cell)
         if not self.low <= value <= self.high:
-            raise ValueError(f"sentiment {value:g} is outside [{self.low:g}, {self.high:g}] "
-                             "(set target.params.low/high for another scale)")
+            raise ValueError(
+                f"sentiment {value:g} is outside [{self.low:g}, {self.high:g}] "
+                "(set target.params.low/high for another scale)"
+            )
         return value
 
     def loss(self, outputs: torch.Tensor, targets: np.ndarray) -> torch.Tensor:

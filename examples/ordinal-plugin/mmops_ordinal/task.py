@@ -58,14 +58,21 @@ class OrdinalTask(Task):
     def evaluate(self, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None) -> dict:
         predicted = self._levels(scores)
         n = len(targets)
-        return {"mae": float(np.abs(predicted - targets).mean()) if n else 0.0,
-                "accuracy": float((predicted == targets).mean()) if n else 0.0, "n": n}
+        return {
+            "mae": float(np.abs(predicted - targets).mean()) if n else 0.0,
+            "accuracy": float((predicted == targets).mean()) if n else 0.0,
+            "n": n,
+        }
 
     def describe(self, targets: np.ndarray, scores: np.ndarray, metrics: Mapping[str, Any]) -> dict[str, Any]:
         predicted = self._levels(scores)
-        return {"target": [self.levels[i] for i in targets], "prediction": [self.levels[i] for i in predicted],
-                "confidence": np.abs(scores - 0.5).mean(1) * 2, "correct": predicted == targets,
-                "error": np.abs(predicted - targets).astype(float)}
+        return {
+            "target": [self.levels[i] for i in targets],
+            "prediction": [self.levels[i] for i in predicted],
+            "confidence": np.abs(scores - 0.5).mean(1) * 2,
+            "correct": predicted == targets,
+            "error": np.abs(predicted - targets).astype(float),
+        }
 
     def answers(self, scores: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         # The K-1 answers are separate sigmoids, so P(level > k) may rise with k: made non-increasing
@@ -73,7 +80,13 @@ class OrdinalTask(Task):
         cumulative = torch.cummin(scores, dim=1).values
         above = torch.cat([torch.ones(len(scores), 1), cumulative, torch.zeros(len(scores), 1)], dim=1)
         probs = above[:, :-1] - above[:, 1:]  # P(level = k)
-        return [{"answer": self.levels[int(level)],
-                 "top_k": [{"answer": self.levels[int(i)], "probability": round(float(p), 6)}
-                           for p, i in zip(*row.topk(min(top_k, len(self.levels))), strict=True)]}
-                for level, row in zip(self._levels(scores.numpy()), probs, strict=True)]
+        return [
+            {
+                "answer": self.levels[int(level)],
+                "top_k": [
+                    {"answer": self.levels[int(i)], "probability": round(float(p), 6)}
+                    for p, i in zip(*row.topk(min(top_k, len(self.levels))), strict=True)
+                ],
+            }
+            for level, row in zip(self._levels(scores.numpy()), probs, strict=True)
+        ]

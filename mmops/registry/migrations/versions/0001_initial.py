@@ -75,8 +75,14 @@ def upgrade() -> None:
         sa.UniqueConstraint("name", "version"),
         sa.CheckConstraint("stage IN ('candidate', 'staging', 'production', 'archived')", name="ck_stage"),
     )
-    op.create_index("uq_model_versions_one_production", "model_versions", ["name"], unique=True,
-                    sqlite_where=sa.text("stage = 'production'"), postgresql_where=sa.text("stage = 'production'"))
+    op.create_index(
+        "uq_model_versions_one_production",
+        "model_versions",
+        ["name"],
+        unique=True,
+        sqlite_where=sa.text("stage = 'production'"),
+        postgresql_where=sa.text("stage = 'production'"),
+    )
     op.create_table(
         "events",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -93,14 +99,20 @@ def upgrade() -> None:
     op.create_index("ix_events_model_name", "events", ["model_name"])
     # The event log is evidence: the database itself refuses to rewrite it.
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("CREATE FUNCTION mmops_events_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-                   "$$ BEGIN RAISE EXCEPTION 'events are append-only'; END $$")
-        op.execute("CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events "
-                   "FOR EACH ROW EXECUTE FUNCTION mmops_events_append_only()")
+        op.execute(
+            "CREATE FUNCTION mmops_events_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'events are append-only'; END $$"
+        )
+        op.execute(
+            "CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events "
+            "FOR EACH ROW EXECUTE FUNCTION mmops_events_append_only()"
+        )
     else:
         for verb in ("UPDATE", "DELETE"):
-            op.execute(f"CREATE TRIGGER events_no_{verb.lower()} BEFORE {verb} ON events "
-                       "BEGIN SELECT RAISE(ABORT, 'events are append-only'); END")
+            op.execute(
+                f"CREATE TRIGGER events_no_{verb.lower()} BEFORE {verb} ON events "
+                "BEGIN SELECT RAISE(ABORT, 'events are append-only'); END"
+            )
 
 
 def downgrade() -> None:
