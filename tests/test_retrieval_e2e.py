@@ -100,4 +100,11 @@ def test_retrieval_template_to_search_over_http(tmp_path: Path) -> None:
     assert test["image"] in out.splitlines()[1]
     out = mmops(root, "zero-shot", "--image", str(image), "--labels", ",".join(choices)).stdout
     assert out.split()[0] in " ".join(choices)
+    # --label keeps a label whole, commas included; spaces after the commas of --labels are not part of a label
+    whole = "a shape, drawn"
+    out = json.loads(
+        mmops(root, "zero-shot", "--image", str(image), "--labels", " x, y", "--label", whole, "--json").stdout
+    )
+    assert sorted(item["answer"] for item in out["top_k"]) == sorted(["x", "y", whole])
+    assert mmops(root, "zero-shot", "--image", str(image), check=False).returncode == 2
     assert mmops(root, "search", "a red circle", "-k", "0", check=False).returncode == 2

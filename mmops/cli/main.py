@@ -317,16 +317,24 @@ def data_append(
 # ---------------------------------------------------------------- pipeline
 
 
+LEADERBOARD_METRICS = 4  # val metrics shown as columns; every metric is in metrics/leaderboard.json
+
+
 def print_leaderboard(results: list[dict], best: str | None = None, select_metric: str = "val_accuracy") -> None:
 
     from mmops.core.tasks import task_class
 
     task = next((r["task"] for r in results if r.get("task")), "classification")
     metric = select_metric.removeprefix("val_")
-    columns = [f"val_{m}" for m in task_class(task).metrics] + [f"test_{metric}"]
+    # A task may report a dozen metrics (retrieval: recalls and ranks both ways); a table of all of them
+    # wraps into an unreadable block. The selection metric comes first, the next few follow.
+    val = [select_metric] + [f"val_{m}" for m in task_class(task).metrics if f"val_{m}" != select_metric]
+    columns = [*val[:LEADERBOARD_METRICS], f"test_{metric}"]
+    hidden = len(val[LEADERBOARD_METRICS:])
     table = Table(
         title=f"Leaderboard (selected on {select_metric}; test is reported, never used to select; "
-        "ties go to fewer parameters, then name)"
+        "ties go to fewer parameters, then name)",
+        caption=f"{hidden} more val metrics per candidate in metrics/leaderboard.json" if hidden else None,
     )
     ablation = len({tuple(r.get("inputs") or ()) for r in results}) > 1
     table.add_column("candidate")

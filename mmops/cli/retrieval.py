@@ -92,13 +92,23 @@ def embed(
 
 def zero_shot(
     image: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="the image to classify")],
-    labels: Annotated[str, typer.Option(help='candidate labels, comma-separated: "cat,dog"')],
+    labels: Annotated[str | None, typer.Option(help='candidate labels, comma-separated: "cat,dog"')] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="one candidate label, kept whole (commas too); repeatable")
+    ] = None,
     project_dir: ProjectOpt = Path("."),
     model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Rank candidate labels for an image, each through the model's prompt templates (zero-shot)."""
+    candidates = [x.strip() for x in (labels or "").split(",") if x.strip()] + list(label or [])
+    if not candidates:
+        raise fail('give the candidate labels: --labels "cat,dog", or --label for each (a label may hold commas)', 2)
     retriever, tag = _retriever(project_dir, model)
-    answer = _answer(retriever, "zero_shot", {"image": image.read_bytes(), "labels": labels.split(",")})
+    answer = _answer(retriever, "zero_shot", {"image": image.read_bytes(), "labels": candidates})
+    if as_json:
+        print(json.dumps({**answer, "model": tag}, indent=2))
+        return
     console.print(f"[bold]{answer['answer']}[/]  ({tag})")
     for item in answer["top_k"]:
         console.print(f"  {item['answer']:<20} {item['probability']:.4f}  (cosine {item['score']:.4f})")
