@@ -273,7 +273,7 @@ def report(
         f"Run {dt.datetime.now().isoformat(timespec='minutes')} on {os.cpu_count()} CPU cores ({cpu}), "
         f"shared with other work, so absolute figures are noisy; the ratios come from one run.",
         f"Bento `{bento}`; {args.clients} concurrent clients for {args.seconds:.0f} s per configuration "
-        f"(in {args.rounds} turns, the three configurations interleaved), "
+        f"(in {args.rounds} turns, the three configurations interleaved, each turn after 1 s not counted), "
         "each posting a random easy-VQA test image and its question to `/predict` (multipart), "
         "one request at a time over a keep-alive connection.",
         "",
@@ -353,6 +353,7 @@ def main() -> None:
         runs = [LoadResult(label, 0.0) for label, _, _ in servers]
         for round_ in range(args.rounds):
             for run, (label, port, _) in zip(runs, servers, strict=True):
+                drive(port, loads[label], args.clients, 1, "turn warm-up")  # fresh connections, not counted
                 part = drive(port, loads[label], args.clients, args.seconds / args.rounds, label)
                 run.seconds += part.seconds
                 run.latencies += part.latencies

@@ -1,13 +1,20 @@
-"""The front's adaptive batching (``service._RowBatcher``): rows of concurrent requests cross to the model
-process together, each request gets back exactly its own answers, failures reach every request of the batch."""
+"""The service front's own work: adaptive batching (``service._RowBatcher``: rows of concurrent requests
+cross to the model process together, each request gets back exactly its own answers, failures reach every
+request of the batch) and where a request is decoded (small ones on the event loop, large images never)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import threading
+from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
-from mmops.serving.service import _RowBatcher
+from mmops.serving import service
+from mmops.serving.service import _few_pixels, _RowBatcher
 
 
 class _Model:
@@ -102,3 +109,39 @@ def test_a_request_whose_client_left_does_not_break_its_batch():
         return await kept
 
     assert asyncio.run(main()) == [30]
+
+
+def _png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 10, 10)).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_only_images_that_declare_few_pixels_count_as_cheap_to_decode():
+    small, large = _png(64), _png(2048)
+    assert len(large) < service.INLINE_DECODE_BYTES  # a small body can hold a large image
+    assert _few_pixels(small) and _few_pixels(base64.b64encode(small).decode())
+    assert not _few_pixels(large) and not _few_pixels(base64.b64encode(large).decode())
+    assert not _few_pixels(b"not an image") and not _few_pixels("not base64 !") and not _few_pixels(None)
+    part = io.BytesIO(small)
+    part.seek(10)
+    assert _few_pixels(part) and part.tell() == 0  # an uploaded part is left at its start for the decoder
+
+
+def _where_decoded(images: list[object], body: int) -> str:
+    host = SimpleNamespace(_decode_limiter=None)
+    decode = service.MultimodalService.inner._decoding
+
+    async def main() -> str:
+        service._body_bytes.set(body)
+        loop_thread = threading.get_ident()
+        return (await decode(host, images, lambda: [threading.get_ident() == loop_thread]))[0]
+
+    return "loop" if asyncio.run(main()) else "thread"
+
+
+def test_a_small_request_decodes_on_the_event_loop_and_a_large_image_in_a_thread():
+    assert _where_decoded([_png(64)], body=1_000) == "loop"
+    assert _where_decoded([_png(2048)], body=20_000) == "thread"  # 91 ms measured: never on the loop
+    assert _where_decoded([_png(64)], body=service.INLINE_DECODE_BYTES + 1) == "thread"
+    assert _where_decoded([], body=500) == "loop"
