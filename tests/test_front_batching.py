@@ -40,8 +40,9 @@ class _Model:
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answers():
     model = _Model()
 
+    batcher = _RowBatcher(model, max_rows=8, max_inflight=1)
+
     async def main() -> list[list[int]]:
-        batcher = _RowBatcher(model, max_rows=8, max_inflight=1)
         requests = [[i] for i in range(20)] + [[100, 101, 102]]
         return await asyncio.gather(*(batcher(rows) for rows in requests))
 
@@ -49,6 +50,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answers():
     assert answers[:20] == [[i * 10] for i in range(20)]
     assert answers[20] == [1000, 1010, 1020]
     assert len(model.batches) < 21  # batched: far fewer crossings than requests
+    assert (batcher.batches, batcher.rows) == (len(model.batches), 23)  # what /model reports
     assert all(len(batch) <= 8 for batch in model.batches)
     assert sorted(row for batch in model.batches for row in batch) == [*range(20), 100, 101, 102]
 

@@ -154,6 +154,8 @@ def test_health_metrics_and_model_version_everywhere(hardened):
     info = httpx.post(f"{url}/model", timeout=10).json()
     assert info["model"] == version.ref and info["parameter_devices"] == ["cpu"]
     assert info["limits"]["image_bytes"] == 100000
+    batching = info["batching"]  # the answered prediction crossed to the model process in a front batch
+    assert batching["prediction_batches"] >= 1 and batching["prediction_rows"] >= batching["prediction_batches"]
 
 
 def _bad_requests(url: str, good: bytes) -> list[tuple[str, dict, str]]:

@@ -200,6 +200,7 @@ class _RowBatcher:
         self.send, self.max_rows, self.max_inflight = send, max_rows, max_inflight
         self.waiting: deque[tuple[list[Any], asyncio.Future[list[Any]]]] = deque()
         self.inflight = 0
+        self.batches = self.rows = 0  # sent so far: /model reports their mean size
         self.tasks: set[asyncio.Task[None]] = set()  # held, so a running batch is not collected
 
     async def __call__(self, rows: list[Any]) -> list[Any]:
@@ -216,6 +217,7 @@ class _RowBatcher:
                 size += len(self.waiting[0][0])
                 batch.append(self.waiting.popleft())
             self.inflight += 1
+            self.batches, self.rows = self.batches + 1, self.rows + size
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -833,6 +835,12 @@ class MultimodalService:
                 "adaptive": ADAPTIVE_BATCHING,
                 "max_batch_size": BATCH_MAX_SIZE,
                 "max_latency_ms": BATCH_MAX_LATENCY_MS,
+                "batches_in_flight": BATCHES_IN_FLIGHT,
+                **(
+                    {"prediction_batches": self.infer.batches, "prediction_rows": self.infer.rows}
+                    if isinstance(self.infer, _RowBatcher)
+                    else {}
+                ),
             },
         }
 
