@@ -20,9 +20,11 @@ What makes it hold up on voices it never heard (measured in ``bench/audio_speake
   MFCC it warps the spectrum they encode), of the time axis (``stretch``, a faster or slower speaker),
   a time shift, and SpecAugment's frequency and time masks (Park et al., 2019); ``model.eval()`` turns
   it off;
-* optional, off by default: ``trim_db`` (leading and trailing frames that far below the clip's loudest
-  frame become padding, so every word starts at frame 0 and pooling and normalisation see the word, not
-  the pauses around it; in ``preprocess``, so the service trims alike), ``fixed_frames`` (the trimmed word
+* ``trim_db`` (40 by default; 0 keeps the silence): leading and trailing frames that far below the clip's
+  loudest frame become padding, so every word starts at frame 0 and pooling and normalisation see the
+  word, not the pauses around it; in ``preprocess``, so the service trims alike. FSDD-5 leave one
+  speaker out, 3 seeds: 81.5% -> 83.2% mean (20/30/50 dB did worse on three folds);
+* optional, off by default: ``fixed_frames`` (the trimmed word
   resampled to that many frames), and on the waveform in training only: ``speed`` (resampling by a
   factor drawn among those given, e.g. ``[0.9, 1.0, 1.1]`` as Kaldi) and ``noise_snr`` (white, pink or
   babble noise, ``noise_kind``, mixed in at a random SNR in that dB range);
@@ -123,6 +125,8 @@ class MelAudioEncoder(Encoder):
         "warp": 0.0,
         "stretch": 0.0,
         "dynamic_range": 0.0,
+        # Third round: silence around the word was kept (no trimming).
+        "trim_db": 0.0,
     }
 
     def __init__(
@@ -153,7 +157,7 @@ class MelAudioEncoder(Encoder):
         speed: Sequence[float] = (),
         noise_snr: Sequence[float] = (),
         noise_kind: str = "pink",
-        trim_db: float = 0.0,
+        trim_db: float = 40.0,
         fixed_frames: int = 0,
     ) -> None:
         super().__init__()
