@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mmops.serving import service
-from mmops.serving.service import _few_pixels, _RowBatcher
+from mmops.serving.service import _declared_pixels, _few_pixels, _RowBatcher
 
 
 class _Model:
@@ -122,12 +122,16 @@ def _png(side: int) -> bytes:
 def test_only_images_that_declare_few_pixels_count_as_cheap_to_decode():
     small, large = _png(64), _png(2048)
     assert len(large) < service.INLINE_DECODE_BYTES  # a small body can hold a large image
-    assert _few_pixels(small) and _few_pixels(base64.b64encode(small).decode())
-    assert not _few_pixels(large) and not _few_pixels(base64.b64encode(large).decode())
-    assert not _few_pixels(b"not an image") and not _few_pixels("not base64 !") and not _few_pixels(None)
+    assert _declared_pixels(small) == 64 * 64 and _declared_pixels(base64.b64encode(small).decode()) == 64 * 64
+    assert _few_pixels([small]) and _few_pixels([base64.b64encode(small).decode()]) and _few_pixels([])
+    assert not _few_pixels([large]) and not _few_pixels([base64.b64encode(large).decode()])
+    for junk in (b"not an image", "not base64 !", None):
+        assert _declared_pixels(junk) is None and not _few_pixels([small, junk])
+    many = service.INLINE_DECODE_PIXELS // (64 * 64) + 1  # many small images cost as much as a large one
+    assert _few_pixels([small] * (many - 1)) and not _few_pixels([small] * many)
     part = io.BytesIO(small)
     part.seek(10)
-    assert _few_pixels(part) and part.tell() == 0  # an uploaded part is left at its start for the decoder
+    assert _few_pixels([part]) and part.tell() == 0  # an uploaded part is left at its start for the decoder
 
 
 def _where_decoded(images: list[object], body: int) -> str:

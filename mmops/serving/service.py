@@ -125,7 +125,7 @@ DECODE_THREADS = _env_int("MMOPS_DECODE_THREADS", 2)
 MODEL_HEADER = "x-mmops-model"
 # Requests whose whole body is at most this are decoded on the event loop (see MultimodalService._decoding).
 INLINE_DECODE_BYTES = _env_int("MMOPS_INLINE_DECODE_BYTES", 32 * 1024)
-# ... and whose images each declare at most this many pixels (a 256x256 PNG decodes in about 1 ms).
+# ... and whose images together declare at most this many pixels (a 256x256 PNG decodes in about 1 ms).
 INLINE_DECODE_PIXELS = _env_int("MMOPS_INLINE_DECODE_PIXELS", 256 * 256)
 # The body size of the request being answered, set by ServingMiddleware once it has read the body.
 _body_bytes: ContextVar[int | None] = ContextVar("mmops_body_bytes", default=None)
@@ -637,10 +637,10 @@ class MultimodalService:
         A 64x64 PNG decodes in about 0.2 ms, less than the hop to a thread and back costs; but a large
         image stops the event loop (and every other request) while it decodes, and a small body can
         hold one: a 17 KB PNG of 2048x2048 pixels took 91 ms. So a request is decoded here only when
-        its body is small and each of its ``images`` declares few pixels in its header (read without
+        its body is small and its ``images`` together declare few pixels in their headers (read without
         decoding); anything else, or unreadable, goes to a thread."""
         size = _body_bytes.get()
-        if size is not None and size <= INLINE_DECODE_BYTES and all(_few_pixels(i) for i in images):
+        if size is not None and size <= INLINE_DECODE_BYTES and _few_pixels(images):
             return decode(*args)
         if self._decode_limiter is None:
             self._decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
@@ -845,9 +845,9 @@ class MultimodalService:
         }
 
 
-def _few_pixels(value: Any) -> bool:
-    """Whether an image (bytes, base64 text or an uploaded file) declares at most INLINE_DECODE_PIXELS in
-    its header, read without decoding the pixels; False when the header cannot be read."""
+def _declared_pixels(value: Any) -> int | None:
+    """The pixels an image (bytes, base64 text or an uploaded file) declares in its header, read without
+    decoding them; None when the header cannot be read."""
     try:
         if isinstance(value, str):
             value = base64.b64decode(value, validate=True)
@@ -860,8 +860,22 @@ def _few_pixels(value: Any) -> bool:
         finally:
             value.seek(0)
     except Exception:  # not an image, not base64, not a file: the decoder, in a thread, says what is wrong
-        return False
-    return width * height <= INLINE_DECODE_PIXELS
+        return None
+    return width * height
+
+
+def _few_pixels(images: list[Any]) -> bool:
+    """Whether the images together declare at most INLINE_DECODE_PIXELS (a batch of many small images
+    costs as much as one large one); False when one cannot be read."""
+    total = 0
+    for image in images:
+        pixels = _declared_pixels(image)
+        if pixels is None:
+            return False
+        total += pixels
+        if total > INLINE_DECODE_PIXELS:
+            return False
+    return True
 
 
 def _invalid(message: str) -> InvalidArgument:
