@@ -44,8 +44,9 @@ def _hold_lock_elsewhere(root: Path) -> subprocess.Popen:
 def test_a_second_run_in_the_same_project_stops_with_a_clear_message(tmp_path, monkeypatch):
     from mmops.cli.main import app
 
-    root = tmp_path / "proj"
-    root.mkdir()
+    # A long path: the message must not be wrapped inside it or between "pid" and the number.
+    root = tmp_path / ("a-project-folder-with-a-long-name-" * 3) / "proj"
+    root.mkdir(parents=True)
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     for key in ("PREFECT_HOME", "BENTOML_HOME", "DVC_SITE_CACHE_DIR"):
         monkeypatch.setenv(key, str(root / ".mmops" / key.lower()))
@@ -54,7 +55,7 @@ def test_a_second_run_in_the_same_project_stops_with_a_clear_message(tmp_path, m
         for command in ("run", "train"):
             result = CliRunner().invoke(app, [command, "-p", str(root)])
             assert result.exit_code == 1, result.output
-            assert "another mmops run is working on" in result.output and f"pid {holder.pid}" in result.output
+            assert f"another mmops run is working on {root} (pid {holder.pid} on " in result.output
         with pytest.raises(Exception, match="another mmops run"), run_lock(Project.at(root)):
             pass
     finally:

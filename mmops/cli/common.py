@@ -19,7 +19,9 @@ from mmops.config import ConfigError
 from mmops.project import Project, configure_environment
 
 console = Console()
-err = Console(stderr=True)
+# Errors are not wrapped: they name paths and commands that users copy, and a line break inside one
+# ("pid\n4242", a path split at a hyphen) breaks the copy and any grep for it.
+err = Console(stderr=True, soft_wrap=True)
 
 ProjectOpt = Annotated[
     Path, typer.Option("--project", "-p", envvar="MMOPS_PROJECT", help="project directory (holds params.yaml)")
