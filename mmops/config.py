@@ -200,7 +200,14 @@ class TrainConfig(_Strict):
         le=20,
         description="train each candidate with this many seeds (seed, seed+1, ...): "
         "the leaderboard and registry show mean ± std and selection uses the mean; the artifact "
-        "is the first seed's model",
+        "is the first seed's model (unless ensemble)",
+    )
+    ensemble: bool = Field(
+        False,
+        description="keep every seed's model and serve the average of their outputs (a deep ensemble: "
+        "mean probability for classification, mean value for regression); needs seeds >= 2. Its own "
+        "val/test figures are what the leaderboard, selection and registry use (the members' mean ± "
+        "std stay recorded). Inference costs `seeds` forward passes, and the artifact holds `seeds` models",
     )
 
 
@@ -372,7 +379,30 @@ class Params(_Strict):
             unknown = set(c.train) - set(TrainConfig.model_fields)
             if unknown:
                 raise ValueError(f"candidates[{c.name}].train: unknown keys {sorted(unknown)}")
+        self._check_ensembles()
         return self
+
+    def _check_ensembles(self) -> None:
+        """``train.ensemble`` (top level or a candidate's override) is refused here, before anything
+        trains, where it cannot work: one seed has nothing to average, and a task without ``combine()``
+        (captions, retrieval towers) cannot average its models' outputs."""
+        from mmops.core.tasks import task_class
+
+        for c in self.all_candidates():
+            train = {**self.train.model_dump(), **c.train}
+            if not train.get("ensemble"):
+                continue
+            where = "train" if "ensemble" not in c.train else f"candidates[{c.name}].train"
+            if int(train.get("seeds") or 1) < 2:
+                raise ValueError(
+                    f"{where}.ensemble averages the models of several seeds, but candidate '{c.name}' trains one "
+                    "(train.seeds: 1): set train.seeds: 3 (or more), or ensemble: false"
+                )
+            if not task_class(self.target.type).combines_models():
+                raise ValueError(
+                    f"{where}.ensemble: the {self.target.type} task cannot average several models' outputs "
+                    f"(its plugin has no combine()); set ensemble: false"
+                )
 
     @property
     def task_combines_inputs(self) -> bool:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -322,6 +323,7 @@ def runtime(train: Any) -> dict[str, Any]:
 
 
 def _train_recorded(project: Project, candidate: CandidateConfig, registry: Registry, run_id: str) -> dict:
+    from mmops.core.model import MEMBERS_DIR
     from mmops.training.loop import Dataset, train_candidate
 
     params = project.params
@@ -333,10 +335,14 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
         )
         _notify("epoch", candidate.name, record=record)
 
-    _notify("start", candidate.name, epochs=params.train_for(candidate).epochs)
+    train = params.train_for(candidate)
+    out_dir = project.models_dir / candidate.name
+    _notify("start", candidate.name, epochs=train.epochs)
     try:
+        _forget_ensemble(out_dir)  # a retrain replaces the artifact: an earlier run's members must not linger
         resolve = functools.partial(resolve_artifact, project)
-        if (processes := params.train_for(candidate).distributed.processes) > 1:
+        data = None
+        if (processes := train.distributed.processes) > 1:
             from mmops.training.distributed import train_parallel
 
             result = train_parallel(
@@ -344,37 +350,33 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
                 candidate,
                 project.prepared_dir,
                 project.features_dir,
-                project.models_dir / candidate.name,
+                out_dir,
                 processes,
                 on_epoch,
                 resolve,
             )
         else:
-            data = Dataset.load(
-                project.prepared_dir, project.features_dir, params, use_cache=params.train_for(candidate).feature_cache
-            )
-            result = train_candidate(
-                params, candidate, data, project.models_dir / candidate.name, resolve=resolve, on_epoch=on_epoch
-            )
+            data = Dataset.load(project.prepared_dir, project.features_dir, params, use_cache=train.feature_cache)
+            result = train_candidate(params, candidate, data, out_dir, resolve=resolve, on_epoch=on_epoch)
+
+        def train_seed(seeded: Any, folder: Path) -> dict:
+            if processes > 1:  # each seed data-parallel too
+                return train_parallel(
+                    seeded, candidate, project.prepared_dir, project.features_dir, folder, processes, None, resolve
+                )
+            return train_candidate(seeded, candidate, data, folder, resolve=resolve)
+
         more = []
-        for k in range(1, params.train_for(candidate).seeds):  # the other seeds: their figures, not their models
+        for k in range(1, train.seeds):  # the other seeds: their figures, and with ensemble their models
             seeded = params.model_copy(update={"seed": params.seed + k})
+            if train.ensemble:
+                more.append(train_seed(seeded, out_dir / MEMBERS_DIR / str(seeded.seed)))
+                continue
             with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:
-                if processes > 1:  # each seed data-parallel too
-                    more.append(
-                        train_parallel(
-                            seeded,
-                            candidate,
-                            project.prepared_dir,
-                            project.features_dir,
-                            Path(tmp),
-                            processes,
-                            None,
-                            resolve,
-                        )
-                    )
-                else:
-                    more.append(train_candidate(seeded, candidate, data, Path(tmp), resolve=resolve))
+                more.append(train_seed(seeded, Path(tmp)))
+        members = seed_summary([result, *more])
+        if train.ensemble:
+            result = _evaluate_ensemble(project, candidate, result, more, data)
     except Exception as exc:  # one bad candidate must not sink the sweep
         registry.finish_run(
             run_id, "failed", time.perf_counter() - started, error="".join(traceback.format_exception_only(exc)).strip()
@@ -390,15 +392,28 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
             "error": f"{type(exc).__name__}: {exc}",
             "run_id": run_id,
         }
-    final, final_std, seeds = seed_summary([result, *more])
-    registry.log_metrics(run_id, {**final, **{f"{k}_std": v for k, v in final_std.items()}})
+    final, final_std, seeds = members
+    if train.ensemble:  # the served model's own figures rank it; its members' mean ± std stay beside them
+        ensemble = {"members": len(seeds), "mean": final, "std": final_std}
+        final = flat_metrics(result["metrics"])
+        registry.log_metrics(
+            run_id,
+            {
+                **final,
+                **{f"members_{k}": v for k, v in ensemble["mean"].items()},
+                **{f"members_{k}_std": v for k, v in ensemble["std"].items()},
+            },
+        )
+    else:
+        registry.log_metrics(run_id, {**final, **{f"{k}_std": v for k, v in final_std.items()}})
     registry.finish_run(run_id, "completed", time.perf_counter() - started, artifact=result["model_dir"])
     done = {
         **result,
         "run_id": run_id,
         "final": final,
         "fingerprint": fingerprint(project, candidate),
-        **({"final_std": final_std, "seeds": seeds} if more else {}),
+        **({"ensemble": ensemble, "seeds": seeds} if train.ensemble else {}),
+        **({"final_std": final_std, "seeds": seeds} if more and not train.ensemble else {}),
     }
     # result.json is what makes a trained candidate reusable: written whole or not at all.
     atomic_write(Path(result["model_dir"]) / "result.json", json.dumps(done, indent=2))
@@ -406,20 +421,46 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
     return {**done, "status": "completed", "reused": False}
 
 
+def _forget_ensemble(model_dir: Path) -> None:
+    """Remove an earlier run's ensemble record and members from a candidate's folder."""
+    from mmops.core.model import ENSEMBLE_FILE, MEMBERS_DIR
+
+    (model_dir / ENSEMBLE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(model_dir / MEMBERS_DIR, ignore_errors=True)
+
+
+def _evaluate_ensemble(project: Project, candidate: CandidateConfig, first: dict, more: list[dict], data: Any) -> dict:
+    """Record the candidate's folder as the ensemble of its seeds' models (``train.ensemble``) and evaluate
+    that ensemble, which is what is served: its val/test metrics and test predictions replace the first
+    seed's in the result and in the folder (that seed's own figures stay in the per-seed rows)."""
+    from mmops.core.devices import resolve_device
+    from mmops.core.model import load_model, write_ensemble
+    from mmops.training.loop import Dataset, evaluate_and_record
+
+    params, out_dir = project.params, Path(first["model_dir"])
+    train = params.train_for(candidate)
+    write_ensemble(out_dir, [(r["seed"], Path(r["model_dir"])) for r in (first, *more)])
+    if data is None:  # data-parallel training loaded its data in each rank
+        data = Dataset.load(project.prepared_dir, project.features_dir, params, use_cache=train.feature_cache)
+    model = load_model(out_dir).to(resolve_device(train.device))
+    metrics = evaluate_and_record(model, data, out_dir, train.batch_size)
+    return {**first, "metrics": metrics}
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """``{"val": {"accuracy": x}}`` to ``{"val_accuracy": x}``: every scalar val/test metric."""
+    return {
+        f"{split}_{key}": value for split, m in metrics.items() for key, value in m.items() if isinstance(value, float)
+    }
+
+
 def seed_summary(results: list[dict]) -> tuple[dict[str, float], dict[str, float], list[dict]]:
     """Mean and sample standard deviation over seeds of every scalar val/test metric, and each seed's own.
 
     One seed's result ranks luck (10 points between two seeds of one candidate were measured on a
-    speaker-disjoint task); with ``train.seeds`` the mean is what selection and the registry see."""
-    per_seed = [
-        {
-            f"{split}_{key}": value
-            for split, m in r["metrics"].items()
-            for key, value in m.items()
-            if isinstance(value, float)
-        }
-        for r in results
-    ]
+    speaker-disjoint task); with ``train.seeds`` the mean is what selection and the registry see (with
+    ``train.ensemble``, the ensemble's own figures instead: this mean is its members')."""
+    per_seed = [flat_metrics(r["metrics"]) for r in results]
     keys = [k for k in per_seed[0] if all(k in s for s in per_seed)]
     final = {k: float(np.mean([s[k] for s in per_seed])) for k in keys}
     std = {k: float(np.std([s[k] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for k in keys}
@@ -450,14 +491,20 @@ TIE_BREAK = "ties on val go to fewer parameters (the weights the artifact stores
 
 
 def model_size(result: dict) -> float:
-    """Parameters a trained candidate's artifact stores (``model.safetensors``), read from the file's
-    header alone; infinite when there is no artifact to read."""
-    path = Path(result.get("model_dir") or "") / "model.safetensors"
-    if not result.get("model_dir") or not path.is_file():
+    """Parameters a trained candidate's artifact stores (``model.safetensors``, of every member of an
+    ensemble), read from the files' headers alone; infinite when there is no artifact to read."""
+    folder = Path(result.get("model_dir") or "")
+    if not result.get("model_dir") or not (folder / "model.safetensors").is_file():
         return math.inf
-    with path.open("rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    # mmops.core.model.ENSEMBLE_FILE, named here: importing that module loads torch, which selection avoids.
+    record_file = folder / "ensemble.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    total = 0
+    for member in record.get("members") or [{"path": "."}]:
+        with (folder / member["path"] / "model.safetensors").open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
 
 
 def write_metrics(project: Project, results: list[dict], best: dict) -> None:
@@ -475,6 +522,16 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
             **({k: r["final"].get(k) for k in keys} if r["status"] == "completed" else {"error": r.get("error")}),
             **({f"{k}_std": r["final_std"].get(k) for k in keys} if r.get("final_std") else {}),
             **({"seeds": len(r["seeds"])} if r.get("seeds") else {}),
+            # train.ensemble: the figures above are the ensemble's own; its members' mean ± std beside them
+            **(
+                {
+                    "ensemble": r["ensemble"]["members"],
+                    **{f"members_{k}": r["ensemble"]["mean"].get(k) for k in keys},
+                    **{f"members_{k}_std": r["ensemble"]["std"].get(k) for k in keys},
+                }
+                if r.get("ensemble")
+                else {}
+            ),
             "train_seconds": r.get("train_seconds"),
             "run_id": r.get("run_id"),
             **({"params": int(n) if (n := model_size(r)) != math.inf else None} if r["status"] == "completed" else {}),
@@ -495,7 +552,11 @@ def write_metrics(project: Project, results: list[dict], best: dict) -> None:
         "val": _scalars(best["metrics"]["val"]),
         "test": _scalars(best["metrics"]["test"]),
     }
-    if best.get("seeds"):  # the artifact is the first seed's model; selection used the mean over seeds
+    if best.get("ensemble"):  # val/test above are the ensemble's own (what is served); seeds: its members'
+        members = best["ensemble"]
+        summary["ensemble"] = {"members": members["members"], "seeds": [s["seed"] for s in best["seeds"]]}
+        summary["seeds"] = {"n": members["members"], "mean": members["mean"], "std": members["std"]}
+    elif best.get("seeds"):  # the artifact is the first seed's model; selection used the mean over seeds
         summary["seeds"] = {"n": len(best["seeds"]), "mean": best["final"], "std": best["final_std"]}
     atomic_write(out / "best.json", json.dumps(summary, indent=2))
     # DVC plots: the confusion matrix (classification), calibration bins, and learning curves.

@@ -385,11 +385,23 @@ def _candidates_section(candidates: list[dict] | None, best: str | None, metric:
         return "<p>No leaderboard: this was a single training run.</p>"
     keys = sorted({k for c in candidates for k in c if k.startswith(("val_", "test_"))}, key=lambda k: k[:4] != "val_")
     ablation = len({tuple(c.get("inputs") or ()) for c in candidates}) > 1
-    header = ["candidate", "fusion", *(["inputs"] if ablation else []), "status", *keys, "train_seconds", "error"]
+    ensembles = any(c.get("ensemble") for c in candidates)  # train.ensemble: whose figures are an ensemble's
+    header = [
+        "candidate",
+        "fusion",
+        *(["inputs"] if ablation else []),
+        "status",
+        *(["ensemble"] if ensembles else []),
+        *keys,
+        "train_seconds",
+        "error",
+    ]
 
     def cell(c: dict, k: str) -> str:
         if k == "inputs":
             return _fmt(" + ".join(c.get("inputs") or []))
+        if k == "ensemble":
+            return _fmt(_members(c, metric) if c.get("ensemble") else "")
         return _fmt(str(c[k])[:300] if k == "error" and c.get(k) else c.get(k))
 
     rows = [[cell(c, k) for k in header] for c in candidates]
@@ -406,6 +418,18 @@ def _candidates_section(candidates: list[dict] | None, best: str | None, metric:
         ax.set_xlabel(metric)
         plot = _png(fig, f"candidates by {metric}")
     return _table(header, rows, best_row) + plot + (_modalities(candidates, metric, sign) if ablation else "")
+
+
+def _members(row: dict, metric: str) -> str:
+    """An ensemble's members in words: how many, and their mean ± std on ``metric``, beside the
+    ensemble's own figure (a leaderboard row, or a result's ``ensemble`` record)."""
+    ensemble = row["ensemble"]
+    if isinstance(ensemble, dict):  # result.json
+        n, mean, std = ensemble["members"], ensemble["mean"].get(metric), ensemble["std"].get(metric)
+    else:  # a leaderboard row
+        n, mean, std = ensemble, row.get(f"members_{metric}"), row.get(f"members_{metric}_std")
+    figures = f": {metric} {mean:.4f} ± {std:.4f}" if mean is not None and std is not None else ""
+    return f"average of {n} seeds' models; the members{figures}"
 
 
 def _sign(result: dict, metric: str) -> float:
@@ -468,6 +492,7 @@ def write_report(
     facts = [
         ("task", result.get("task", "")),
         ("model", model_dir.name),
+        *([("ensemble", _members(result, metric))] if result.get("ensemble") else []),
         ("candidate / fusion", f"{result.get('candidate')} / {result.get('fusion')}"),
         ("best epoch", f"{result.get('best_epoch')} of {result.get('epochs_run')}"),
         (f"selected metric {metric}", f"val {_fmt(final.get(metric))}, test {_fmt(final.get(test_metric))}"),

@@ -347,11 +347,21 @@ def print_leaderboard(results: list[dict], best: str | None = None, select_metri
     for r in results:
         ok = r.get("status") == "completed"
         f, sd = r.get("final", {}), r.get("final_std") or {}  # train.seeds > 1: mean ± std over seeds
+        # train.ensemble: the ensemble's own figure, then its members' mean ± std
+        ens = r.get("ensemble") or {}
+        members = {
+            c: f" (members {ens['mean'][c]:.4f} ± {ens['std'][c]:.4f})" for c in columns if c in ens.get("std", {})
+        }
         table.add_row(
-            ("* " if r["candidate"] == best else "") + r["candidate"],
+            ("* " if r["candidate"] == best else "")
+            + r["candidate"]
+            + (f" (ensemble of {ens['members']})" if ens else ""),
             r.get("fusion") or "-",
             *(["+".join(r.get("inputs") or [])] if ablation else []),
-            *[f"{f[c]:.4f}" + (f" ± {sd[c]:.4f}" if c in sd else "") if ok and c in f else "-" for c in columns],
+            *[
+                f"{f[c]:.4f}" + (f" ± {sd[c]:.4f}" if c in sd else "") + members.get(c, "") if ok and c in f else "-"
+                for c in columns
+            ],
             f"{r['train_seconds']:.0f} s" if ok else "-",
             "ok" if ok else f"[red]failed[/]: {r.get('error', '')[:60]}",
         )
@@ -571,13 +581,14 @@ def evaluate(
 ) -> None:
     """Evaluate a trained candidate on val and test with its task's metrics."""
     project = _project(project_dir)
-    from mmops.core.model import MultimodalModel
+    from mmops.core.model import load_model
     from mmops.training.loop import Dataset, evaluate_split
 
     name = candidate or _best_result(project)["candidate"]
-    model = MultimodalModel.load(project.models_dir / name)
+    model = load_model(project.models_dir / name)
     data = Dataset.load(project.prepared_dir, project.features_dir, project.params)
-    table = Table(title=f"{name} ({model.task_name})")
+    members = getattr(model, "members", None)  # train.ensemble: the averaged models are what is evaluated
+    table = Table(title=f"{name} ({model.task_name}" + (f", ensemble of {len(members)})" if members else ")"))
     table.add_column("split")
     rows = {split: evaluate_split(model, data, split, project.params.train.batch_size)[0] for split in ("val", "test")}
     keys = [k for k, v in rows["val"].items() if isinstance(v, float)]

@@ -4,7 +4,8 @@ Only model code lives here (the loop, devices and checkpoints policy are in :mod
 The artifact is a folder: ``spec.json`` (everything needed to rebuild the modules), ``model.safetensors``
 (trainable weights) and ``assets/<input>/`` for what encoders export (e.g. a frozen transformers
 checkpoint). Training, evaluation, ``mmops predict`` and the service all load it through
-:meth:`MultimodalModel.load`.
+:func:`load_model`: a plain artifact is a :class:`MultimodalModel`; one that also holds
+``ensemble.json`` and ``members/<seed>/`` (``train.ensemble``) is an :class:`Ensemble` of them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import inspect
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from mmops.core.provenance import check_provenance, record_provenance
 from mmops.core.tasks import Task, task_from_spec
 
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "model.safetensors"
+# A deep ensemble's record, beside the first member's own files, and the folder of its other members.
+ENSEMBLE_FILE, MEMBERS_DIR = "ensemble.json", "members"
 
 
 def build_encoder(name: str, params: Mapping[str, Any]) -> Encoder:
@@ -319,6 +322,102 @@ class MultimodalModel(nn.Module):
         if unexpected or set(missing) - expected_missing:
             raise ValueError(f"{directory}: weights do not match spec (missing {missing}, unexpected {unexpected})")
         return model.eval()
+
+
+class Ensemble(nn.Module):
+    """Models of one candidate trained with different seeds, answering as one (``train.ensemble``).
+
+    It presents what callers of a :class:`MultimodalModel` use: the first member's ``spec``, ``task``,
+    ``labels`` and ``encoders`` (whose ``preprocess`` every member shares: encoders are fitted on the
+    train split alone, whatever the seed, so the same code still trains and serves), ``needs_sequences``
+    and ``forward``, whose output is the task's :meth:`~mmops.core.tasks.Task.combine` of the members'
+    outputs. Frozen features a caller precomputes (the feature cache, the service's memo) serve every
+    member; the rest of the work is done once per member.
+    """
+
+    def __init__(self, members: Sequence[MultimodalModel], seeds: Sequence[int] = ()) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        first = members[0]
+        for other in members[1:]:
+            if (other.spec["labels"], other.spec.get("task"), list(other.spec["inputs"])) != (
+                first.spec["labels"],
+                first.spec.get("task"),
+                list(first.spec["inputs"]),
+            ):
+                raise ValueError("ensemble members differ in their labels, task or inputs: they are not one candidate")
+        if not type(first.task).combines_models():
+            raise ValueError(f"the {first.task_name} task cannot average several models' outputs (no combine())")
+        self.members = nn.ModuleList(members)
+        self.seeds = list(seeds)
+        self.spec, self.task = first.spec, first.task
+
+    @property
+    def encoders(self) -> nn.ModuleDict:
+        return self.members[0].encoders
+
+    @property
+    def labels(self) -> list[str]:
+        return self.members[0].labels
+
+    @property
+    def needs_sequences(self) -> bool:
+        return self.members[0].needs_sequences
+
+    @property
+    def task_name(self) -> str:
+        return self.members[0].task_name
+
+    def forward(
+        self,
+        inputs: Mapping[str, Any],
+        index: Mapping[str, torch.Tensor] | None = None,
+        precomputed: frozenset[str] = frozenset(),
+    ) -> torch.Tensor:
+        """The task's combination of every member's output for these rows (N forward passes)."""
+        return self.task.combine([member(inputs, index, precomputed) for member in self.members])
+
+    @classmethod
+    def load(cls, directory: Path, map_location: str = "cpu", plugin_mismatch: str | None = None) -> Ensemble:
+        record = json.loads((directory / ENSEMBLE_FILE).read_text())
+        members = [
+            MultimodalModel.load(directory / m["path"], map_location, plugin_mismatch) for m in record["members"]
+        ]
+        # Encoders frozen by their own config are the same pretrained checkpoint in every member, and
+        # their weights are not trained: one copy in memory, not one per member.
+        for member in members[1:]:
+            for name, encoder in members[0].encoders.items():
+                if encoder.frozen and not members[0].spec["inputs"][name].get("freeze"):
+                    member.encoders[name] = encoder
+        return cls(members, [m["seed"] for m in record["members"]]).eval()
+
+
+def write_ensemble(directory: Path, members: Sequence[tuple[int, Path]]) -> Path:
+    """Record that ``directory`` (the first member's artifact) is an ensemble of ``members`` (seed, the
+    member's artifact folder inside ``directory``; the first is ``directory`` itself). Written last, once
+    every member is saved: a folder without it loads as the first member alone."""
+    from mmops.project import atomic_write
+
+    entries = [{"seed": int(seed), "path": Path(path).relative_to(directory).as_posix()} for seed, path in members]
+    return atomic_write(directory / ENSEMBLE_FILE, json.dumps({"members": entries}, indent=2))
+
+
+def ensemble_record(directory: Path) -> dict[str, Any] | None:
+    """The ensemble an artifact folder holds (``{"members": [{"seed", "path"}, ...]}``), or None."""
+    path = Path(directory) / ENSEMBLE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_model(
+    directory: Path, map_location: str = "cpu", plugin_mismatch: str | None = None
+) -> MultimodalModel | Ensemble:
+    """The model an artifact folder holds: an :class:`Ensemble` when it records one, else the
+    :class:`MultimodalModel` it always was. Every caller that loads an artifact goes through here."""
+    directory = Path(directory)
+    if (directory / ENSEMBLE_FILE).is_file():
+        return Ensemble.load(directory, map_location, plugin_mismatch)
+    return MultimodalModel.load(directory, map_location, plugin_mismatch)
 
 
 def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:

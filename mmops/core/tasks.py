@@ -131,6 +131,16 @@ class Task(abc.ABC):
         """Outputs to what evaluation and answers read (probabilities, values in target units)."""
         return outputs
 
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Several models' outputs for the same rows to one output, which :meth:`scores`, evaluation and
+        answers then read as if one model gave it: what a deep ensemble (``train.ensemble``) serves.
+
+        Averaging belongs to the task because only it knows what its outputs mean (class logits are
+        averaged as probabilities, a regression's as values). A task without this method cannot be an
+        ensemble: ``train.ensemble`` is refused for it when the configuration is read.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not combine models' outputs (no combine())")
+
     # ------------------------------------------------------------------ judging and answering
     @abc.abstractmethod
     def evaluate(self, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None) -> dict:
@@ -162,6 +172,11 @@ class Task(abc.ABC):
         return out
 
     # ------------------------------------------------------------------ helpers for callers
+    @classmethod
+    def combines_models(cls) -> bool:
+        """Whether the task averages several models' outputs (:meth:`combine`), as ``train.ensemble`` needs."""
+        return cls.combine is not Task.combine
+
     @classmethod
     def direction(cls, metric: str) -> str:
         """``"max"`` or ``"min"`` for ``metric`` (``val_``/``test_`` prefixes allowed)."""

@@ -9,7 +9,9 @@ Anything else leaves the champion alone and records the challenger as staging, w
 When the two were trained on the same data and at least one with several seeds (``train.seeds``),
 the rule is applied to their means over seeds, as recorded by their runs: one seed's model ranks luck
 (10 points between two seeds of one candidate were measured on a speaker-disjoint task). Both models
-are still evaluated, and those figures kept as evidence.
+are still evaluated, and those figures kept as evidence. A run with ``train.ensemble`` serves the
+average of its seeds' models: its figure is the ensemble's own (which its run records as its final
+metrics), never its members' mean, and it counts as one model, not as several seeds.
 No Prefect here: the flow and the CLI call these functions.
 """
 
@@ -74,30 +76,44 @@ def decide(challenger: dict, champion: dict | None, rule: PromotionConfig, sign:
     return False, f"does not beat the champion by more than the margin {rule.margin} ({gain:+.4f})"
 
 
-def seed_means(registry: Registry, version: ModelVersion) -> tuple[dict[str, float], dict[str, float], int]:
+def seed_means(registry: Registry, version: ModelVersion) -> tuple[dict[str, float], dict[str, float], int, int]:
     """The test metrics of the run behind ``version`` as means over its seeds, their standard deviations,
-    and the number of seeds (1: the run's own figures, std 0)."""
+    the number of seeds (1: the run's own figures, std 0), and the members of its ensemble (0: none).
+
+    An ensemble's run records the ensemble's own test metrics (its members' are ``members_test_*``):
+    those are returned, as one model's (1 seed, no std)."""
     run = registry.get_run(version.run_id)
     final = run.final_metrics()
-    seeds = int((run.config.get("train") or {}).get("seeds") or 1)
+    train = run.config.get("train") or {}
+    seeds = int(train.get("seeds") or 1)
     means = {k[5:]: v for k, v in final.items() if k.startswith("test_") and not k.endswith("_std")}
     stds = {k[5:-4]: v for k, v in final.items() if k.startswith("test_") and k.endswith("_std")}
-    return means, stds, seeds
+    if train.get("ensemble"):
+        return means, {}, 1, seeds
+    return means, stds, seeds, 0
+
+
+def _figure(means: dict, stds: dict, seeds: int, members: int, metric: str) -> str:
+    if members:
+        return f"{means[metric]:.4f} (the ensemble of {members} seeds' models)"
+    return f"{means[metric]:.4f} ± {stds.get(metric, 0.0):.4f} ({seeds} seeds)"
 
 
 def _compare_means(
     registry: Registry, challenger: ModelVersion, champion: ModelVersion, metric: str
 ) -> tuple[dict, dict, str] | None:
     """Seed means of both versions when they can be compared: the same data version, the metric recorded
-    by both runs, and more than one seed on at least one side. None otherwise."""
+    by both runs, and more than one seed on at least one side (an ensemble is one model). None otherwise:
+    the two models' own evaluations decide (two ensembles: each ensemble's own figure)."""
     if challenger.data_version_id is None or challenger.data_version_id != champion.data_version_id:
         return None
-    (new, new_std, new_n), (old, old_std, old_n) = seed_means(registry, challenger), seed_means(registry, champion)
+    new, new_std, new_n, new_members = seed_means(registry, challenger)
+    old, old_std, old_n, old_members = seed_means(registry, champion)
     if max(new_n, old_n) < 2 or metric not in new or metric not in old:
         return None
     note = (
-        f"means over seeds on the same data: challenger {new[metric]:.4f} ± {new_std.get(metric, 0.0):.4f} "
-        f"({new_n} seeds), champion {old[metric]:.4f} ± {old_std.get(metric, 0.0):.4f} ({old_n})"
+        f"means over seeds on the same data: challenger {_figure(new, new_std, new_n, new_members, metric)}, "
+        f"champion {_figure(old, old_std, old_n, old_members, metric)}"
     )
     return new, old, note
 

@@ -27,7 +27,7 @@ import torch
 
 from mmops.config import VECTORS_MAX_LENGTH
 from mmops.core.interfaces import Tokens, as_tokens
-from mmops.core.model import MultimodalModel
+from mmops.core.model import load_model
 from mmops.data.audio import BadAudioError, load_audio
 from mmops.data.cache import content_hash
 from mmops.data.images import MAX_PIXELS, BadImageError, load_image
@@ -381,7 +381,7 @@ class Predictor:
         cache_size: int | None = None,
         autocast: str | None = None,
     ) -> None:
-        self.model = MultimodalModel.load(Path(model_dir))
+        self.model = load_model(Path(model_dir))  # a MultimodalModel, or an Ensemble of them
         self.device = pick_device(device)
         self.model.to(self.device).eval()
         self.autocast = pick_autocast(self.device, autocast)

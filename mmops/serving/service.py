@@ -60,7 +60,7 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from mmops.core.model import SPEC_FILE
+from mmops.core.model import SPEC_FILE, ensemble_record
 from mmops.serving.predictor import InputError, Limits, Predictor, RowDecoder, _env_int
 from mmops.serving.retrieval import RetrievalRequests, Retriever, answer_requests, index_summary
 
@@ -606,6 +606,10 @@ class MultimodalService:
         self.task_params: dict[str, Any] = (spec.get("task") or {}).get("params") or {}
         self.model_version = self.model_ref.info.labels.get("registry_version", str(self.model_ref.tag))
         self.index = index_summary(Path(self.model_ref.path))
+        record = ensemble_record(Path(self.model_ref.path))  # train.ensemble: the model process averages them
+        self.ensemble = (
+            {"members": len(record["members"]), "seeds": [m["seed"] for m in record["members"]]} if record else None
+        )
         self.retrieval = RetrievalRequests(spec, self.decoder, self.index["count"] if self.index else None)
         self.client = _steady_client(self.model)  # fails start-up loudly if the workaround cannot apply
         self.infer = _RowBatcher(self._infer, BATCH_MAX_SIZE, BATCHES_IN_FLIGHT) if ADAPTIVE_BATCHING else self._infer
@@ -827,6 +831,7 @@ class MultimodalService:
             "tag": str(self.model_ref.tag),
             "inputs": self.decoder.inputs,
             "labels": self.labels,
+            **({"ensemble": self.ensemble} if self.ensemble else {}),  # each answer costs that many forward passes
             **({"index": self.index} if self.index else {}),  # the gallery /search answers from
             **(await self.model.to_async.device()),
             "limits": self.limits.as_dict(),

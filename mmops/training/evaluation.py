@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from mmops.core.model import MultimodalModel
+from mmops.core.model import load_model
 from mmops.core.tasks import build_task
 from mmops.data.featurize import load_values
 from mmops.project import Project
@@ -28,7 +28,7 @@ def evaluate_on_test(model_dir: Path, project: Project) -> dict[str, Any]:
     """
     prepared = project.prepared_dir
     try:
-        model = MultimodalModel.load(model_dir)
+        model = load_model(model_dir)
     except Exception as exc:
         raise NotComparable(f"cannot load {model_dir}: {type(exc).__name__}: {exc}") from exc
     rows = pd.read_parquet(prepared / "rows.parquet")

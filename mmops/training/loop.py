@@ -27,7 +27,7 @@ from torch import nn
 from mmops.config import CandidateConfig, Params
 from mmops.core.devices import Precision, describe, resolve_device, resolve_precision, to_device
 from mmops.core.interfaces import Encoder
-from mmops.core.model import ArtifactResolver, MultimodalModel, artifact_folder, build_input_encoder
+from mmops.core.model import ArtifactResolver, Ensemble, MultimodalModel, artifact_folder, build_input_encoder
 from mmops.core.tasks import Task, build_task, task_params
 from mmops.data.cache import CachedFeatures
 from mmops.data.featurize import load_values
@@ -184,7 +184,10 @@ def set_determinism(seed: int) -> None:
 
 @torch.inference_mode()
 def predict_split(
-    model: MultimodalModel, batcher: Batcher, precomputed: frozenset[str], precision: Precision | None = None
+    model: MultimodalModel | Ensemble,
+    batcher: Batcher,
+    precomputed: frozenset[str],
+    precision: Precision | None = None,
 ) -> np.ndarray:
     """Scores of every row of the batcher's split (the task's :meth:`~mmops.core.tasks.Task.scores`), on
     the model's device; a data-parallel rank scores its share and the shares are gathered on every rank."""
@@ -208,7 +211,9 @@ def predict_split(
     return out if out is not None else np.zeros((0, model.task.output_dim), dtype=np.float32)
 
 
-def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size: int) -> tuple[dict, np.ndarray]:
+def evaluate_split(
+    model: MultimodalModel | Ensemble, data: Dataset, split: str, batch_size: int
+) -> tuple[dict, np.ndarray]:
     """The split's metrics, and its scores (for the predictions file)."""
     rows = data.split(split)
     batcher = Batcher(data, rows, model.encoders, batch_size, _group_key(model))
@@ -217,6 +222,18 @@ def evaluate_split(model: MultimodalModel, data: Dataset, split: str, batch_size
     if "split_group" in rows:  # data.group_column: how each speaker / patient / user fares
         metrics["by_group"] = per_group(model.task, batcher.targets, scores, rows["split_group"].to_numpy())
     return metrics, scores
+
+
+def evaluate_and_record(model: MultimodalModel | Ensemble, data: Dataset, out_dir: Path, batch_size: int) -> dict:
+    """Val and test metrics of a trained model, and its test predictions file in ``out_dir`` (the report's
+    mistakes): for one seed's model, and for the ensemble of several (``train.ensemble``)."""
+    metrics, scores = {}, {}
+    for split in ("val", "test"):
+        metrics[split], scores[split] = evaluate_split(model, data, split, batch_size)
+    predictions_table(data, data.split("test"), scores["test"], metrics["test"]).to_parquet(
+        out_dir / "predictions_test.parquet", index=False
+    )
+    return metrics
 
 
 def evaluation_groups(task: Task, rows: pd.DataFrame) -> np.ndarray | None:
@@ -247,7 +264,7 @@ def select_key(params: Params) -> tuple[str, float]:
     return params.select_metric.removeprefix("val_"), params.metric_sign(params.select_metric)
 
 
-def _group_key(model: MultimodalModel) -> str | None:
+def _group_key(model: MultimodalModel | Ensemble) -> str | None:
     trainable = [n for n, e in model.encoders.items() if not e.frozen and e.modality == "image"]
     return trainable[0] if trainable else None
 
@@ -416,12 +433,7 @@ def train_candidate(
     model.cpu()  # checkpoints hold CPU tensors: they load on any machine
     model.save(out_dir)
     model.to(device)
-    metrics, scores = {}, {}
-    for split in ("val", "test"):
-        metrics[split], scores[split] = evaluate_split(model, data, split, cfg.batch_size)
-    predictions_table(data, data.split("test"), scores["test"], metrics["test"]).to_parquet(
-        out_dir / "predictions_test.parquet", index=False
-    )
+    metrics = evaluate_and_record(model, data, out_dir, cfg.batch_size)
     result = {
         "candidate": candidate.name,
         "fusion": candidate.fusion,

@@ -6,7 +6,8 @@ with its reliability bins, per-class precision/recall/F1 and the confusion matri
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -47,6 +48,14 @@ class ClassificationTask(Task):
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.softmax(dim=1)
+
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The log of the members' mean probability, so :meth:`scores` is that mean: a deep ensemble
+        averages probabilities, not logits (Lakshminarayanan et al., 2017)."""
+        import torch
+
+        log_probs = torch.stack([o.float().log_softmax(dim=1) for o in outputs])
+        return log_probs.logsumexp(dim=0) - math.log(len(outputs))
 
     def evaluate(self, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None) -> dict:
         return classification_metrics(targets, scores.argmax(1), len(self.labels), groups, scores, self.labels)

@@ -6,7 +6,8 @@ mean average precision and subset accuracy, with per-label figures.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -54,6 +55,17 @@ class MultilabelTask(Task):
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.sigmoid()
+
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The logit of the members' mean probability per label, so :meth:`scores` is that mean. Computed
+        from log-sigmoids: a saturated member (p = 1 in float32) gives no infinite logit."""
+        import torch
+        from torch.nn import functional
+
+        stacked, log_n = torch.stack([o.float() for o in outputs]), math.log(len(outputs))
+        log_p = functional.logsigmoid(stacked).logsumexp(dim=0) - log_n
+        log_not_p = functional.logsigmoid(-stacked).logsumexp(dim=0) - log_n
+        return log_p - log_not_p
 
     def evaluate(self, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None) -> dict:
         return multilabel_metrics(targets, scores, self.threshold, self.labels)

@@ -7,7 +7,7 @@ so answers and metrics are in the target's own units. Reports MAE, MSE (lower is
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -63,6 +63,13 @@ class RegressionTask(Task):
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs * self.std + self.mean
+
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The members' mean (of the standardised outputs: :meth:`scores` is linear, so it is the mean
+        prediction; a subclass that clips, like sentiment, clips the mean)."""
+        import torch
+
+        return torch.stack([o.float() for o in outputs]).mean(dim=0)
 
     def evaluate(self, targets: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None) -> dict:
         return regression_metrics(np.asarray(targets, dtype=np.float64), scores[:, 0].astype(np.float64))
