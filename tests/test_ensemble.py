@@ -295,3 +295,23 @@ def test_a_plain_artifact_loads_exactly_as_before(trained):
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     inputs = {n: e.preprocess(np.array([[0.3], [-1.0]])) for n, e in loaded.encoders.items()}
     assert torch.equal(loaded(inputs), direct(inputs))
+
+
+@pytest.mark.slow
+def test_the_bento_of_an_ensemble_serves_the_ensemble(trained):
+    """`mmops package` copies the whole folder into the model store; the bento answers as the ensemble
+    does and `/model` says it is one (about a minute: a wheel, a bento, a server)."""
+    import httpx
+    from conftest import mmops, serve_bento
+
+    project, result = trained
+    write_metrics(project, [result], result)
+    out = mmops(project.root, "package").stdout
+    bento = out.split("bento ")[-1].strip()
+    rows = [{"a": 0.3, "b": -1.2}, {"a": 2.0, "b": 1.0}]
+    expected = Predictor(Path(result["model_dir"]), device="cpu").predict(rows, top_k=2)
+    with serve_bento(project.root, bento) as (url, _):
+        info = httpx.post(f"{url}/model", timeout=30).json()
+        answers = httpx.post(f"{url}/predict_batch", json={"items": rows, "top_k": 2}, timeout=30).json()
+    assert info["ensemble"] == {"members": 3, "seeds": [42, 43, 44]}
+    assert [a["top_k"] for a in answers] == [e["top_k"] for e in expected]
