@@ -125,6 +125,27 @@ def test_which_tasks_combine_models():
         NoCombineTask(["a"]).combine([torch.zeros(1, 1)])
 
 
+class SummingTask(MultilabelTask):
+    """A third-party combine() that adds logits up instead of averaging probabilities."""
+
+    def combine(self, outputs):
+        return torch.stack(outputs).sum(0)
+
+
+def test_the_task_conformance_run_checks_combine_where_a_task_has_it(monkeypatch):
+    from mmops.core.conformance import check_task
+
+    real = plugin_registry.get_task
+    monkeypatch.setattr(plugin_registry, "get_task", lambda name: SummingTask if name == "summing" else real(name))
+    name = "combine() of identical members scores as one (train.ensemble)"
+    for task in ("classification", "multilabel", "regression", "sentiment"):
+        checks = {c.name: c.passed for c in check_task(task)}
+        assert checks[name] and all(checks.values()), (task, checks)
+    assert name not in {c.name for c in check_task("contrastive")}  # no combine(): nothing to check
+    failed = {c.name: c.detail for c in check_task("summing") if not c.passed}
+    assert list(failed) == [name] and "identical members" in failed[name]
+
+
 # ---------------------------------------------------------------- configuration errors, before training
 
 
@@ -272,9 +293,11 @@ def test_the_report_and_the_cli_leaderboard_say_a_row_is_an_ensemble(trained, mo
     assert f"{result['final']['val_accuracy']:.4f} (members {mean:.4f} ± {std:.4f})" in out
 
 
-def test_retraining_without_ensemble_leaves_a_plain_artifact(trained):
+def test_an_unchanged_ensemble_is_reused_and_retraining_without_it_leaves_a_plain_artifact(trained):
     project, result = trained
     folder = Path(result["model_dir"])
+    again = train_one(project, project.params.candidates[0])
+    assert again["reused"] and again["ensemble"] == result["ensemble"] and again["final"] == result["final"]
     set_params(project.root, {**TRAIN, "seeds": 2})
     plain = train_one(Project.at(project.root), _first(project.root))
     assert plain["status"] == "completed" and not plain["reused"], plain

@@ -605,6 +605,15 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
             )
         return None
 
+    def combined() -> str | None:
+        task, outputs = state["task"], state["outputs"]
+        scores = task.scores(task.combine([outputs, outputs, outputs]))
+        if scores.shape != task.scores(outputs).shape or not torch.allclose(
+            scores, task.scores(outputs), rtol=1e-4, atol=1e-5
+        ):
+            raise AssertionError("combine() of three identical members must score as that member (train.ensemble)")
+        return None
+
     _run(checks, "metrics declare their direction", directions)
     if _run(checks, "targets parse, encode and fit (example_targets)", targets) and _run(
         checks, "loss is a finite scalar with gradients", loss
@@ -612,4 +621,6 @@ def check_task(name: str, params: Mapping[str, Any] | None = None, batch: int = 
         _run(checks, "scores give every declared metric and the predictions columns", judged)
         if _run(checks, "outputs decode to JSON answers", answers):
             _run(checks, "config() round-trips (save/load)", round_trip)
+        if cls.combines_models():  # optional: a task without combine() cannot be a deep ensemble, nothing more
+            _run(checks, "combine() of identical members scores as one (train.ensemble)", combined)
     return checks
