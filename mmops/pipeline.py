@@ -374,7 +374,7 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
                 continue
             with tempfile.TemporaryDirectory(dir=project.state_dir) as tmp:
                 more.append(train_seed(seeded, Path(tmp)))
-        members = seed_summary([result, *more])
+        over_seeds = seed_summary([result, *more])  # each seed's own model's figures
         if train.ensemble:
             result = _evaluate_ensemble(project, candidate, result, more, data)
     except Exception as exc:  # one bad candidate must not sink the sweep
@@ -392,7 +392,7 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
             "error": f"{type(exc).__name__}: {exc}",
             "run_id": run_id,
         }
-    final, final_std, seeds = members
+    final, final_std, seeds = over_seeds
     if train.ensemble:  # the served model's own figures rank it; its members' mean ± std stay beside them
         ensemble = {"members": len(seeds), "mean": final, "std": final_std}
         final = flat_metrics(result["metrics"])
@@ -412,8 +412,8 @@ def _train_recorded(project: Project, candidate: CandidateConfig, registry: Regi
         "run_id": run_id,
         "final": final,
         "fingerprint": fingerprint(project, candidate),
-        **({"ensemble": ensemble, "seeds": seeds} if train.ensemble else {}),
-        **({"final_std": final_std, "seeds": seeds} if more and not train.ensemble else {}),
+        **({"seeds": seeds} if more else {}),
+        **({"ensemble": ensemble} if train.ensemble else {"final_std": final_std} if more else {}),
     }
     # result.json is what makes a trained candidate reusable: written whole or not at all.
     atomic_write(Path(result["model_dir"]) / "result.json", json.dumps(done, indent=2))

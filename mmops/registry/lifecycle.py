@@ -94,6 +94,7 @@ def seed_means(registry: Registry, version: ModelVersion) -> tuple[dict[str, flo
 
 
 def _figure(means: dict, stds: dict, seeds: int, members: int, metric: str) -> str:
+    """One side of the comparison in words: an ensemble's own figure, or a mean ± std over seeds."""
     if members:
         return f"{means[metric]:.4f} (the ensemble of {members} seeds' models)"
     return f"{means[metric]:.4f} ± {stds.get(metric, 0.0):.4f} ({seeds} seeds)"
