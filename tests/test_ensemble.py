@@ -338,3 +338,25 @@ def test_the_bento_of_an_ensemble_serves_the_ensemble(trained):
         answers = httpx.post(f"{url}/predict_batch", json={"items": rows, "top_k": 2}, timeout=30).json()
     assert info["ensemble"] == {"members": 3, "seeds": [42, 43, 44]}
     assert [a["top_k"] for a in answers] == [e["top_k"] for e in expected]
+
+
+def test_champion_challenger_takes_an_ensemble_as_one_model_with_its_own_figure(tmp_path):
+    """Against a 3-seed champion on the same data, an ensemble challenger is judged on its own figure
+    (0.90), not its members' mean (0.84); two ensembles are left to their own evaluations."""
+    from mmops.registry.lifecycle import _compare_means
+
+    registry = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+
+    def version(ensemble: bool, test: float, members: float | None = None):
+        run = registry.start_run("c", {"train": {"seeds": 3, "ensemble": ensemble}}, 42, {"prepare:x": "ab"}, None)
+        registry.log_metrics(run, {"test_accuracy": test, "test_accuracy_std": 0.02} if not ensemble else {})
+        if ensemble:
+            registry.log_metrics(run, {"test_accuracy": test, "members_test_accuracy": members})
+        registry.finish_run(run, "completed", 1.0)
+        return registry.add_model_version("m", run, metrics={"test_accuracy": test})
+
+    champion, challenger = version(False, 0.86), version(True, 0.90, members=0.84)
+    new, old, note = _compare_means(registry, challenger, champion, "accuracy")
+    assert (new["accuracy"], old["accuracy"]) == (0.90, 0.86)
+    assert "the ensemble of 3 seeds' models" in note and "0.8600 ± 0.0200 (3 seeds)" in note
+    assert _compare_means(registry, version(True, 0.91, members=0.85), challenger, "accuracy") is None
