@@ -8,7 +8,8 @@ The data is the Free Spoken Digit Dataset (FSDD, CC BY-SA 4.0; github.com/Jakobo
 ``recordings/{digit}_{speaker}_{index}.wav``. It is not part of mmops; pass the folder that holds
 ``recordings/``. Leave one speaker out: for each speaker, that speaker's recordings are the test split,
 never trained on and never selected on. Reported: each fold's test accuracy, their mean, and the worst
-speaker. Two protocols for val (``--protocol``):
+speaker; with ``--seeds N``, each seed's model, their mean, and their ensemble (``train.ensemble``: one
+model averaging the N models' probabilities, mmops' own ``Ensemble``). Two protocols for val (``--protocol``):
 
 * ``clips`` (the default since the second round of issue 16): the four other speakers all train; val is
   their held-out recordings (the last tenth of each digit's indices, 5 of 50). Val then picks the epoch
@@ -108,8 +109,9 @@ def params_for(variant: dict, args: argparse.Namespace) -> dict:
 
 def run_fold(table: pd.DataFrame, speaker: str, args: argparse.Namespace, work: Path) -> dict:
     from mmops.config import Params
+    from mmops.core.model import Ensemble, MultimodalModel
     from mmops.data.prepare import prepare
-    from mmops.training.loop import Dataset, train_candidate
+    from mmops.training.loop import Dataset, evaluate_split, train_candidate
 
     raw = work / "raw"  # the recordings were copied here once; the manifest names this fold's test speaker
     split = (table["speaker"] == speaker).map({True: "test", False: "train"})
@@ -127,19 +129,38 @@ def run_fold(table: pd.DataFrame, speaker: str, args: argparse.Namespace, work: 
                 out["groups"] = summary["groups"]["per_split"]
         data = Dataset.load(prepared, work / "none", params, use_cache=False)
         t0 = time.perf_counter()
-        result = train_candidate(params, params.candidates[0], data, work / speaker / name)
-        m = result["metrics"]
+        runs, members = [], []
+        for k in range(args.seeds):  # train.seeds: seed, seed + 1, ...
+            seeded = params.model_copy(update={"seed": params.seed + k})
+            result = train_candidate(seeded, seeded.candidates[0], data, work / speaker / name / str(k))
+            runs.append(result)
+            members.append(MultimodalModel.load(Path(result["model_dir"])))
+        m = runs[0]["metrics"]
         out[name] = {
             "test_accuracy": m["test"]["accuracy"],
             "val_accuracy": m["val"]["accuracy"],
             "val_speaker": next(iter(m["val"].get("by_group", {"the training speakers": 0}))),
-            "best_epoch": result["best_epoch"],
-            "epochs_run": result["epochs_run"],
-            "seconds": round(time.perf_counter() - t0, 1),
+            "best_epoch": runs[0]["best_epoch"],
+            "epochs_run": runs[0]["epochs_run"],
         }
+        if args.seeds > 1:  # each seed's model, their mean, and (train.ensemble) the models averaged as one
+            tests = [r["metrics"]["test"]["accuracy"] for r in runs]
+            vals = [r["metrics"]["val"]["accuracy"] for r in runs]
+            ensemble = Ensemble(members, [params.seed + k for k in range(args.seeds)])
+            out[name] = {
+                **out[name],
+                "seed_test_accuracy": tests,
+                "seed_val_accuracy": vals,
+                "test_accuracy": sum(tests) / len(tests),
+                "val_accuracy": sum(vals) / len(vals),
+                "ensemble_test_accuracy": evaluate_split(ensemble, data, "test", args.batch_size)[0]["accuracy"],
+                "ensemble_val_accuracy": evaluate_split(ensemble, data, "val", args.batch_size)[0]["accuracy"],
+            }
+        out[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        ens = f"  ensemble {out[name]['ensemble_test_accuracy']:.3f}" if args.seeds > 1 else ""
         print(
-            f"{speaker:>10} {name:>6}: test {m['test']['accuracy']:.3f}  val {m['val']['accuracy']:.3f}  "
-            f"({out[name]['seconds']:.0f} s)",
+            f"{speaker:>10} {name:>6}: test {out[name]['test_accuracy']:.3f}{ens}  "
+            f"val {out[name]['val_accuracy']:.3f}  ({out[name]['seconds']:.0f} s)",
             flush=True,
         )
     return out
@@ -167,6 +188,22 @@ def summarize(folds: list[dict], variants: list[str], encoders: dict[str, dict])
             "encoder_params": encoders[name],
         }
         print(f"{name}: mean {summary[name]['mean_test_accuracy']:.3f}, worst {worst} {accs[worst]:.3f}")
+        ens = {
+            f["speaker"]: f[name]["ensemble_test_accuracy"]
+            for f in folds
+            if "ensemble_test_accuracy" in f.get(name, {})
+        }
+        if ens:  # --seeds > 1: the mean above is over every seed's model; this is their ensemble's
+            low = min(ens, key=ens.get)
+            summary[name]["ensemble"] = {
+                "mean_test_accuracy": sum(ens.values()) / len(ens),
+                "worst_speaker": low,
+                "worst_test_accuracy": ens[low],
+            }
+            print(
+                f"{name}: ensemble of {len(folds[0][name]['seed_test_accuracy'])} seeds: mean "
+                f"{summary[name]['ensemble']['mean_test_accuracy']:.3f}, worst {low} {ens[low]:.3f}"
+            )
     return summary
 
 
@@ -198,6 +235,13 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=50, help="recordings per digit and speaker (50: all)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train.seeds: each fold and variant trains seeds seed..seed+N-1; reported: each seed, their mean, "
+        "and their ensemble (train.ensemble: the mean of their probabilities)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dropout", type=float, default=0.3, help="the head's dropout (train.dropout)")
     parser.add_argument("--ema", type=float, default=0.0, help="train.ema: a moving average of the weights (0: off)")
@@ -250,6 +294,7 @@ def main() -> None:
         "ema": args.ema,
         "lr": 3e-3,
         "seed": args.seed,
+        "seeds": args.seeds,
         "summary": summary,
         "folds": folds,
         "seconds": round(time.perf_counter() - started),
