@@ -28,14 +28,15 @@ demo: install
 ## test: the whole suite on two cores: two pytest-xdist workers (tests grouped by file, the shared
 ## trained project's tests on one worker), then the latency-bound tests (marked `exclusive`) alone, so
 ## that no other test shares the cores with them. Both sessions use one trained project, kept in a
-## temporary folder for the length of the command. TEST_WORKERS=0: everything in one process.
+## temporary folder for the length of the command; the 25 slowest tests are listed at the end of the first
+## session (what to make smaller when the suite grows). TEST_WORKERS=0: everything in one process.
 TEST_WORKERS ?= 2
 test: install
 ifeq ($(TEST_WORKERS),0)
 	$(BIN)/pytest
 else
 	@shared=$$(mktemp -d -t mmops-tests.XXXXXX); status=0; \
-	MMOPS_TEST_SHARED=$$shared $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not exclusive" || status=$$?; \
+	MMOPS_TEST_SHARED=$$shared $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not exclusive" --durations=25 || status=$$?; \
 	MMOPS_TEST_SHARED=$$shared $(BIN)/pytest -m exclusive || status=$$?; \
 	rm -rf $$shared; exit $$status
 endif
