@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from mmops.config import CandidateConfig
-from mmops.project import Project, atomic_write, remove_stale_temp_files, run_lock
+from mmops.project import Project, atomic_write, check_stages, remove_stale_temp_files, run_lock
 from mmops.registry.store import Registry
 
 DATA_STAGES = ("import", "prepare", "featurize")
@@ -68,6 +68,7 @@ def run_stages(project: Project, stages: tuple[str, ...] = DATA_STAGES) -> dict[
 
     from mmops.data.featurize import lacks_sequences
 
+    check_stages(project)
     _dvc_env()
     # prepare depends on data/appended; DVC refuses a missing dependency, so an empty one must exist.
     project.appended_dir.mkdir(parents=True, exist_ok=True)

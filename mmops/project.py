@@ -125,6 +125,25 @@ def remove_stale_temp_files(*folders: Path) -> list[Path]:
     return removed
 
 
+class NotAProjectError(ValueError):
+    """The folder lacks what the data stages run on (a DVC repository and ``dvc.yaml``); says the fix."""
+
+
+def check_stages(project: Project) -> None:
+    """Refuse, before a stage runs, a folder that DVC cannot run the data stages in: a hand-written
+    ``params.yaml`` beside data is not yet a project, and DVC's own error ("not inside of a DVC
+    repository") names neither mmops nor the fix."""
+    root = project.root
+    missing = [] if any((d / ".dvc").is_dir() for d in (root, *root.parents)) else [".dvc"]  # DVC looks up too
+    missing += [] if (root / "dvc.yaml").is_file() else ["dvc.yaml"]
+    if missing:
+        raise NotAProjectError(
+            f"{project.root} has no {' and no '.join(missing)}: mmops runs the data stages through DVC. "
+            "Scaffold a project with `mmops init <new folder>` (`--template`: see `mmops init --help`) and "
+            "move your params.yaml and data/ into it, or run `dvc init` here and take dvc.yaml from such a project"
+        )
+
+
 class ProjectBusyError(RuntimeError):
     """Another mmops process is running this project; the message says which and what to do."""
 

@@ -60,8 +60,23 @@ def test_quarantine_file_is_ignored_by_git(tmp_path):
         assert check.returncode == 0, f"{repo}: data/quarantine.csv is not ignored by git"
 
 
+def test_run_in_a_folder_without_dvc_says_how_to_make_it_a_project(project):
+    for command in ("run", "sweep"):
+        result = runner.invoke(app, [command, "-p", str(project)])
+        assert result.exit_code == 2, result.output
+        assert "has no .dvc and no dvc.yaml" in result.output and "mmops init" in result.output
+        assert "Traceback" not in result.output
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    result = runner.invoke(app, ["run", "-p", str(project)])
+    assert result.exit_code == 2 and "has no .dvc:" in result.output, result.output
+
+
 def test_run_prints_the_registry_url_without_its_password(project, monkeypatch):
     import mmops_flows.retrain
+
+    # mmops run refuses a folder without DVC (the test above); retrain is stubbed, so their names suffice
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    (project / ".dvc").mkdir()
 
     def stop(*args, **kwargs):
         raise RuntimeError("stopped after the banner")

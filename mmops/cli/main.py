@@ -23,7 +23,7 @@ from mmops.cli.common import KEEP, JsonOpt, ProjectOpt, console, err, fail, load
 from mmops.cli.progress import epoch_progress
 from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
 from mmops.cli.retrieval import embed, search, zero_shot
-from mmops.project import Project
+from mmops.project import NotAProjectError, Project, check_stages
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help=__doc__.splitlines()[0]
@@ -432,6 +432,7 @@ def run(
         )
         return
     _check_plugins(project)
+    _require_stages(project)  # after the config's own errors, which name the key to fix
     from mmops_flows.retrain import retrain
 
     config = _runner(project, runner, workers, address)
@@ -454,6 +455,15 @@ def run(
         )
 
 
+def _require_stages(project: Project) -> None:
+    """The flows start with the DVC data stages: a folder DVC cannot run them in fails before the flow
+    starts (Prefect would log the failed task's traceback first), saying the fix."""
+    try:
+        check_stages(project)
+    except NotAProjectError as exc:
+        raise _fail(str(exc), 2) from None
+
+
 @app.command("sweep")
 def sweep_cmd(
     ctx: typer.Context,
@@ -467,6 +477,7 @@ def sweep_cmd(
     project = _project(project_dir)
     _hold_run_lock(ctx, project)
     _check_plugins(project)
+    _require_stages(project)
     from mmops_flows import sweep
 
     started = time.perf_counter()
