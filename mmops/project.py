@@ -134,11 +134,14 @@ def check_stages(project: Project) -> None:
     ``params.yaml`` beside data is not yet a project, and DVC's own error ("not inside of a DVC
     repository") names neither mmops nor the fix."""
     root = project.root
-    missing = [] if any((d / ".dvc").is_dir() for d in (root, *root.parents)) else [".dvc"]  # DVC looks up too
-    missing += [] if (root / "dvc.yaml").is_file() else ["dvc.yaml"]
+    missing = []
+    if not any((d / ".dvc").is_dir() for d in (root, *root.parents)):  # DVC finds its repository upwards too
+        missing.append(".dvc")
+    if not (root / "dvc.yaml").is_file():
+        missing.append("dvc.yaml")
     if missing:
         raise NotAProjectError(
-            f"{project.root} has no {' and no '.join(missing)}: mmops runs the data stages through DVC. "
+            f"{root} has no {' and no '.join(missing)}: mmops runs the data stages through DVC. "
             "Scaffold a project with `mmops init <new folder>` (`--template`: see `mmops init --help`) and "
             "move your params.yaml and data/ into it, or run `dvc init` here and take dvc.yaml from such a project"
         )
