@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from mmops.cli.adapt import adapt
 from mmops.cli.common import KEEP, JsonOpt, ProjectOpt, console, err, fail, load_project, print_json, print_table
 from mmops.cli.progress import epoch_progress
 from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
@@ -38,6 +39,7 @@ app.command(rich_help_panel="Registry and lifecycle")(lineage)
 app.add_typer(db_app, name="db", rich_help_panel="Registry and lifecycle")
 app.add_typer(schedule_app, name="schedule", rich_help_panel="Registry and lifecycle")
 app.command(rich_help_panel="Registry and lifecycle")(worker)
+app.command()(adapt)
 for _command in (search, embed, zero_shot):  # a contrastive model's towers and gallery index
     app.command(_command.__name__.replace("_", "-"))(_command)
 

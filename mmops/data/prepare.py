@@ -53,7 +53,7 @@ class BadFileError(ValueError):
     """A referenced file that cannot be used: missing, outside the data root, or undecodable."""
 
 
-def _resolve_inside(root: Path, rel: str) -> Path:
+def resolve_inside(root: Path, rel: str) -> Path:
     try:
         path = (root / rel).resolve()
         inside = path.is_relative_to(root.resolve())
@@ -185,7 +185,7 @@ def _decode_files(store: _Values, name: str, path: Path, params: Params, roots: 
     broken: dict[int, str] = {}
     for i, (batch, rel) in enumerate(track(store.values, description=f"decoding {name}", transient=True)):
         try:
-            file = _resolve_inside(roots[batch], rel)
+            file = resolve_inside(roots[batch], rel)
             if store.spec.kind == "image":
                 out[i] = load_image(file, size)
             else:
@@ -212,7 +212,7 @@ def decode_vectors(store: _Values, name: str, path: Path, params: Params, roots:
     broken: dict[int, str] = {}
     for i, (batch, rel) in enumerate(store.values):
         try:
-            array = np.load(_resolve_inside(roots[batch], rel), mmap_mode="r", allow_pickle=False)
+            array = np.load(resolve_inside(roots[batch], rel), mmap_mode="r", allow_pickle=False)
             shapes.append(array.shape)
             if array.dtype.kind not in "iuf":
                 broken[i] = f"feature sequence: dtype {array.dtype}, expected numbers"
@@ -240,7 +240,7 @@ def decode_vectors(store: _Values, name: str, path: Path, params: Params, roots:
     for i, (batch, rel) in enumerate(track(store.values, description=f"reading {name}", transient=True)):
         if i in broken:
             continue
-        array = np.load(_resolve_inside(roots[batch], rel), allow_pickle=False).astype(np.float32)
+        array = np.load(resolve_inside(roots[batch], rel), allow_pickle=False).astype(np.float32)
         if not np.isfinite(array).all():
             bad = np.argwhere(~np.isfinite(array))[0]
             broken[i] = f"feature sequence holds NaN or infinity (first at frame {bad[0]}, feature {bad[1]})"

@@ -38,7 +38,7 @@ class InputError(ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.reason = field, message
 
 
 def _env_int(name: str, default: int) -> int:
@@ -412,6 +412,17 @@ class Predictor:
         ``max_length``): its outputs take them (``with_options``); other tasks' outputs refuse them."""
         if not decoded:
             return []
+        logits = self.logits(decoded)
+        if options:
+            if not hasattr(logits, "with_options"):
+                raise InputError("options", f"the {self.model.task_name} task takes no decoding options")
+            logits = logits.with_options(**options)
+        return self._answers(logits.float().cpu(), top_k)
+
+    @torch.inference_mode()
+    def logits(self, decoded: Sequence[Mapping[str, Any]]) -> Any:
+        """The model's raw outputs for validated rows: what :meth:`forward` answers from, and what
+        ``mmops adapt`` passes its rows through (the service's own preprocessing)."""
         inputs: dict[str, Any] = {}
         index: dict[str, torch.Tensor] = {}
         amp = (
@@ -434,12 +445,7 @@ class Predictor:
                     )
                 else:
                     inputs[name] = self._to_device(encoder.preprocess(values))
-            logits = self.model(inputs, index, frozenset(self._caches))
-        if options:
-            if not hasattr(logits, "with_options"):
-                raise InputError("options", f"the {self.model.task_name} task takes no decoding options")
-            logits = logits.with_options(**options)
-        return self._answers(logits.float().cpu(), top_k)
+            return self.model(inputs, index, frozenset(self._caches))
 
     def _answers(self, logits: torch.Tensor, top_k: int) -> list[dict[str, Any]]:
         """The task's answers: the class and its top k, the labels over the threshold, the value..."""

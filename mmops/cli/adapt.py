@@ -1,0 +1,146 @@
+"""``mmops adapt``: a trained model adapted to a new speaker, site or device from its unlabelled inputs.
+
+Thin over :mod:`mmops.adapt`; bad input exits with code 2 and names the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from mmops.cli.common import ProjectOpt, console, fail, load_project, print_table
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+def adapt(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            help="manifest (.csv, .jsonl, .parquet) of the new domain's inputs, in the model's columns; "
+            "file paths are relative to its folder; a target column, when present, only measures",
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="the adapted model's name (default: the manifest's name, or its folder's)")
+    ] = None,
+    candidate: Annotated[str | None, typer.Option(help="candidate to adapt (default: the best)")] = None,
+    package: Annotated[
+        bool, typer.Option(help="register it as a version of '<model_name>-<name>' and build its bento")
+    ] = False,
+    pseudo_labels: Annotated[
+        float | None,
+        typer.Option(
+            min=0.5,
+            max=1.0,
+            help="also append the rows the adapted model is this sure of (e.g. 0.9), labelled with its answers, "
+            "as training data (self-training); retrain with `mmops run`, then adapt again",
+        ),
+    ] = None,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Adapt a trained model to new inputs without labels: batch-norm statistics re-estimated (AdaBN)."""
+    project = load_project(project_dir)
+    name = (name or (data.stem if data.stem != "manifest" else data.resolve().parent.name)).lower()
+    if not NAME.fullmatch(name):
+        raise fail(f"--name {name!r}: use lowercase letters, digits, '-', '_' or '.' (up to 63), e.g. --name site-2", 2)
+    board = project.metrics_dir / "best.json"
+    if candidate is None:
+        if not board.is_file():
+            raise fail("no trained candidates yet: run `mmops train` or `mmops run` first")
+        candidate = json.loads(board.read_text())["best"]
+    source = project.models_dir / candidate
+    if not (source / "result.json").is_file():
+        raise fail(f"no trained candidate '{candidate}' in {project.models_dir}", 2)
+    from mmops.adapt import AdaptError, adapt_artifact, register_adapted
+    from mmops.adapt import pseudo_labels as label_rows
+
+    out_dir = project.models_dir / "adapted" / name
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("adapting", total=None)
+            summary = adapt_artifact(
+                source,
+                data,
+                out_dir,
+                target=project.params.target.column,
+                batch_size=project.params.train.batch_size,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except (AdaptError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
+    members = f" in {summary['members']} members" if summary["members"] > 1 else ""
+    console.print(
+        f"adapted [bold]{candidate}[/] on {summary['rows']} rows of {data}: "
+        f"{summary['layers']} batch-norm layers{members}"
+    )
+    if summary["refused"]:
+        table = Table(title=f"{len(summary['refused'])} rows refused (not used)")
+        for column in ("line", "field", "reason"):
+            table.add_column(column)
+        for problem in summary["refused"][:10]:
+            table.add_row(str(problem["line"]), problem["field"], problem["reason"])
+        print_table(table)
+    if "before" in summary:
+        before, after = summary["before"], summary["after"]
+        table = Table(title=f"on the {before['rows']} labelled rows (labels measure, never train)")
+        table.add_column("metric")
+        table.add_column("before", justify="right")
+        table.add_column("after", justify="right")
+        for key in before:
+            if key not in ("rows", "unknown_targets"):
+                table.add_row(key, f"{before[key]:.4f}", f"{after[key]:.4f}")
+        print_table(table)
+    console.print(f"model: {out_dir}")
+    if pseudo_labels is not None:
+        _append_pseudo_labels(project, out_dir, data, name, pseudo_labels, label_rows)
+    if package:
+        run_id = json.loads((source / "result.json").read_text()).get("run_id")
+        try:
+            out = register_adapted(project, out_dir, name, summary, run_id)
+        except AdaptError as exc:
+            raise fail(str(exc), 2) from None
+        console.print(f"model version {out['model_version']}  model {out['model_tag']}  bento {out['bento_tag']}")
+
+
+def _append_pseudo_labels(project, adapted: Path, data: Path, name: str, threshold: float, label_rows) -> None:
+    """The adapted model's confident answers on the manifest's rows, appended as a training batch
+    (``mmops data append``: versioned with the data, re-prepared by the next run)."""
+    from mmops.adapt import AdaptError
+    from mmops.data.append import append_manifest
+
+    params = project.params
+    try:
+        kept, stats = label_rows(adapted, data, threshold, params.target.column, params.train.batch_size)
+    except AdaptError as exc:
+        raise fail(str(exc), 2) from None
+    checked = f"; {stats['correct']:.1%} of them match the labels in {data.name}" if "correct" in stats else ""
+    console.print(f"pseudo-labels: {stats['kept']} of {stats['of']} rows at confidence >= {threshold}{checked}")
+    if kept.empty:
+        console.print("nothing to append: lower --pseudo-labels, or adapt on more rows")
+        return
+    kept["split"] = "train"
+    if params.data.group_column:  # the new domain is one group (a speaker, a site): never split across
+        kept[params.data.group_column] = name
+    # Written beside the manifest, so its relative file paths resolve, and removed once appended.
+    staged = data.resolve().parent / f".mmops-pseudo-labels-{name}.csv"
+    kept.to_csv(staged, index=False)
+    try:
+        out = append_manifest(staged, project.appended_dir, params)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    finally:
+        staged.unlink(missing_ok=True)
+    console.print(
+        f"appended them as {out['path'].relative_to(project.root)}: run `mmops run` to retrain with them, "
+        f"then `mmops adapt {data}` again"
+    )
