@@ -271,3 +271,32 @@ def test_cli_appends_pseudo_labels_as_a_training_batch(project, new_domain, monk
         app, ["adapt", str(new_domain), "-p", str(project.root), "--name", "site-3", "--pseudo-labels", "0.5"]
     )
     assert again.exit_code == 2 and "already appended" in again.output
+
+
+@pytest.mark.slow
+def test_package_registers_its_own_model_line_and_the_bento_serves_the_adapted_model(project, new_domain):
+    """`--package`: a version of '<model_name>-<name>' whose run is the source's, and a bento that answers
+    as the adapted artifact does (about a minute: a wheel, a bento, a server)."""
+    import base64
+
+    import httpx
+    from conftest import mmops, serve_bento
+
+    from mmops.registry.store import Registry
+
+    out = mmops(project.root, "adapt", str(new_domain), "--name", "site-9", "--package").stdout
+    bento = out.split("bento ")[-1].strip()
+    model_name = f"{project.params.registry.model_name}-site-9"
+    versions = Registry(f"sqlite:///{project.state_dir / 'registry.db'}").model_versions(model_name)
+    source = json.loads((project.models_dir / "tones" / "result.json").read_text())
+    assert [v.run_id for v in versions] == [source["run_id"]] and versions[0].bento_tag == bento
+    clips = [new_domain.parent / f for f in pd.read_csv(new_domain)["audio"][:4]]
+    expected = Predictor(project.models_dir / "adapted" / "site-9", device="cpu").predict(
+        [{"audio": c} for c in clips], top_k=2
+    )
+    items = [{"audio": base64.b64encode(c.read_bytes()).decode()} for c in clips]
+    with serve_bento(project.root, bento) as (url, _):
+        answers = httpx.post(f"{url}/predict_batch", json={"items": items, "top_k": 2}, timeout=30).json()
+    assert [a["answer"] for a in answers] == [e["answer"] for e in expected]
+    got = [[round(t["probability"], 4) for t in a["top_k"]] for a in answers]
+    assert got == [[round(t["probability"], 4) for t in e["top_k"]] for e in expected]
