@@ -7,11 +7,10 @@ Normalization For Practical Domain Adaptation") keeps every weight and re-estima
 statistics on the new domain's inputs, which need no labels: seconds on a CPU, and the adapted model is
 an artifact like any other (served, packaged, compared).
 
-Measured on FSDD-5 (``bench/audio_speakers.py --adapt N``): a model trained on four voices, adapted on
-clips of the fifth that are then never scored, gains on the speakers whose voices differ most from the
-training ones (README, issue 16). Layers inside frozen encoders keep their statistics: their features
-are cached by content, and a pretrained checkpoint's statistics come from far more data than a new
-domain's few clips.
+Measured on FSDD-5 (``bench/audio_adapt.py``): models trained on four voices, adapted on half of the
+fifth voice's clips and scored on the other half, make fewer errors on that voice (README, issue 16).
+Layers inside frozen encoders keep their statistics: their features are cached by content, and a
+pretrained checkpoint's statistics come from far more data than a new domain's few clips.
 
 The inputs go through the service's own :class:`~mmops.serving.predictor.RowDecoder` and
 :class:`~mmops.serving.predictor.Predictor`, so adaptation sees exactly what serving will.
@@ -37,6 +36,7 @@ from mmops.data.prepare import FILE_KINDS, BadFileError, read_chunks, resolve_in
 from mmops.serving.predictor import InputError, Predictor
 
 ADAPTATION_FILE = "adaptation.json"
+PSEUDO_FILE = "pseudo-labels.json"  # marks an appended batch as pseudo-labels of one adapted name
 
 
 class AdaptError(ValueError):
@@ -61,7 +61,7 @@ def adaptable_norms(model: MultimodalModel | Ensemble) -> list[nn.modules.batchn
 @contextlib.contextmanager
 def reestimating(model: MultimodalModel | Ensemble) -> Iterator[int]:
     """Inside: the adaptable batch-norm layers forget their statistics and average those of every batch
-    that passes (``momentum=None``: a plain mean, so the order of the rows does not matter); every other
+    that passes (``momentum=None``: a plain average over the batches, not a moving one); every other
     module stays in eval mode (no dropout, no augmentation). Yields how many layers adapt."""
     norms = adaptable_norms(model)
     momenta = [n.momentum for n in norms]
@@ -239,6 +239,38 @@ def pseudo_labels(
     if checked:
         summary["correct"] = sum(str(decoded[i][1]).strip() == model.labels[guess[i]] for i in checked) / len(checked)
     return kept, summary
+
+
+def append_pseudo_labels(
+    kept: pd.DataFrame, manifest: Path, name: str, appended_dir: Path, params: Any, stats: dict[str, Any]
+) -> dict[str, Any]:
+    """``kept`` (from :func:`pseudo_labels`) as a ``mmops data append`` training batch marked with
+    :data:`PSEUDO_FILE`. A later round for the same ``name`` (after retraining, the model answers
+    differently) replaces the earlier batch once the new one is in place, so a clip is never trained on
+    twice with two guesses; the same rows and guesses again change nothing (``unchanged``)."""
+    from mmops.data.append import append_manifest
+
+    rows = kept.assign(split="train")
+    if params.data.group_column:  # the new domain is one group (a speaker, a site): never split across
+        rows[params.data.group_column] = name
+    earlier = [
+        m.parent for m in sorted(appended_dir.glob(f"*/{PSEUDO_FILE}")) if json.loads(m.read_text())["name"] == name
+    ]
+    # Written beside the manifest, so its relative file paths resolve, and removed once appended.
+    staged = manifest.resolve().parent / f".mmops-pseudo-labels-{name}.csv"
+    rows.to_csv(staged, index=False)
+    try:
+        content = staged.read_bytes()
+        for batch in earlier:
+            if (batch / "manifest.csv").read_bytes() == content:
+                return {"path": batch, "rows": len(rows), "unchanged": True, "replaced": []}
+        out = append_manifest(staged, appended_dir, params)
+    finally:
+        staged.unlink(missing_ok=True)
+    (out["path"] / PSEUDO_FILE).write_text(json.dumps({"name": name, **stats}, indent=2))
+    for batch in earlier:
+        shutil.rmtree(batch)
+    return {**out, "unchanged": False, "replaced": [b.name for b in earlier]}
 
 
 def _first(problems: list[dict]) -> str:

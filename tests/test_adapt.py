@@ -20,7 +20,7 @@ import yaml
 from scipy.io import wavfile
 from typer.testing import CliRunner
 
-from mmops.adapt import ADAPTATION_FILE, AdaptError, adapt_artifact, adaptable_norms, pseudo_labels
+from mmops.adapt import ADAPTATION_FILE, PSEUDO_FILE, AdaptError, adapt_artifact, adaptable_norms, pseudo_labels
 from mmops.cli.main import app
 from mmops.core.model import WEIGHTS_FILE, Ensemble, MultimodalModel, load_model
 from mmops.data.audio import load_audio
@@ -270,7 +270,19 @@ def test_cli_appends_pseudo_labels_as_a_training_batch(project, new_domain, monk
     again = runner.invoke(
         app, ["adapt", str(new_domain), "-p", str(project.root), "--name", "site-3", "--pseudo-labels", "0.5"]
     )
-    assert again.exit_code == 2 and "already appended" in again.output
+    assert again.exit_code == 0 and "already appended" in " ".join(again.output.split())
+    assert list(project.appended_dir.glob("*/manifest.csv")) == batches
+    # A later round (the retrained model answers differently; here a stricter threshold) replaces it.
+    third = runner.invoke(
+        app, ["adapt", str(new_domain), "-p", str(project.root), "--name", "site-3", "--pseudo-labels", "0.7"]
+    )
+    assert third.exit_code == 0, third.output
+    now = list(project.appended_dir.glob("*/manifest.csv"))
+    if "nothing to append" in third.output:  # no answer that sure: the earlier round stays
+        assert now == batches
+    else:
+        assert len(now) == 1 and now != batches and "replacing the earlier round" in " ".join(third.output.split())
+        assert json.loads((now[0].parent / PSEUDO_FILE).read_text())["threshold"] == 0.7
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from mmops.cli.common import ProjectOpt, console, fail, load_project, print_table
+from mmops.project import Project
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
@@ -61,7 +62,6 @@ def adapt(
     if not (source / "result.json").is_file():
         raise fail(f"no trained candidate '{candidate}' in {project.models_dir}", 2)
     from mmops.adapt import AdaptError, adapt_artifact, register_adapted
-    from mmops.adapt import pseudo_labels as label_rows
 
     out_dir = project.models_dir / "adapted" / name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def adapt(
         print_table(table)
     console.print(f"model: {out_dir}")
     if pseudo_labels is not None:
-        _append_pseudo_labels(project, out_dir, data, name, pseudo_labels, label_rows)
+        _append_pseudo_labels(project, out_dir, data, name, pseudo_labels)
     if package:
         run_id = json.loads((source / "result.json").read_text()).get("run_id")
         try:
@@ -112,11 +112,11 @@ def adapt(
         console.print(f"model version {out['model_version']}  model {out['model_tag']}  bento {out['bento_tag']}")
 
 
-def _append_pseudo_labels(project, adapted: Path, data: Path, name: str, threshold: float, label_rows) -> None:
+def _append_pseudo_labels(project: Project, adapted: Path, data: Path, name: str, threshold: float) -> None:
     """The adapted model's confident answers on the manifest's rows, appended as a training batch
     (``mmops data append``: versioned with the data, re-prepared by the next run)."""
-    from mmops.adapt import AdaptError
-    from mmops.data.append import append_manifest
+    from mmops.adapt import AdaptError, append_pseudo_labels
+    from mmops.adapt import pseudo_labels as label_rows  # the command's option has the function's name
 
     params = project.params
     try:
@@ -128,19 +128,15 @@ def _append_pseudo_labels(project, adapted: Path, data: Path, name: str, thresho
     if kept.empty:
         console.print("nothing to append: lower --pseudo-labels, or adapt on more rows")
         return
-    kept["split"] = "train"
-    if params.data.group_column:  # the new domain is one group (a speaker, a site): never split across
-        kept[params.data.group_column] = name
-    # Written beside the manifest, so its relative file paths resolve, and removed once appended.
-    staged = data.resolve().parent / f".mmops-pseudo-labels-{name}.csv"
-    kept.to_csv(staged, index=False)
     try:
-        out = append_manifest(staged, project.appended_dir, params)
+        out = append_pseudo_labels(kept, data, name, project.appended_dir, params, {"threshold": threshold, **stats})
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    finally:
-        staged.unlink(missing_ok=True)
+    where = out["path"].relative_to(project.root)
+    if out["unchanged"]:
+        console.print(f"the same pseudo-labels are already appended as {where}: nothing to retrain")
+        return
+    replaced = f" (replacing the earlier round {', '.join(out['replaced'])})" if out["replaced"] else ""
     console.print(
-        f"appended them as {out['path'].relative_to(project.root)}: run `mmops run` to retrain with them, "
-        f"then `mmops adapt {data}` again"
+        f"appended them as {where}{replaced}: run `mmops run` to retrain with them, then `mmops adapt {data}` again"
     )
