@@ -84,7 +84,8 @@ def adapt(
         f"{summary['layers']} batch-norm layers{members}"
     )
     if summary["refused"]:
-        table = Table(title=f"{len(summary['refused'])} rows refused (not used)")
+        console.print(f"{len(summary['refused'])} rows refused (not used):")
+        table = Table()
         for column in ("line", "field", "reason"):
             table.add_column(column)
         for problem in summary["refused"][:10]:
@@ -92,12 +93,13 @@ def adapt(
         print_table(table)
     if "before" in summary:
         before, after = summary["before"], summary["after"]
-        table = Table(title=f"on the {before['rows']} labelled rows (labels measure, never train)")
+        console.print(f"on its {before['rows']} labelled rows (labels only measure; they never train):")
+        table = Table()
         table.add_column("metric")
         table.add_column("before", justify="right")
         table.add_column("after", justify="right")
         for key in before:
-            if key not in ("rows", "unknown_targets"):
+            if key not in ("rows", "unknown_targets", "n"):
                 table.add_row(key, f"{before[key]:.4f}", f"{after[key]:.4f}")
         print_table(table)
     console.print(f"model: {out_dir}")
