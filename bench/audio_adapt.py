@@ -92,6 +92,7 @@ def run_fold(table: pd.DataFrame, speaker: str, args: argparse.Namespace, work: 
     y = data.targets(test)
     base = train_ensemble(params, data, folder / "base", args.seeds)
     probs = {m: np.zeros((len(test), len(data.labels)), dtype=np.float32) for m in METHODS}
+    rounds = [np.zeros_like(probs["none"]) for _ in range(args.rounds)]
     first = source["index"].to_numpy() < args.per_digit // 2
     tpos = np.flatnonzero(data.rows["split"].eq("test").to_numpy())  # test rows' positions in data.rows
     pseudo = []
@@ -105,29 +106,38 @@ def run_fold(table: pd.DataFrame, speaker: str, args: argparse.Namespace, work: 
         probs["adapt"][scored] = score(adapted, data, test[scored])
         if args.pseudo_labels is None:
             continue
-        kept, stats = pseudo_labels(adapted, other, args.pseudo_labels, "digit")
-        pseudo.append({**stats, "per_digit": kept["digit"].value_counts().sort_index().to_dict()})
-        # Training rows + the pseudo-labelled clips of the other half; its other clips are left out.
-        guess = dict(zip(kept["audio"], kept["digit"].map(data.labels.index), strict=True))
-        rows = data.rows.copy()
-        split, label = rows["split"].to_numpy().copy(), rows["label"].to_numpy().copy()
-        for position, path in zip(tpos[~scored], source["audio"].to_numpy()[~scored], strict=True):
-            split[position] = "train" if path in guess else "unused"
-            label[position] = guess.get(path, label[position])
-        rows["split"], rows["label"] = split, label
-        selftrained = Dataset(rows, data.values, data.precomputed, data.labels, data.task)
-        retrained = train_ensemble(params, selftrained, folder / f"self{h}", args.seeds)
-        adapt_artifact(retrained, other, folder / f"self_adapted{h}", target="digit")
-        # Its test rows are the scored half's, in the same order.
-        probs["self-train"][scored] = score(folder / f"self_adapted{h}", selftrained, selftrained.split("test"))
+        labeller = adapted
+        for r in range(args.rounds):  # each round: the latest adapted ensemble labels, the seeds retrain
+            kept, stats = pseudo_labels(labeller, other, args.pseudo_labels, "digit")
+            per_digit = kept["digit"].value_counts().sort_index().to_dict()
+            pseudo.append({"half": h, "round": r + 1, **stats, "per_digit": per_digit})
+            # Training rows + the pseudo-labelled clips of the other half; its other clips are left out.
+            guess = dict(zip(kept["audio"], kept["digit"].map(data.labels.index), strict=True))
+            rows = data.rows.copy()
+            split, label = rows["split"].to_numpy().copy(), rows["label"].to_numpy().copy()
+            for position, path in zip(tpos[~scored], source["audio"].to_numpy()[~scored], strict=True):
+                split[position] = "train" if path in guess else "unused"
+                label[position] = guess.get(path, label[position])
+            rows["split"], rows["label"] = split, label
+            selftrained = Dataset(rows, data.values, data.precomputed, data.labels, data.task)
+            retrained = train_ensemble(params, selftrained, folder / f"self{h}-{r}", args.seeds)
+            labeller = folder / f"self_adapted{h}-{r}"
+            adapt_artifact(retrained, other, labeller, target="digit")
+            # Its test rows are the scored half's, in the same order.
+            rounds[r][scored] = score(labeller, selftrained, selftrained.split("test"))
+        probs["self-train"][scored] = rounds[-1][scored]
     out: dict = {"speaker": speaker, "seconds": round(time.perf_counter() - t0, 1)}
     for method in METHODS if args.pseudo_labels is not None else METHODS[:2]:
         out[method] = float((probs[method].argmax(1) == y).mean())
     if pseudo:
         out["pseudo_labels"] = pseudo
-    kept = sum(p["kept"] for p in pseudo)
-    right = sum(p.get("correct", 0.0) * p["kept"] for p in pseudo) / max(kept, 1)
-    notes = f"  (pseudo-labels kept {kept}/{sum(p['of'] for p in pseudo)}, {right:.1%} right)" if pseudo else ""
+        out["self-train_by_round"] = [float((p.argmax(1) == y).mean()) for p in rounds]
+    last = [p for p in pseudo if p["round"] == args.rounds]
+    kept = sum(p["kept"] for p in last)
+    right = sum(p.get("correct", 0.0) * p["kept"] for p in last) / max(kept, 1)
+    notes = f"  (pseudo-labels kept {kept}/{sum(p['of'] for p in last)}, {right:.1%} right)" if pseudo else ""
+    if args.rounds > 1 and pseudo:
+        notes += "  rounds " + " ".join(f"{a:.3f}" for a in out["self-train_by_round"])
     shown = "  ".join(f"{m} {out[m]:.3f}" for m in METHODS if m in out)
     print(f"{speaker:>10}: {shown}{notes}  ({out['seconds']:.0f} s)", flush=True)
     return out
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--seeds", type=int, default=3, help="train.seeds, averaged (train.ensemble)")
     parser.add_argument("--pseudo-labels", type=float, default=0.9, help="confidence to keep a guess; 0: skip")
+    parser.add_argument("--rounds", type=int, default=1, help="self-training rounds (each relabels, retrains)")
     parser.add_argument("--folds", default="", help="comma-separated test speakers (default: every speaker)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--merge", type=Path, nargs="+", help="combine the JSON of runs of other folds; then exit")
@@ -190,6 +201,7 @@ def main() -> None:
         "seed": args.seed,
         "seeds": args.seeds,
         "pseudo_label_threshold": args.pseudo_labels,
+        "self_training_rounds": args.rounds,
         "summary": summarize(folds),
         "folds": folds,
         "seconds": round(time.perf_counter() - started),
