@@ -31,11 +31,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmops.core.model import WEIGHTS_FILE, Ensemble, MultimodalModel, ensemble_record
+from mmops.core.model import ADAPTATION_FILE, WEIGHTS_FILE, Ensemble, MultimodalModel, ensemble_record
 from mmops.data.prepare import FILE_KINDS, BadFileError, read_chunks, resolve_inside
 from mmops.serving.predictor import InputError, Predictor
 
-ADAPTATION_FILE = "adaptation.json"
 PSEUDO_FILE = "pseudo-labels.json"  # marks an appended batch as pseudo-labels of one adapted name
 
 

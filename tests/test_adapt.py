@@ -309,6 +309,8 @@ def test_package_registers_its_own_model_line_and_the_bento_serves_the_adapted_m
     items = [{"audio": base64.b64encode(c.read_bytes()).decode()} for c in clips]
     with serve_bento(project.root, bento) as (url, _):
         answers = httpx.post(f"{url}/predict_batch", json={"items": items, "top_k": 2}, timeout=30).json()
+        info = httpx.post(f"{url}/model", timeout=30).json()
+    assert info["adaptation"]["manifest_sha256"] == digest(new_domain) and info["adaptation"]["rows"] == 12
     assert [a["answer"] for a in answers] == [e["answer"] for e in expected]
     got = [[round(t["probability"], 4) for t in a["top_k"]] for a in answers]
     assert got == [[round(t["probability"], 4) for t in e["top_k"]] for e in expected]

@@ -30,6 +30,8 @@ from mmops.core.tasks import Task, task_from_spec
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "model.safetensors"
 # A deep ensemble's record, beside the first member's own files, and the folder of its other members.
 ENSEMBLE_FILE, MEMBERS_DIR = "ensemble.json", "members"
+# What `mmops adapt` did to an artifact (source, data, rows, layers), beside its files.
+ADAPTATION_FILE = "adaptation.json"
 
 
 def build_encoder(name: str, params: Mapping[str, Any]) -> Encoder:

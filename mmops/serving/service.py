@@ -60,7 +60,7 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from mmops.core.model import SPEC_FILE, ensemble_record
+from mmops.core.model import ADAPTATION_FILE, SPEC_FILE, ensemble_record
 from mmops.serving.predictor import InputError, Limits, Predictor, RowDecoder, _env_int
 from mmops.serving.retrieval import RetrievalRequests, Retriever, answer_requests, index_summary
 
@@ -104,6 +104,8 @@ BATCH_MAX_LATENCY_MS = int(os.environ.get("MMOPS_BATCH_MAX_LATENCY_MS", 2000))
 BATCHES_IN_FLIGHT = _env_int("MMOPS_BATCHES_IN_FLIGHT", 1)
 LIMITS = Limits()  # generic; the service applies Limits(spec) of the model it serves
 MAX_TOP_K = 20
+# What /model tells of an adapted model (the refused rows and the metrics stay in the artifact's file).
+ADAPTATION_SHOWN = ("method", "source", "manifest_sha256", "rows", "layers", "members")
 # /caption's request options: beams cost memory and time linearly; a caption is at most the model's length.
 MAX_BEAMS = _env_int("MMOPS_MAX_BEAMS", 8)
 MAX_CAPTION_LENGTH = 64
@@ -610,6 +612,12 @@ class MultimodalService:
         self.ensemble = (
             {"members": len(record["members"]), "seeds": [m["seed"] for m in record["members"]]} if record else None
         )
+        adapted = Path(self.model_ref.path) / ADAPTATION_FILE  # `mmops adapt`: whose statistics it carries
+        self.adaptation = (
+            {k: v for k, v in json.loads(adapted.read_text()).items() if k in ADAPTATION_SHOWN}
+            if adapted.is_file()
+            else None
+        )
         self.retrieval = RetrievalRequests(spec, self.decoder, self.index["count"] if self.index else None)
         self.client = _steady_client(self.model)  # fails start-up loudly if the workaround cannot apply
         self.infer = _RowBatcher(self._infer, BATCH_MAX_SIZE, BATCHES_IN_FLIGHT) if ADAPTIVE_BATCHING else self._infer
@@ -832,6 +840,7 @@ class MultimodalService:
             "inputs": self.decoder.inputs,
             "labels": self.labels,
             **({"ensemble": self.ensemble} if self.ensemble else {}),  # each answer costs that many forward passes
+            **({"adaptation": self.adaptation} if self.adaptation else {}),
             **({"index": self.index} if self.index else {}),  # the gallery /search answers from
             **(await self.model.to_async.device()),
             "limits": self.limits.as_dict(),
