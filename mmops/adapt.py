@@ -24,7 +24,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,10 @@ from torch import nn
 from mmops.core.model import ADAPTATION_FILE, WEIGHTS_FILE, Ensemble, MultimodalModel, ensemble_record
 from mmops.data.prepare import FILE_KINDS, BadFileError, read_chunks, resolve_inside
 from mmops.serving.predictor import InputError, Predictor
+
+if TYPE_CHECKING:
+    from mmops.config import Params
+    from mmops.project import Project
 
 PSEUDO_FILE = "pseudo-labels.json"  # marks an appended batch as pseudo-labels of one adapted name
 
@@ -241,7 +245,7 @@ def pseudo_labels(
 
 
 def append_pseudo_labels(
-    kept: pd.DataFrame, manifest: Path, name: str, appended_dir: Path, params: Any, stats: dict[str, Any]
+    kept: pd.DataFrame, manifest: Path, name: str, appended_dir: Path, params: Params, stats: dict[str, Any]
 ) -> dict[str, Any]:
     """``kept`` (from :func:`pseudo_labels`) as a ``mmops data append`` training batch marked with
     :data:`PSEUDO_FILE`. A later round for the same ``name`` (after retraining, the model answers
@@ -294,7 +298,7 @@ def _write(model: MultimodalModel | Ensemble, source: Path, out_dir: Path) -> No
     staging.rename(out_dir)
 
 
-def register_adapted(project: Any, adapted: Path, name: str, summary: dict[str, Any], run_id: str | None) -> dict:
+def register_adapted(project: Project, adapted: Path, name: str, summary: dict[str, Any], run_id: str | None) -> dict:
     """Record the adapted artifact as a version of its own registry model, ``<model_name>-<name>``, and
     build its bento: one model line per speaker, site or device, next to (never in place of) the model
     it came from. The version's run is the source's training run (its weights came from there); the
