@@ -20,7 +20,15 @@ import yaml
 from scipy.io import wavfile
 from typer.testing import CliRunner
 
-from mmops.adapt import ADAPTATION_FILE, PSEUDO_FILE, AdaptError, adapt_artifact, adaptable_norms, pseudo_labels
+from mmops.adapt import (
+    ADAPTATION_FILE,
+    PSEUDO_FILE,
+    AdaptError,
+    adapt_artifact,
+    adaptable_norms,
+    pseudo_labels,
+    reestimating,
+)
 from mmops.cli.main import app
 from mmops.core.model import WEIGHTS_FILE, Ensemble, MultimodalModel, load_model
 from mmops.data.audio import load_audio
@@ -314,3 +322,18 @@ def test_package_registers_its_own_model_line_and_the_bento_serves_the_adapted_m
     assert [a["answer"] for a in answers] == [e["answer"] for e in expected]
     got = [[round(t["probability"], 4) for t in a["top_k"]] for a in answers]
     assert got == [[round(t["probability"], 4) for t in e["top_k"]] for e in expected]
+
+
+def test_frozen_encoders_keep_their_statistics(project, new_domain):
+    """A frozen encoder's features may be cached by content: its batch-norm layers are not adapted."""
+    predictor = Predictor(project.models_dir / "tones")
+    model = predictor.model
+    assert len(adaptable_norms(model)) >= 3
+    model.encoders["audio"].frozen = True  # as a pretrained checkpoint's encoder, or `freeze: true`
+    assert adaptable_norms(model) == []
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    rows = [predictor.validate({"audio": new_domain.parent / f}) for f in pd.read_csv(new_domain)["audio"]]
+    with reestimating(model) as layers:
+        assert layers == 0
+        predictor.logits(rows)
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
