@@ -39,9 +39,6 @@ app.command(rich_help_panel="Registry and lifecycle")(lineage)
 app.add_typer(db_app, name="db", rich_help_panel="Registry and lifecycle")
 app.add_typer(schedule_app, name="schedule", rich_help_panel="Registry and lifecycle")
 app.command(rich_help_panel="Registry and lifecycle")(worker)
-app.command()(adapt)
-for _command in (search, embed, zero_shot):  # a contrastive model's towers and gallery index
-    app.command(_command.__name__.replace("_", "-"))(_command)
 
 _project, _fail = load_project, fail
 
@@ -831,6 +828,12 @@ def caption(
 
 
 # ---------------------------------------------------------------- plugins and registry
+
+
+# After the commands that make and serve the models they use, in --help too.
+app.command()(adapt)
+for _command in (search, embed, zero_shot):  # a contrastive model's towers and gallery index
+    app.command(_command.__name__.replace("_", "-"))(_command)
 
 
 @plugins_app.command("list")
