@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_speakers import RESULTS, manifest, params_for  # the same data and recipe
+from audio_speakers import RESULTS, manifest, params_for, write_report  # the same data and recipe
 
 METHODS = ("none", "adapt", "self-train")
 
@@ -204,13 +203,8 @@ def main() -> None:
         "self_training_rounds": args.rounds,
         "summary": summarize(folds),
         "folds": folds,
-        "seconds": round(time.perf_counter() - started),
-        "torch_threads": args.threads,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, shared with other jobs",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args, started)
 
 
 if __name__ == "__main__":

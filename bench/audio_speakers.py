@@ -297,6 +297,14 @@ def main() -> None:
         "seeds": args.seeds,
         "summary": summary,
         "folds": folds,
+    }
+    write_report(report, args, started)
+
+
+def write_report(report: dict, args: argparse.Namespace, started: float) -> None:
+    """``report`` with the run's time and machine, to ``args.out`` (shared with bench/audio_adapt.py)."""
+    report = {
+        **report,
         "seconds": round(time.perf_counter() - started),
         "torch_threads": args.threads,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, shared with other jobs",

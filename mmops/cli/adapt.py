@@ -14,7 +14,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from mmops.cli.common import ProjectOpt, console, fail, load_project, print_table
+from mmops.cli.common import ProjectOpt, best_candidate, console, fail, load_project, print_table
 from mmops.project import Project
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -53,11 +53,7 @@ def adapt(
     name = (name or (data.stem if data.stem != "manifest" else data.resolve().parent.name)).lower()
     if not NAME.fullmatch(name):
         raise fail(f"--name {name!r}: use lowercase letters, digits, '-', '_' or '.' (up to 63), e.g. --name site-2", 2)
-    board = project.metrics_dir / "best.json"
-    if candidate is None:
-        if not board.is_file():
-            raise fail("no trained candidates yet: run `mmops train` or `mmops run` first")
-        candidate = json.loads(board.read_text())["best"]
+    candidate = candidate or best_candidate(project)
     source = project.models_dir / candidate
     if not (source / "result.json").is_file():
         raise fail(f"no trained candidate '{candidate}' in {project.models_dir}", 2)

@@ -66,3 +66,12 @@ def load_project(path: Path) -> Project:
 def fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def best_candidate(project: Project) -> str:
+    """The candidate ``metrics/best.json`` names (the last run's pick on val), or a clean exit saying how
+    to get one."""
+    board = project.metrics_dir / "best.json"
+    if not board.is_file():
+        raise fail("no trained candidates yet: run `mmops train` or `mmops run` first")
+    return json.loads(board.read_text())["best"]

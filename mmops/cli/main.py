@@ -20,7 +20,18 @@ import typer
 from rich.table import Table
 
 from mmops.cli.adapt import adapt
-from mmops.cli.common import KEEP, JsonOpt, ProjectOpt, console, err, fail, load_project, print_json, print_table
+from mmops.cli.common import (
+    KEEP,
+    JsonOpt,
+    ProjectOpt,
+    best_candidate,
+    console,
+    err,
+    fail,
+    load_project,
+    print_json,
+    print_table,
+)
 from mmops.cli.progress import epoch_progress
 from mmops.cli.registry import db_app, lineage, models_app, runs_app, schedule_app, worker
 from mmops.cli.retrieval import embed, search, zero_shot
@@ -576,10 +587,7 @@ def train(
 
 
 def _best_result(project: Project) -> dict:
-    board = project.metrics_dir / "best.json"
-    if not board.is_file():
-        raise _fail("no trained candidates yet: run `mmops train` or `mmops run` first")
-    name = json.loads(board.read_text())["best"]
+    name = best_candidate(project)
     # pipeline.train_one records the run id and final metrics in result.json itself.
     return {**json.loads((project.models_dir / name / "result.json").read_text()), "status": "completed"}
 
